@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {err}")
     print(f"train images {len(train)}, classes {train.num_classes}, C chosen {result.C:g} "
           f"(validation accuracy per C: {', '.join(f'{c:g}: {s:.3f}' for c, s in result.val_scores.items())})")
-    print(f"validation accuracy: {result.val_accuracy:.4f}")
+    if result.val_accuracy is not None:
+        print(f"validation accuracy: {result.val_accuracy:.4f}")
     if result.test_accuracy is not None:
         print(f"test accuracy:       {result.test_accuracy:.4f}  ({len(test)} images)")
     print(f"time: {sw.report()}, {result.stopwatch.report()}; peak RSS {peak_rss_mb():.0f} MiB")

@@ -162,6 +162,8 @@ def labelled_from_gt(gt: Mapping[str, object], img_dir: str | os.PathLike, where
 def check_labels(labels: np.ndarray, where: str) -> int:
     """Return K when ``labels`` are exactly the integers 0..K-1 (each present), else raise DataError."""
     present = np.unique(labels)
+    if len(present) < 2:
+        raise DataError(f"{where}: only class {present.tolist()} has images; a classifier needs two or more classes.")
     k = int(present.max()) + 1
     if present.min() < 0 or len(present) != k:
         absent = sorted(set(range(max(k, 0))) - set(present.tolist()))

@@ -70,6 +70,8 @@ def select_C(
     Returns:
         (chosen C, {C: validation accuracy})
     """
+    if len(y_val) == 0 or len(Cs) == 1:  # nothing to choose with (e.g. one image per class), or nothing to choose
+        return float(Cs[len(Cs) // 2]), {}
     scores = {float(C): LinearProbe(C, random_state=random_state).fit(X_train, y_train).score(X_val, y_val) for C in Cs}
     best = max(scores.values())
     standard_error = float(np.sqrt(best * (1.0 - best) / len(y_val)))

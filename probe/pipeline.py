@@ -73,7 +73,7 @@ class ProbeResult:
     probe: LinearProbe
     C: float
     val_scores: dict[float, float]
-    val_accuracy: float
+    val_accuracy: float | None  # None when C was not chosen on a split
     test_accuracy: float | None
     stopwatch: Stopwatch
 
@@ -99,4 +99,4 @@ def run_probe(
         with sw("test features"):
             X_test = pooled_features(net, test, cfg, "test features").numpy()
         test_acc = probe.score(X_test, test.labels)
-    return ProbeResult(probe, C, scores, scores[C], test_acc, sw)
+    return ProbeResult(probe, C, scores, scores.get(C), test_acc, sw)

@@ -39,6 +39,8 @@ def sha256_of(path: Path) -> str:
 
 def verify_sha256(path: Path, expected: str) -> Path:
     """Return ``path`` when its sha256 is ``expected``; else raise WeightsError naming the file."""
+    if not Path(path).is_file():
+        raise WeightsError(f"{path}: no such file; pass the official weights file.")
     actual = sha256_of(path)
     if actual != expected:
         raise WeightsError(
@@ -96,8 +98,11 @@ def provision(backbone: str = "mobilenet_v2", source: Path | None = None) -> Pat
         verify_sha256(Path(source), spec.sha256)
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_suffix(".partial")
-        shutil.copyfile(source, partial)
-        partial.replace(target)  # atomic: a crash never leaves a truncated file under the real name
+        try:
+            shutil.copyfile(source, partial)
+            partial.replace(target)  # atomic: a crash never leaves a truncated file under the real name
+        finally:
+            partial.unlink(missing_ok=True)
     return verify_sha256(target, spec.sha256)
 
 

@@ -1,0 +1,434 @@
+"""The data layer: bad inputs fail loudly naming the file, every image mode opens as RGB, orders are fixed."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from probe.data import (
+    DataError,
+    LabelledImages,
+    labelled_from_gt,
+    list_image_files,
+    load_split_dir,
+    open_rgb,
+    read_gt,
+    stratified_split,
+)
+from probe.synthetic import make_synthetic, write_grader_layout
+
+
+def _png_bytes(size=(8, 8), colour=(10, 200, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _layout(root: Path, gt_text: str, images: dict[str, bytes]) -> Path:
+    """``root/train/gt.csv`` with ``gt_text`` and ``root/train/images/<name>`` for each image; returns gt.csv."""
+    (root / "train" / "images").mkdir(parents=True)
+    for name, data in images.items():
+        (root / "train" / "images" / name).write_bytes(data)
+    gt = root / "train" / "gt.csv"
+    gt.write_text(gt_text)
+    return gt
+
+
+# --------------------------------------------------------------------------- bad inputs -> DataError
+
+
+def test_missing_image_names_the_image_and_gt_file(tmp_path):
+    gt = _layout(tmp_path, "filename,class_id\na.png,0\nb.png,1\nghost.png,1\n",
+                 {"a.png": _png_bytes(), "b.png": _png_bytes()})
+    with pytest.raises(DataError) as exc:
+        load_split_dir(tmp_path, "train")
+    msg = str(exc.value)
+    assert "ghost.png" in msg and str(gt) in msg
+    assert "a.png" not in msg  # only the offending file is listed
+    assert "remove their rows" in msg or "add the files" in msg
+
+
+@pytest.mark.parametrize("bad", ["abc", "1.5", "", "0x1", "two"])
+def test_non_integer_label_in_gt_csv(tmp_path, bad):
+    gt = _layout(tmp_path, f"filename,class_id\na.png,0\nb.png,{bad}\n",
+                 {"a.png": _png_bytes(), "b.png": _png_bytes()})
+    with pytest.raises(DataError) as exc:
+        read_gt(gt)
+    msg = str(exc.value)
+    assert f"{gt}:3" in msg  # file and line of the bad row
+    assert "integers 0..K-1" in msg
+
+
+@pytest.mark.parametrize("bad", ["abc", 1.5, True, False, np.bool_(True), None, 2.0])
+def test_non_integer_label_in_mapping(tmp_path, bad):
+    img_dir = tmp_path / "images"
+    img_dir.mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        (img_dir / name).write_bytes(_png_bytes())
+    with pytest.raises(DataError) as exc:
+        labelled_from_gt({"a.png": 0, "b.png": bad, "c.png": 1}, img_dir, where="my_gt.csv")
+    msg = str(exc.value)
+    assert "my_gt.csv" in msg and "b.png" in msg
+    assert "integers 0..K-1" in msg
+
+
+def test_integer_like_labels_are_accepted(tmp_path):
+    img_dir = tmp_path / "images"
+    img_dir.mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        (img_dir / name).write_bytes(_png_bytes())
+    images = labelled_from_gt({"a.png": " 1 ", "b.png": np.int64(0), "c.png": 1}, img_dir)
+    assert images.labels.tolist() == [1, 0, 1]
+    assert images.labels.dtype == np.int64 and images.num_classes == 2
+
+
+@pytest.mark.parametrize(
+    "labels, hint",
+    [
+        ({"a.png": -1, "b.png": 0, "c.png": 1}, "negative"),
+        ({"a.png": 0, "b.png": 2, "c.png": 2}, "classes without images: [1]"),
+        ({"a.png": 1, "b.png": 2, "c.png": 3}, "classes without images: [0]"),
+        ({"a.png": -2, "b.png": -1, "c.png": -1}, "negative"),
+        ({"a.png": -1, "b.png": 0, "c.png": 2}, "negative"),  # as many distinct ids as K = max + 1
+    ],
+)
+def test_labels_not_0_to_k_minus_1(tmp_path, labels, hint):
+    rows = "".join(f"{n},{y}\n" for n, y in labels.items())
+    gt = _layout(tmp_path, "filename,class_id\n" + rows, {n: _png_bytes() for n in labels})
+    with pytest.raises(DataError) as exc:
+        load_split_dir(tmp_path, "train")
+    msg = str(exc.value)
+    assert str(gt) in msg and hint in msg
+    assert "renumber them 0..K-1" in msg
+
+
+@pytest.mark.parametrize("content", ["nothing", "subfolder_only"])
+def test_empty_image_folder(tmp_path, content):
+    gt = _layout(tmp_path, "filename,class_id\na.png,0\n", {})
+    img_dir = tmp_path / "train" / "images"
+    if content == "subfolder_only":
+        (img_dir / "sub").mkdir()
+        (img_dir / "sub" / "a.png").write_bytes(_png_bytes())
+    with pytest.raises(DataError) as exc:
+        load_split_dir(tmp_path, "train")
+    msg = str(exc.value)
+    assert str(img_dir) in msg and "empty" in msg
+    assert "put the training images there" in msg
+    assert gt.is_file()
+
+
+def test_missing_image_folder(tmp_path):
+    with pytest.raises(DataError, match="no such folder") as exc:
+        labelled_from_gt({"a.png": 0}, tmp_path / "nowhere")
+    assert str(tmp_path / "nowhere") in str(exc.value)
+
+
+def test_gt_without_rows(tmp_path):
+    gt = _layout(tmp_path, "filename,class_id\n", {"a.png": _png_bytes()})
+    with pytest.raises(DataError, match="no labelled images") as exc:
+        load_split_dir(tmp_path, "train")
+    assert str(gt) in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    "name, data",
+    [
+        ("corrupt.jpg", b"\xff\xd8\xff\xe0 this is not really a jpeg" * 10),
+        ("random.png", bytes(np.random.default_rng(0).integers(0, 256, 500, dtype=np.uint8))),
+        ("empty.png", b""),
+        ("text.jpg", b"hello, world\n"),
+        ("truncated.png", _png_bytes(size=(64, 64))[:60]),
+    ],
+)
+def test_unreadable_image(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(DataError) as exc:
+        open_rgb(path)
+    msg = str(exc.value)
+    assert str(path) in msg
+    assert "re-save it as JPEG or PNG" in msg
+
+
+def test_unreadable_bytes_use_the_given_name():
+    with pytest.raises(DataError, match=r"^0007\.jpg: cannot read"):
+        open_rgb(b"garbage", "0007.jpg")
+
+
+def test_missing_image_file_via_open_rgb(tmp_path):
+    with pytest.raises(DataError) as exc:
+        open_rgb(tmp_path / "gone.jpg")
+    assert str(tmp_path / "gone.jpg") in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "name,label\na.png,0\n",  # wrong names
+        "a.png,0\nb.png,0\n",  # no header at all
+        "class_id,filename\n0,a.png\n",  # swapped
+        "filename\na.png\n",  # one column
+        "",  # empty file
+    ],
+)
+def test_gt_wrong_header(tmp_path, text):
+    gt = _layout(tmp_path, text, {"a.png": _png_bytes()})
+    with pytest.raises(DataError) as exc:
+        read_gt(gt)
+    msg = str(exc.value)
+    assert str(gt) in msg and "filename,class_id" in msg and "add it" in msg
+
+
+@pytest.mark.parametrize(
+    "rows, what",
+    [("a.png\n", "expected 'filename,class_id'"), ("a.png,0,1\n", "expected 'filename,class_id'"),
+     ("a.png,0\na.png,1\n", "listed twice")],
+)
+def test_gt_bad_rows(tmp_path, rows, what):
+    gt = _layout(tmp_path, "filename,class_id\n" + rows, {"a.png": _png_bytes()})
+    with pytest.raises(DataError, match=what) as exc:
+        read_gt(gt)
+    assert str(gt) in str(exc.value)
+
+
+def test_gt_missing_file(tmp_path):
+    with pytest.raises(DataError, match="no such file") as exc:
+        read_gt(tmp_path / "gt.csv")
+    assert str(tmp_path / "gt.csv") in str(exc.value)
+
+
+def test_gt_tolerates_bom_spaces_blank_lines_and_crlf(tmp_path):
+    gt = tmp_path / "gt.csv"
+    gt.write_bytes("\ufefffilename , class_id\r\n b.png , 1\r\n\r\na.png,0\r\n,\r\n".encode("utf-8"))
+    assert read_gt(gt) == {"b.png": 1, "a.png": 0}
+
+
+# --------------------------------------------------------------------------- open_rgb: every mode -> RGB
+
+
+def _roundtrip(tmp_path: Path, img: Image.Image, fmt: str, **save_kw) -> Path:
+    path = tmp_path / f"img.{fmt.lower()}"
+    img.save(path, format=fmt, **save_kw)
+    return path
+
+
+def _check_rgb(out: Image.Image, size: tuple[int, int]):
+    assert out.mode == "RGB"
+    assert out.size == size
+
+
+@pytest.mark.parametrize("as_bytes", [False, True])
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_open_rgb_rgb_and_grayscale(tmp_path, fmt, as_bytes):
+    for mode, colour, expect in [("RGB", (200, 30, 40), (200, 30, 40)), ("L", 90, (90, 90, 90))]:
+        path = _roundtrip(tmp_path, Image.new(mode, (20, 12), colour), fmt)
+        out = open_rgb(path.read_bytes() if as_bytes else path)
+        _check_rgb(out, (20, 12))
+        tol = 0 if fmt == "PNG" else 6
+        assert np.abs(np.asarray(out, dtype=int)[6, 10] - expect).max() <= tol
+
+
+def test_open_rgb_bilevel(tmp_path):
+    img = Image.new("1", (10, 10), 0)
+    img.putpixel((3, 3), 1)
+    out = open_rgb(_roundtrip(tmp_path, img, "PNG"))
+    _check_rgb(out, (10, 10))
+    assert out.getpixel((3, 3)) == (255, 255, 255) and out.getpixel((0, 0)) == (0, 0, 0)
+
+
+def test_open_rgb_palette(tmp_path):
+    img = Image.new("RGB", (16, 8), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 8, 8))
+    pal = img.convert("P", palette=Image.Palette.ADAPTIVE, colors=4)
+    path = _roundtrip(tmp_path, pal, "PNG")
+    assert Image.open(path).mode == "P"
+    out = open_rgb(path)
+    _check_rgb(out, (16, 8))
+    assert out.getpixel((2, 2)) == (255, 0, 0) and out.getpixel((12, 2)) == (0, 0, 255)
+
+
+def test_open_rgb_palette_with_transparency_is_composited_on_white(tmp_path):
+    img = Image.new("P", (10, 10), 0)
+    img.putpalette([0, 0, 0] + [255, 0, 0] + [0] * (256 - 2) * 3)  # index 0 black, index 1 red
+    img.paste(1, (5, 0, 10, 10))
+    path = _roundtrip(tmp_path, img, "PNG", transparency=0)  # index 0 (black) is transparent
+    with Image.open(path) as check:
+        assert check.mode == "P" and "transparency" in check.info
+    out = open_rgb(path)
+    _check_rgb(out, (10, 10))
+    assert out.getpixel((1, 1)) == (255, 255, 255)  # transparent -> white, not black
+    assert out.getpixel((7, 1)) == (255, 0, 0)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_open_rgb_alpha_is_composited_on_white(tmp_path, mode):
+    colour = (200, 20, 20, 255) if mode == "RGBA" else (60, 255)
+    img = Image.new(mode, (10, 10), colour)
+    clear = (0, 0, 0, 0) if mode == "RGBA" else (0, 0)
+    for x in range(5):
+        for y in range(10):
+            img.putpixel((x, y), clear)
+    path = _roundtrip(tmp_path, img, "PNG")
+    assert Image.open(path).mode == mode
+    out = open_rgb(path)
+    _check_rgb(out, (10, 10))
+    assert out.getpixel((1, 1)) == (255, 255, 255)  # fully transparent black -> white
+    assert out.getpixel((8, 1)) == ((200, 20, 20) if mode == "RGBA" else (60, 60, 60))
+
+
+def test_open_rgb_half_transparent_blends_with_white(tmp_path):
+    out = open_rgb(_roundtrip(tmp_path, Image.new("RGBA", (4, 4), (0, 0, 0, 128)), "PNG"))
+    assert all(abs(c - 127) <= 1 for c in out.getpixel((1, 1)))
+
+
+def test_open_rgb_cmyk_jpeg(tmp_path):
+    img = Image.new("CMYK", (12, 10), (0, 255, 255, 0))  # pure red in CMYK
+    path = _roundtrip(tmp_path, img, "JPEG", quality=95)
+    assert Image.open(path).mode == "CMYK"
+    out = open_rgb(path)
+    _check_rgb(out, (12, 10))
+    r, g, b = out.getpixel((6, 5))
+    assert r > 200 and g < 60 and b < 60
+
+
+def test_open_rgb_16bit_png_is_rescaled_not_saturated(tmp_path):
+    ramp = np.linspace(1000, 60000, 32 * 8).reshape(8, 32).astype(np.uint16)  # all values > 255
+    path = _roundtrip(tmp_path, Image.fromarray(ramp), "PNG")
+    with Image.open(path) as check:
+        assert check.mode.startswith("I")  # really a 16-bit image, not an 8-bit one
+    out = open_rgb(path)
+    _check_rgb(out, (32, 8))
+    arr = np.asarray(out)
+    assert (arr[..., 0] == arr[..., 1]).all() and (arr[..., 1] == arr[..., 2]).all()
+    grey = arr[..., 0].astype(int)
+    assert grey.min() <= 5 and grey.max() >= 250  # full range used, not all white
+    assert len(np.unique(grey)) > 100  # the ramp survives
+    assert (np.diff(grey.ravel()) >= 0).all()  # monotone, like the input
+
+
+def test_open_rgb_constant_16bit_png(tmp_path):
+    out = open_rgb(_roundtrip(tmp_path, Image.fromarray(np.full((4, 6), 40000, np.uint16)), "PNG"))
+    _check_rgb(out, (6, 4))
+
+
+def test_open_rgb_float_tiff(tmp_path):
+    arr = np.linspace(-3.0, 5.0, 60, dtype=np.float32).reshape(6, 10)
+    out = open_rgb(_roundtrip(tmp_path, Image.fromarray(arr, mode="F"), "TIFF"))
+    _check_rgb(out, (10, 6))
+    grey = np.asarray(out)[..., 0].astype(int)
+    assert grey.min() == 0 and grey.max() == 255
+
+
+@pytest.mark.parametrize("orientation, expected_size", [(1, (40, 20)), (3, (40, 20)), (6, (20, 40)), (8, (20, 40))])
+def test_open_rgb_applies_exif_orientation(tmp_path, orientation, expected_size):
+    img = Image.new("RGB", (40, 20), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 10, 10))  # a red marker in the stored top-left corner
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = _roundtrip(tmp_path, img, "JPEG", exif=exif, quality=95)
+    out = open_rgb(path)
+    _check_rgb(out, expected_size)
+    w, h = out.size
+    # where the stored top-left marker ends up once the rotation is applied
+    corner = {1: (2, 2), 3: (w - 3, h - 3), 6: (w - 3, 2), 8: (2, h - 3)}[orientation]
+    r, g, b = out.getpixel(corner)
+    assert r > 200 and b < 60
+
+
+# --------------------------------------------------------------------------- sorted, deterministic lists
+
+
+@pytest.mark.parametrize("order", [["c.png", "a.png", "b.png", "B.png"], ["b.png", "B.png", "a.png", "c.png"]])
+def test_labelled_from_gt_sorted_by_name(tmp_path, order):
+    img_dir = tmp_path / "images"
+    img_dir.mkdir()
+    truth = {"a.png": 0, "b.png": 1, "B.png": 2, "c.png": 1}
+    for name in order:
+        (img_dir / name).write_bytes(_png_bytes())
+    images = labelled_from_gt({n: truth[n] for n in order}, img_dir)
+    assert images.names == ("B.png", "a.png", "b.png", "c.png")
+    assert images.sources == tuple(img_dir / n for n in images.names)
+    assert images.labels.tolist() == [truth[n] for n in images.names]
+    assert images.num_classes == 3
+
+
+def test_list_image_files_sorted_no_hidden_no_folders(tmp_path):
+    for name in ["z.jpg", "a.png", ".DS_Store", ".hidden.jpg", "m.JPG", "noext", "B.jpeg"]:
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "inner.jpg").write_bytes(b"x")
+    (tmp_path / "folder.jpg").mkdir()
+    files = list_image_files(tmp_path)
+    assert [p.name for p in files] == ["B.jpeg", "a.png", "m.JPG", "noext", "z.jpg"]
+    assert all(p.parent == tmp_path for p in files)
+
+
+def test_list_image_files_missing_folder(tmp_path):
+    with pytest.raises(DataError, match="no such folder"):
+        list_image_files(tmp_path / "nope")
+
+
+def test_grader_layout_roundtrip(tmp_path):
+    images = make_synthetic(num_classes=3, per_class=4, size=32, seed=3)
+    write_grader_layout(tmp_path, "train", images)
+    loaded = load_split_dir(tmp_path, "train")
+    assert isinstance(loaded, LabelledImages)
+    assert loaded.names == images.names and list(loaded.names) == sorted(loaded.names)
+    assert np.array_equal(loaded.labels, images.labels) and loaded.num_classes == 3
+    assert [p.read_bytes() for p in loaded.sources] == list(images.sources)
+
+
+def test_subset_keeps_alignment_and_sorts():
+    images = make_synthetic(num_classes=3, per_class=4, size=16, seed=0)
+    sub = images.subset([7, 2, 5])
+    assert sub.names == tuple(images.names[i] for i in (2, 5, 7))
+    assert sub.labels.tolist() == [int(images.labels[i]) for i in (2, 5, 7)]
+    assert sub.sources == tuple(images.sources[i] for i in (2, 5, 7)) and sub.num_classes == 3
+
+
+# --------------------------------------------------------------------------- stratified split
+
+LABELS = np.repeat(np.arange(6), [2, 3, 10, 25, 1, 7])
+
+
+def test_split_is_seeded():
+    a, b = stratified_split(LABELS, 0.2, seed=0), stratified_split(LABELS, 0.2, seed=0)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    c = stratified_split(LABELS, 0.2, seed=1)
+    assert not np.array_equal(a[1], c[1])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("fraction", [0.1, 0.2, 0.5, 0.9])
+def test_split_disjoint_covering_stratified(seed, fraction):
+    labels = np.random.default_rng(seed).permutation(LABELS)
+    train, val = stratified_split(labels, fraction, seed)
+    assert train.dtype == np.int64 and val.dtype == np.int64
+    assert (np.diff(train) > 0).all() and (np.diff(val) > 0).all()  # sorted, no repeats
+    assert not set(train) & set(val)
+    assert sorted(set(train) | set(val)) == list(range(len(labels)))
+    for cls, count in zip(*np.unique(labels, return_counts=True)):
+        n_tr, n_va = int((labels[train] == cls).sum()), int((labels[val] == cls).sum())
+        if count == 1:
+            assert (n_tr, n_va) == (1, 0)  # a singleton stays in training
+        else:
+            assert n_tr >= 1 and n_va >= 1
+            target = min(max(count * fraction, 1), count - 1)  # the fraction, clamped to keep both sides
+            assert abs(n_va - target) <= 0.5 + 1e-9
+
+
+def test_split_fraction_roughly_respected():
+    labels = np.repeat(np.arange(10), 40)
+    for fraction in (0.1, 0.25, 0.5):
+        _, val = stratified_split(labels, fraction, 0)
+        assert len(val) == pytest.approx(fraction * len(labels), abs=10)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 1.5])
+def test_split_rejects_bad_fraction(fraction):
+    with pytest.raises(ValueError):
+        stratified_split(LABELS, fraction, 0)

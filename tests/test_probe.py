@@ -1,0 +1,285 @@
+"""The linear probe, its folding into an nn.Linear head (LP-FT), and stage one end to end on tiny data."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import probe.__main__ as probe_cli
+from probe.backbone import NetConfig, build_net, data_config, eval_transform
+from probe.data import load_split_dir
+from probe.features import ImageDataset
+from probe.linear import LinearProbe, init_head_from_probe, select_C
+from probe.pipeline import ProbeConfig, pooled_features, pretrained_net, run_probe
+from probe.synthetic import make_synthetic, write_grader_layout
+
+SMALL = ProbeConfig(image_size=64, Cs=(0.01, 0.1), batch_size=16, precision="fp32")
+
+
+def _features(n: int, f: int, k: int, seed: int, spread: float = 5.0) -> tuple[np.ndarray, np.ndarray]:
+    """Class-dependent random features with a non-zero mean and very different scales per feature."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % k
+    centres = rng.normal(0, 1, (k, f))
+    mean = rng.uniform(-spread, spread, f)
+    scale = np.exp(rng.uniform(-np.log(spread), np.log(spread), f))
+    y = rng.permutation(y)
+    X = (centres[y] + rng.normal(0, 1.5, (n, f))) * scale + mean
+    return X, y
+
+
+def _probe_and_head(X, y, k, dtype):
+    probe = LinearProbe(C=0.5).fit(X, y)
+    head = nn.Linear(X.shape[1], k, dtype=dtype)
+    assert init_head_from_probe(head, probe) is head
+    with torch.no_grad():
+        logits = head(torch.as_tensor(X, dtype=dtype)).double().numpy()
+    return probe, logits
+
+
+# --------------------------------------------------------------------------- head initialisation
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_head_equals_decision_function_float64(k):
+    X, y = _features(120, 32, k, seed=k, spread=20.0)
+    probe, logits = _probe_and_head(X, y, k, torch.float64)
+    d = probe.decision_function(X)
+    assert d.shape == (120, k) and np.abs(d).max() > 1.0  # a real, non-trivial probe
+    np.testing.assert_allclose(logits, d, rtol=0, atol=1e-8)
+    assert (logits.argmax(1) == probe.predict(X)).all()
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_head_equals_decision_function_float32(k):
+    X, y = _features(120, 32, k, seed=10 + k, spread=3.0)
+    probe, logits = _probe_and_head(X.astype(np.float32), y, k, torch.float32)
+    d = probe.decision_function(X.astype(np.float32))
+    assert np.abs(d).max() > 1.0
+    np.testing.assert_allclose(logits, d, rtol=0, atol=1e-4)
+    # the head's softmax is the probe's probability, not just its ranking
+    proba = probe.clf_.predict_proba(probe.scaler_.transform(X.astype(np.float32).astype(np.float64)))
+    np.testing.assert_allclose(torch.softmax(torch.as_tensor(logits), 1).numpy(), proba, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float64, 1e-8), (torch.float32, 1e-4)])
+def test_head_binary(dtype, atol):
+    X, y = _features(120, 32, 2, seed=7, spread=3.0)
+    probe, logits = _probe_and_head(X, y, 2, dtype)
+    d = probe.decision_function(X)
+    assert d.shape == (120,) and np.abs(d).max() > 1.0
+    np.testing.assert_allclose(logits[:, 1] - logits[:, 0], d, rtol=0, atol=atol)
+    proba = probe.clf_.predict_proba(probe.scaler_.transform(X))
+    np.testing.assert_allclose(torch.softmax(torch.as_tensor(logits), 1).numpy(), proba, atol=1e-6)
+    assert (logits.argmax(1) == probe.predict(X)).all()
+
+
+def test_head_handles_constant_features():
+    X, y = _features(60, 8, 3, seed=1)
+    X[:, 2] = 4.0  # zero variance: StandardScaler keeps scale 1
+    probe, logits = _probe_and_head(X, y, 3, torch.float64)
+    np.testing.assert_allclose(logits, probe.decision_function(X), atol=1e-8)
+
+
+@pytest.mark.parametrize(
+    "labels, k",
+    [
+        (lambda y: y + 1, 3),  # classes 1..3
+        (lambda y: np.where(y == 2, 3, y), 3),  # classes 0, 1, 3: a gap
+        (lambda y: y, 4),  # the probe saw classes 0..2 but the head has 4 rows
+    ],
+)
+def test_head_refuses_classes_not_0_to_k_minus_1(labels, k):
+    X, y = _features(60, 8, 3, seed=2)
+    probe = LinearProbe(C=0.5).fit(X, labels(y))
+    head = nn.Linear(8, k)
+    before = head.weight.detach().clone()
+    with pytest.raises(ValueError, match="0.."):
+        init_head_from_probe(head, probe)
+    assert torch.equal(head.weight, before)
+
+
+def test_head_refuses_wrong_width():
+    X, y = _features(60, 8, 3, seed=3)
+    with pytest.raises(ValueError, match="do not fit head"):
+        init_head_from_probe(nn.Linear(9, 3), LinearProbe(C=0.5).fit(X, y))
+
+
+def _calibrate_batchnorm(net: nn.Module, x: torch.Tensor) -> None:
+    """Set every BatchNorm's running statistics from ``x`` (a random-init MobileNetV2 in eval mode pools to
+    ~1e-9 features, because its depthwise-conv init shrinks activations; calibrated, they are O(1))."""
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average: one pass gives the batch statistics
+    net.train()
+    with torch.no_grad():
+        net(x)
+    net.eval()
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_birdnet_head_from_probe_end_to_end(k):
+    images = make_synthetic(num_classes=k, per_class=8, size=48, seed=k)
+    net = pretrained_net(NetConfig("mobilenet_v2", k, 14), "none")
+    dataset = ImageDataset(images.sources, images.names, eval_transform(data_config("mobilenet_v2", SMALL.image_size)))
+    x = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    assert x.shape == (len(images), 3, 64, 64)
+    _calibrate_batchnorm(net, x)
+
+    feats = pooled_features(net, images, SMALL, "test features").numpy()
+    assert feats.shape == (len(images), net.head.in_features) and feats.std() > 1e-3
+
+    probe = LinearProbe(C=1.0).fit(feats, images.labels)
+    init_head_from_probe(net.head, probe)
+    with torch.no_grad():
+        logits = net(x).numpy()
+    d = probe.decision_function(feats)
+    assert np.abs(d).max() > 0.5  # a real, non-trivial probe
+    if k == 2:  # a binary probe has one decision value: the difference of the two logits
+        logits_diff = logits[:, 1] - logits[:, 0]
+        np.testing.assert_allclose(logits_diff, d, rtol=0, atol=1e-4)
+    else:
+        np.testing.assert_allclose(logits, d, rtol=0, atol=1e-4)
+    assert (logits.argmax(1) == probe.predict(feats)).all()
+
+
+# --------------------------------------------------------------------------- choosing C
+
+
+def test_select_C_returns_grid_value_and_scores():
+    X, y = _features(150, 16, 3, seed=4)
+    grid = [0.001, 0.01, 0.1, 1]
+    C, scores = select_C(X[:100], y[:100], X[100:], y[100:], grid)
+    assert C in grid and isinstance(C, float)
+    assert sorted(scores) == [float(c) for c in grid]
+    assert all(0.0 <= s <= 1.0 for s in scores.values())
+    assert max(scores.values()) > 0.5  # the features are informative
+    best = max(scores.values())
+    se = np.sqrt(best * (1 - best) / 50)
+    assert C == min(c for c, s in scores.items() if s >= best - se)  # the one-standard-error rule
+    assert scores[C] == LinearProbe(C).fit(X[:100], y[:100]).score(X[100:], y[100:])
+
+
+def test_select_C_prefers_strong_regularisation_on_ties():
+    rng = np.random.default_rng(5)
+    y = rng.permutation(np.arange(90) % 2)
+    X = np.c_[y * 100.0 + rng.normal(0, 1, 90), rng.normal(0, 1, 90)]  # one perfect feature: every C scores 1.0
+    C, scores = select_C(X[:60], y[:60], X[60:], y[60:], [1.0, 0.1, 10.0])
+    assert set(scores.values()) == {1.0} and C == 0.1
+
+
+# --------------------------------------------------------------------------- stage one end to end
+
+
+def test_run_probe_on_grader_layout(tmp_path):
+    k = 3
+    write_grader_layout(tmp_path, "train", make_synthetic(num_classes=k, per_class=8, size=48, seed=0))
+    write_grader_layout(tmp_path, "test", make_synthetic(num_classes=k, per_class=3, size=48, seed=1))
+    train, test = load_split_dir(tmp_path, "train"), load_split_dir(tmp_path, "test")
+    assert (len(train), len(test), train.num_classes) == (24, 9, k)
+
+    result = run_probe(train, test, SMALL, weights="none")
+    assert result.C in SMALL.Cs
+    assert sorted(result.val_scores) == sorted(SMALL.Cs)
+    assert result.val_accuracy == result.val_scores[result.C]
+    assert 0.0 <= result.val_accuracy <= 1.0 and 0.0 <= result.test_accuracy <= 1.0
+    assert np.array_equal(result.probe.classes_, np.arange(k))
+    assert result.probe.C == result.C
+    assert {"load network", "train features", "choose C", "fit probe", "test features"} <= set(result.stopwatch.seconds)
+
+
+def test_run_probe_without_test_set():
+    result = run_probe(make_synthetic(num_classes=3, per_class=6, size=48, seed=2), None, SMALL, weights="none")
+    assert result.test_accuracy is None and result.C in SMALL.Cs
+
+
+def test_pooled_features_same_from_disk_and_ram(tmp_path):
+    images = make_synthetic(num_classes=2, per_class=5, size=48, seed=6)
+    write_grader_layout(tmp_path, "train", images)
+    net = build_net(NetConfig("mobilenet_v2", 2, 14)).eval()
+    ram = pooled_features(net, images, SMALL, "ram")
+    disk = pooled_features(net, load_split_dir(tmp_path, "train"), SMALL, "disk")
+    assert ram.shape == (10, 1280)
+    assert torch.equal(ram, disk)
+
+
+def test_pretrained_net_weight_modes():
+    cfg = NetConfig("mobilenet_v2", 3, 14)
+    with pytest.raises(ValueError, match="weights must be"):
+        pretrained_net(cfg, "maybe")
+    with pytest.warns(UserWarning, match="not cached"):
+        net = pretrained_net(cfg, "if-cached")  # the per-test $TORCH_HOME is empty
+    assert not net.training and net.head.out_features == 3
+
+
+# --------------------------------------------------------------------------- probing writes nothing
+
+
+def _snapshot(*roots: Path) -> dict[str, tuple]:
+    """Every file and folder under ``roots``: (kind, size, mtime) by path."""
+    seen = {}
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in dirnames + filenames:
+                st = os.lstat(os.path.join(dirpath, name))
+                is_dir = name in dirnames
+                seen[os.path.join(dirpath, name)] = ("dir" if is_dir else "file", 0 if is_dir else st.st_size, st.st_mtime_ns)
+        st = os.stat(root)
+        seen[str(root)] = ("root", 0, st.st_mtime_ns)
+    return seen
+
+
+@pytest.fixture
+def watched(tmp_path, monkeypatch):
+    """An empty cwd, temp dir, $TORCH_HOME and $HOME; yields a function that snapshots all four."""
+    dirs = {name: tmp_path / "watched" / name for name in ("cwd", "tmp", "torch_home", "home")}
+    for d in dirs.values():
+        d.mkdir(parents=True)
+    monkeypatch.chdir(dirs["cwd"])
+    monkeypatch.setenv("TMPDIR", str(dirs["tmp"]))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # recomputed from $TMPDIR on the next call
+    monkeypatch.setenv("TORCH_HOME", str(dirs["torch_home"]))
+    monkeypatch.setenv("HOME", str(dirs["home"]))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert Path(tempfile.gettempdir()) == dirs["tmp"]
+    assert Path(torch.hub.get_dir()) == dirs["torch_home"] / "hub"
+    return lambda: _snapshot(*dirs.values())
+
+
+def test_run_probe_writes_nothing(watched):
+    before = watched()
+    result = run_probe(make_synthetic(num_classes=3, per_class=8, size=48, seed=0), None, SMALL, weights="none")
+    assert result.C in SMALL.Cs
+    assert watched() == before
+
+
+def test_cli_random_init_writes_nothing(watched, capsys):
+    """``python -m probe --random-init``: the generated set (96 images) at the weights' own 224 px."""
+    before = watched()
+    probe_cli.main(["--random-init"])
+    out = capsys.readouterr().out
+    assert "validation accuracy:" in out and "test accuracy:" in out
+    accuracy = float(out.split("validation accuracy:")[1].split()[0])
+    assert 0.0 <= accuracy <= 1.0
+    assert watched() == before
+
+
+def test_cli_reports_missing_weights_without_traceback(watched):
+    before = watched()
+    with pytest.raises(SystemExit) as exc:
+        probe_cli.main(["--image-size", "64"])  # pretrained weights required, none cached
+    assert "python -m probe.weights" in str(exc.value.code)
+    assert watched() == before
+
+
+def test_cli_reports_bad_data_dir(tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        probe_cli.main([str(tmp_path), "--random-init"])
+    assert str(exc.value.code).startswith("error: ") and "gt.csv" in str(exc.value.code)
