@@ -1,0 +1,60 @@
+"""The grader interface (see GRADER.md): ``train_classifier`` and ``classify``; it only wires the stages.
+
+``python tools/build_submission.py`` turns this module and the project modules it uses into the single
+self-contained ``classification.py`` that is uploaded next to ``birds_model.pt``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from probe.data import labelled_from_gt, list_image_files
+from finetune.checkpoint import Classifier
+from finetune.config import preset
+from finetune.train import fine_tune
+
+
+def train_classifier(train_gt: dict, train_img_dir: str, fast_train: bool = True) -> Classifier:
+    """Train the bird classifier on ``train_gt`` ({filename: class_id}) and the images in ``train_img_dir``.
+
+    Args:
+        fast_train: True runs the same pipeline on the small 'fast' preset, on the CPU, writing nothing and
+            never downloading (pretrained weights from the local torch cache, else random init with a
+            warning). False runs the shipped 'full' preset, which reproduces ``birds_model.pt``; it needs
+            the pretrained weights (cached, or downloaded by torchvision where the network allows).
+
+    Returns:
+        The trained :class:`Classifier`; ``model.save("birds_model.pt")`` writes the checkpoint.
+    """
+    images = labelled_from_gt(train_gt, train_img_dir, where="train_gt")
+    cfg = preset("fast" if fast_train else "full")
+    weights = "if-cached" if fast_train else "required"
+    result = fine_tune(images, cfg, weights, allow_download=not fast_train, accelerator="cpu", devices=1)
+    return result.classifier
+
+
+def classify(model_path: str, test_img_dir: str) -> dict[str, int]:
+    """Predict a class id for every file in ``test_img_dir`` with the model at ``model_path``.
+
+    Runs on the CPU in-process (no workers), in batches; an unreadable file still gets a label, with a
+    warning naming it.
+
+    Returns:
+        {filename: int class id}, one entry per file.
+    """
+    model = Classifier.load(model_path)
+    files = list_image_files(test_img_dir)
+    if not files:
+        return {}
+    logits = model.predict_logits(files, [p.name for p in files])
+    return {p.name: int(k) for p, k in zip(files, logits.argmax(1).tolist())}
+
+
+if __name__ == "__main__":  # pragma: no cover - a manual smoke run: python solution.py DATA_DIR MODEL
+    import sys
+
+    from probe.data import read_gt
+
+    data, model_path = sys.argv[1], sys.argv[2]
+    train_classifier(read_gt(os.path.join(data, "train", "gt.csv")), os.path.join(data, "train", "images"))
+    print(classify(model_path, os.path.join(data, "test", "images")))

@@ -1,0 +1,530 @@
+"""Stage two (LP-FT fine-tuning): what is frozen stays frozen, the head starts from the probe, the trunk
+cache, the schedule, the checkpoint, and tiny end-to-end runs of ``fine_tune`` and ``python -m finetune``
+that write nothing but ``--out``. Random-init networks and generated images only."""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import finetune.__main__ as finetune_cli
+import finetune.train as finetune_train
+from finetune.cache import CachedViews, augmented_activations, centre_activations
+from finetune.checkpoint import Classifier
+from finetune.config import PRESETS, preset
+from finetune.module import LPFTModule, TrunkFreeze, lr_factor
+from finetune.train import FinetuneResult, fine_tune, fit_stage_one, pooled_from_trunk, train_tail
+from probe.backbone import NetConfig, build_net, data_config, eval_transform
+from probe.data import load_split_dir, stratified_split
+from probe.features import ImageDataset
+from probe.linear import LinearProbe, init_head_from_probe
+from probe.synthetic import make_synthetic, write_grader_layout
+
+SIZE = 64  # network input side of every test here: split 14 gives (96, 4, 4) trunk activations
+TINY = preset("fast", image_size=SIZE, batch_size=8, limit_train_batches=2)
+TRAINER = dict(accelerator="cpu", devices=1)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _inputs(images, image_size: int = SIZE) -> torch.Tensor:
+    """The evaluation view of every image as one (N, 3, S, S) batch."""
+    dataset = ImageDataset(images.sources, images.names, eval_transform(data_config("mobilenet_v2", image_size)))
+    return torch.stack([dataset[i][0] for i in range(len(dataset))])
+
+
+def _calibrate_batchnorm(net: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Running statistics from ``x``: a random-init MobileNetV2 pools to ~1e-9 in eval mode, calibrated to O(1)."""
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average: one pass gives the batch statistics
+    net.train()
+    with torch.no_grad():
+        net(x)
+    return net.eval()
+
+
+def _class_acts(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, 96, 4, 4) O(1) random 'trunk activations' with a class-dependent pattern, and their labels."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % k
+    centres = torch.randn(k, 96, 4, 4, generator=g)
+    return centres[y] * 2 + torch.randn(n, 96, 4, 4, generator=g), y
+
+
+def _state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _bn_buffers(net: nn.Module) -> list[str]:
+    return [f"{name}.{b}" for name, m in net.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for b in ("running_mean", "running_var", "num_batches_tracked")]
+
+
+class Spy(L.Callback):
+    """Records, during ``fit``, what the trainer really trains: grads, modes, learning rates, val weights."""
+
+    def __init__(self):
+        self.steps: list[dict] = []
+        self.val: list[tuple[float, dict[str, torch.Tensor]]] = []
+        self.final: dict[str, torch.Tensor] | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        net = pl_module.net
+        self.steps.append({
+            "trunk_requires_grad": [p.requires_grad for p in net.trunk.parameters()],
+            "tail_requires_grad": [p.requires_grad for p in net.tail.parameters()],
+            "head_requires_grad": [p.requires_grad for p in net.head.parameters()],
+            "bn_training": [m.training for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)],
+            "dropout_training": net.dropout.training,
+            "lrs": [(g["lr"], g["peak_lr"]) for g in trainer.optimizers[0].param_groups],
+            "step": trainer.global_step - 1,
+        })
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        # Runs just before LPFTModule's own hook, on the same weights and the same metric.
+        if not trainer.sanity_checking:
+            self.val.append((float(trainer.callback_metrics["val_acc"]), _state(pl_module.net)))
+
+    def on_train_end(self, trainer, pl_module):
+        self.final = _state(pl_module.net)  # before train_tail restores the best validation weights
+
+
+@pytest.fixture
+def spy(monkeypatch) -> Spy:
+    """A :class:`Spy` added to every Trainer that ``finetune.train`` builds (its own callbacks kept)."""
+    spy, make = Spy(), finetune_train.make_trainer
+
+    def make_trainer(*args, **kwargs):
+        trainer = make(*args, **kwargs)
+        assert any(isinstance(c, TrunkFreeze) for c in trainer.callbacks)
+        trainer.callbacks.append(spy)
+        return trainer
+
+    monkeypatch.setattr(finetune_train, "make_trainer", make_trainer)
+    return spy
+
+
+def _snapshot(*roots: Path) -> dict[str, tuple]:
+    """Every file and folder under ``roots``: (kind, size, mtime) by path."""
+    seen = {}
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in dirnames + filenames:
+                st = os.lstat(os.path.join(dirpath, name))
+                is_dir = name in dirnames
+                seen[os.path.join(dirpath, name)] = ("dir" if is_dir else "file", 0 if is_dir else st.st_size,
+                                                     st.st_mtime_ns)
+        seen[str(root)] = ("root", 0, os.stat(root).st_mtime_ns)
+    return seen
+
+
+@pytest.fixture
+def watched(tmp_path, monkeypatch):
+    """An empty cwd, temp dir, $TORCH_HOME and $HOME; yields (folders, function snapshotting all four)."""
+    dirs = {name: tmp_path / "watched" / name for name in ("cwd", "tmp", "torch_home", "home")}
+    for d in dirs.values():
+        d.mkdir(parents=True)
+    monkeypatch.chdir(dirs["cwd"])
+    monkeypatch.setenv("TMPDIR", str(dirs["tmp"]))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # recomputed from $TMPDIR on the next call
+    monkeypatch.setenv("TORCH_HOME", str(dirs["torch_home"]))
+    monkeypatch.setenv("HOME", str(dirs["home"]))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert Path(tempfile.gettempdir()) == dirs["tmp"]
+    assert Path(torch.hub.get_dir()) == dirs["torch_home"] / "hub"
+    return dirs, lambda: _snapshot(*dirs.values())
+
+
+# --------------------------------------------------------------------------- what a training step may change
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])  # fine_tune passes an eval-mode net
+def test_train_tail_changes_only_tail_and_head(mode, spy):
+    torch.manual_seed(0)
+    net = build_net(NetConfig("mobilenet_v2", 3, TINY.split, 0.2)).train(mode == "train")
+    acts, y = _class_acts(24, 3, seed=1)
+    before = _state(net)
+
+    module = train_tail(net, CachedViews([acts, acts.flip(3)], y), None, TINY, progress=False, **TRAINER)
+    after = net.state_dict()
+
+    assert len(spy.steps) == 2  # limit_train_batches: two real optimisation steps ran
+    for step in spy.steps:
+        assert not any(step["trunk_requires_grad"])
+        assert all(step["tail_requires_grad"]) and all(step["head_requires_grad"])
+    # the frozen trunk is bit-identical
+    for name in before:
+        if name.startswith("trunk."):
+            assert torch.equal(after[name], before[name]), name
+    # no BatchNorm statistic anywhere (trunk and tail) moved
+    buffers = _bn_buffers(net)
+    assert any(b.startswith("trunk.") for b in buffers) and any(b.startswith("tail.") for b in buffers)
+    for name in buffers:
+        assert torch.equal(after[name], before[name]), name
+    # ... while every tail convolution and the head did learn
+    tail_convs = [f"tail.{n}.weight" for n, m in net.tail.named_modules() if isinstance(m, nn.Conv2d)]
+    assert len(tail_convs) > 5
+    for name in tail_convs + ["head.weight", "head.bias"]:
+        assert not torch.equal(after[name], before[name]), name
+    assert not net.training and len(module.history) == 1
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_train_tail_pins_batchnorm_and_keeps_dropout_during_training(mode, spy):
+    net = build_net(NetConfig("mobilenet_v2", 3, TINY.split, 0.2)).train(mode == "train")
+    acts, y = _class_acts(16, 3, seed=2)
+    train_tail(net, CachedViews([acts], y), None, TINY, progress=False, **TRAINER)
+    assert spy.steps
+    for step in spy.steps:
+        assert not any(step["bn_training"])  # running statistics used, never updated
+        assert step["dropout_training"]  # cfg.dropout really regularises the head
+
+
+def test_trunk_freeze_callback_freezes_trunk_only():
+    net = build_net(NetConfig("mobilenet_v2", 3, TINY.split))
+    module = LPFTModule(net, TINY, total_steps=1)
+    TrunkFreeze(head_only_epochs=0, lr_tail=1e-4).freeze_before_training(module)
+    assert not any(p.requires_grad for p in net.trunk.parameters())
+    assert all(p.requires_grad for p in net.tail.parameters()) and all(p.requires_grad for p in net.head.parameters())
+    TrunkFreeze(head_only_epochs=2, lr_tail=1e-4).freeze_before_training(module)
+    assert not any(p.requires_grad for p in net.tail.parameters())
+    assert all(p.requires_grad for p in net.head.parameters())
+
+
+def test_training_follows_the_lr_schedule(spy):
+    cfg = replace(TINY, lr_head=2e-3, lr_tail=5e-4, limit_train_batches=3, warmup_fraction=0.0)
+    acts, y = _class_acts(24, 3, seed=3)
+    train_tail(build_net(NetConfig("mobilenet_v2", 3, cfg.split)).eval(), CachedViews([acts], y), None, cfg,
+               progress=False, **TRAINER)
+    assert [s["step"] for s in spy.steps] == [0, 1, 2]
+    for s in spy.steps:
+        factor = lr_factor(s["step"], 3, 0)
+        assert {peak for _, peak in s["lrs"]} == {cfg.lr_head, cfg.lr_tail}
+        for lr, peak in s["lrs"]:
+            assert lr == pytest.approx(peak * factor)
+    assert spy.steps[1]["lrs"][0][0] < spy.steps[0]["lrs"][0][0]  # the cosine decays within the run
+
+
+# --------------------------------------------------------------------------- the head starts from the probe
+
+
+def test_stage_one_head_equals_probe_decision_function():
+    k = 3
+    images = make_synthetic(num_classes=k, per_class=8, size=48, seed=3)
+    cfg = replace(TINY, probe_Cs=(1.0,))
+    data_cfg = data_config(cfg.backbone, cfg.image_size)
+    net = _calibrate_batchnorm(build_net(NetConfig(cfg.backbone, k, cfg.split, cfg.dropout)), _inputs(images))
+
+    centre = centre_activations(net, images, data_cfg, cfg, progress=False)
+    assert centre.dtype == torch.float16 and centre.shape == (len(images), 96, 4, 4)
+    feats = pooled_from_trunk(net, centre)
+    assert feats.shape == (len(images), net.head.in_features) and feats.std() > 1e-3
+    probe, C, _, fit_idx, val_idx = fit_stage_one(feats, images.labels, cfg)
+    assert C == 1.0 and np.array_equal(fit_idx, np.arange(len(images))) and len(val_idx) == 0
+    init_head_from_probe(net.head, probe)
+
+    # the module that fine-tunes starts exactly where the probe ends
+    module = LPFTModule(net, cfg, total_steps=1).eval()
+    with torch.no_grad():
+        logits = module(centre).numpy()
+    d = probe.decision_function(feats)
+    assert d.shape == (len(images), k) and np.abs(d).max() > 0.5  # a real, non-trivial probe
+    np.testing.assert_allclose(logits, d, rtol=0, atol=1e-4)
+
+
+def test_stage_one_with_validation_fits_probe_on_training_part_only():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 8)
+    feats = rng.normal(size=(24, 16)) + labels[:, None]
+    cfg = replace(TINY, val_fraction=0.25, probe_Cs=(0.1, 1.0))
+    probe, C, probe_val, fit_idx, val_idx = fit_stage_one(feats, labels, cfg)
+    assert C in cfg.probe_Cs and 0.0 <= probe_val <= 1.0
+    assert len(val_idx) == 6 and sorted([*fit_idx, *val_idx]) == list(range(24))
+    split = stratified_split(labels, 0.25, cfg.seed)
+    assert np.array_equal(fit_idx, split[0]) and np.array_equal(val_idx, split[1])
+    expected = LinearProbe(C, random_state=cfg.seed).fit(feats[fit_idx], labels[fit_idx])
+    np.testing.assert_allclose(probe.decision_function(feats), expected.decision_function(feats), atol=1e-10)
+
+
+def test_fine_tune_trains_from_the_probe_head(monkeypatch):
+    """fine_tune wires the pieces: the net train_tail receives has the probe as its head."""
+    k = 3
+    images = make_synthetic(num_classes=k, per_class=6, size=48, seed=4)
+    cfg = replace(TINY, probe_Cs=(1.0,))
+    nets, probes, checked = [], [], []
+
+    def calibrated_net(net_cfg, weights, allow_download=False):
+        assert (weights, allow_download, net_cfg.num_classes) == ("none", False, k)
+        nets.append(_calibrate_batchnorm(build_net(net_cfg), _inputs(images)))
+        return nets[-1]
+
+    def capture_probe(head, probe):
+        probes.append(probe)
+        return init_head_from_probe(head, probe)
+
+    def check_then_train(net, train_set, val_set, cfg_, progress=True, **kwargs):
+        centre = train_set.stacks[0]
+        feats = pooled_from_trunk(net, centre)
+        with torch.no_grad():
+            logits = LPFTModule(net, cfg_, 1).eval()(centre).numpy()
+        np.testing.assert_allclose(logits, probes[0].decision_function(feats), rtol=0, atol=1e-4)
+        checked.append(True)
+        return train_tail(net, train_set, val_set, cfg_, progress, **kwargs)
+
+    monkeypatch.setattr(finetune_train, "pretrained_net", calibrated_net)
+    monkeypatch.setattr(finetune_train, "init_head_from_probe", capture_probe)
+    monkeypatch.setattr(finetune_train, "train_tail", check_then_train)
+    result = fine_tune(images, cfg, "none", progress=False, **TRAINER)
+    assert checked == [True] and len(probes) == 1 and result.classifier.net is nets[0]
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+@pytest.mark.parametrize("total, warmup", [(100, 10), (37, 5), (10, 0)])
+def test_lr_factor_warmup_then_cosine(total, warmup):
+    f = [lr_factor(s, total, warmup) for s in range(total + 1)]
+    # linear warm-up reaching the peak on its last step
+    if warmup:
+        np.testing.assert_allclose(f[:warmup], [(s + 1) / warmup for s in range(warmup)], atol=1e-12)
+        np.testing.assert_allclose(np.diff(f[:warmup]), 1 / warmup, atol=1e-12)
+    assert max(f) == 1.0 and f[warmup] == 1.0 and 0.0 < f[0] <= 1.0
+    # cosine after it: monotone non-increasing, half-way is one half, ~0 at the end
+    after = f[warmup:]
+    assert all(b <= a for a, b in zip(after, after[1:]))
+    assert after[-1] == pytest.approx(0.0, abs=1e-12) and f[total - 1] < 0.03
+    mid = (total - warmup) // 2
+    assert f[warmup + mid] == pytest.approx(0.5 * (1 + math.cos(math.pi * mid / (total - warmup))))
+    assert lr_factor(total + 50, total, warmup) == pytest.approx(0.0, abs=1e-12)  # never negative past the end
+
+
+# --------------------------------------------------------------------------- the trunk cache
+
+
+def test_cached_views_indexing():
+    n, views = 5, 3
+    stacks = [torch.arange(n * 2, dtype=torch.float16).view(n, 2) + 100 * v for v in range(views)]
+    labels = np.array([2, 0, 1, 1, 0])
+    ds = CachedViews(stacks, labels)
+    assert len(ds) == views * n
+    assert ds.labels.dtype == torch.long
+    for i in range(len(ds)):
+        act, label = ds[i]
+        assert torch.equal(act, stacks[i // n][i % n]), i
+        assert int(label) == labels[i % n]
+    assert ds.nbytes == views * n * 2 * 2
+    with pytest.raises(ValueError):
+        CachedViews([torch.zeros(5, 2), torch.zeros(4, 2)], labels)
+    with pytest.raises(ValueError):
+        CachedViews([torch.zeros(6, 2)], labels)
+
+
+def test_augmented_activations_are_seeded_and_differ_across_views():
+    images = make_synthetic(num_classes=2, per_class=3, size=48, seed=5)
+    cfg = replace(TINY, views=2, cache_dtype="float32", seed=7)
+    data_cfg = data_config(cfg.backbone, cfg.image_size)
+    net = build_net(NetConfig(cfg.backbone, 2, cfg.split)).eval()
+
+    first = augmented_activations(net, images, data_cfg, cfg, progress=False)
+    torch.rand(1000)  # whatever the global RNG did in between
+    second = augmented_activations(net, images, data_cfg, cfg, progress=False)
+    assert len(first) == len(second) == cfg.views
+    for a, b in zip(first, second):
+        assert a.shape == (len(images), 96, 4, 4) and a.dtype == torch.float32 and a.abs().max() > 0
+        assert torch.equal(a, b)
+    assert not torch.equal(first[0], first[1])
+    centre = centre_activations(net, images, data_cfg, cfg, progress=False)
+    assert not torch.equal(first[0], centre)
+    other_seed = augmented_activations(net, images, data_cfg, replace(cfg, seed=8), progress=False)
+    assert not torch.equal(other_seed[0], first[0])
+
+
+# --------------------------------------------------------------------------- the checkpoint
+
+
+def _classifier(k: int, split: int, image_size: int, tta_flip: bool, dropout: float = 0.3) -> Classifier:
+    torch.manual_seed(k * 100 + split)
+    net_cfg = NetConfig("mobilenet_v2", k, split, dropout)
+    net = _calibrate_batchnorm(build_net(net_cfg), torch.randn(8, 3, image_size, image_size))
+    return Classifier(net, net_cfg, data_config("mobilenet_v2", image_size), tta_flip)
+
+
+@pytest.mark.parametrize("k, split, image_size, tta_flip", [(3, 14, 64, True), (7, 16, 96, False)])
+def test_checkpoint_round_trip(tmp_path, k, split, image_size, tta_flip):
+    original = _classifier(k, split, image_size, tta_flip)
+    path = tmp_path / "m.pt"
+    original.save(path)
+
+    torch.manual_seed(12345)  # the rebuilt network's random init must not matter
+    loaded = Classifier.load(path)
+    assert isinstance(loaded, Classifier) and not loaded.training and not loaded.net.training
+    assert (loaded.net_cfg, loaded.data_cfg, loaded.tta_flip) == (original.net_cfg, original.data_cfg, tta_flip)
+    assert len(loaded.net.trunk) == split and loaded.net.head.out_features == k
+    assert loaded.data_cfg.image_size == image_size
+    for name, value in original.net.state_dict().items():
+        assert torch.equal(loaded.net.state_dict()[name], value), name
+
+    x = torch.randn(4, 3, image_size, image_size)
+    with torch.no_grad():
+        expected = original.eval()(x)
+        assert expected.std() > 1e-3  # logits depend on the weights, not just on the head bias
+        assert torch.equal(loaded(x), expected)
+    images = make_synthetic(num_classes=2, per_class=2, size=48, seed=9)
+    a = original.predict_logits(images.sources, images.names, precision="fp32")
+    b = loaded.predict_logits(images.sources, images.names, precision="fp32")
+    assert a.shape == (4, k) and torch.equal(a, b)
+
+
+class _RunsCodeWhenUnpickled:
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_checkpoint_load_refuses_non_checkpoints(tmp_path):
+    marker = tmp_path / "code-ran"
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "birds-lpft/1", "payload": _RunsCodeWhenUnpickled(marker)}, evil)
+    with pytest.raises((pickle.UnpicklingError, ValueError)):
+        Classifier.load(evil)
+    assert not marker.exists()  # weights_only: the pickle's code never ran
+
+    good = _classifier(3, 14, 64, True).checkpoint()
+    for bad in ({"state_dict": good["state_dict"]}, {**good, "format": "something-else/1"}, torch.zeros(3), [1, 2]):
+        path = tmp_path / "bad.pt"
+        torch.save(bad, path)
+        with pytest.raises(ValueError, match="not a birds-lpft/1 checkpoint"):
+            Classifier.load(path)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_fine_tune_end_to_end_tiny():
+    train = make_synthetic(num_classes=3, per_class=6, size=48, seed=0)
+    test = make_synthetic(num_classes=3, per_class=2, size=48, seed=1)
+    result = fine_tune(train, TINY, "none", progress=False, **TRAINER)
+
+    assert isinstance(result, FinetuneResult) and result.cfg == TINY
+    assert result.probe_C in TINY.probe_Cs and result.val_accuracy is None
+    clf = result.classifier
+    assert isinstance(clf, Classifier) and not clf.net.training
+    assert clf.data_cfg == data_config("mobilenet_v2", SIZE) and clf.tta_flip == TINY.tta_flip
+    assert clf.net_cfg == NetConfig("mobilenet_v2", 3, TINY.split, TINY.dropout)
+    assert [row["epoch"] for row in result.history] == [1]
+    assert all(math.isfinite(v) for row in result.history for v in row.values())
+    # every fit image, centre view + cfg.views augmented views, fp16
+    assert result.cache_images == len(train)
+    assert result.cache_bytes == len(train) * (TINY.views + 1) * 96 * 4 * 4 * 2
+
+    logits = clf.predict_logits(test.sources, test.names)
+    assert logits.shape == (len(test), 3) and torch.isfinite(logits).all()
+    preds = logits.argmax(1).tolist()
+    assert len(preds) == len(test) and all(type(p) is int and 0 <= p < 3 for p in preds)
+
+
+def test_fine_tune_with_validation_restores_best_weights(spy):
+    train = make_synthetic(num_classes=3, per_class=6, size=48, seed=2)
+    cfg = replace(TINY, epochs=2, val_fraction=0.34)
+    result = fine_tune(train, cfg, "none", progress=False, **TRAINER)
+
+    accs = [acc for acc, _ in spy.val]
+    assert len(accs) == cfg.epochs
+    assert result.val_accuracy is not None and 0.0 <= result.val_accuracy <= 1.0
+    assert result.val_accuracy == max(accs)
+    best = spy.val[accs.index(max(accs))][1]
+    restored = result.classifier.net.state_dict()
+    for name, value in best.items():
+        assert torch.equal(restored[name], value), name
+    assert [row["epoch"] for row in result.history] == [1, 2]
+    _, val_idx = stratified_split(train.labels, cfg.val_fraction, cfg.seed)
+    assert result.cache_images == len(train)
+    assert result.cache_bytes == ((len(train) - len(val_idx)) * (cfg.views + 1) + len(val_idx)) * 96 * 4 * 4 * 2
+
+
+def test_train_tail_restores_an_earlier_best_epoch(spy):
+    """Validation labels contradict the training labels, so later epochs never beat the first one."""
+    acts, y = _class_acts(24, 3, seed=6)
+    cfg = replace(TINY, epochs=3, lr_head=1e-2, lr_tail=1e-3)
+    net = build_net(NetConfig("mobilenet_v2", 3, cfg.split)).eval()
+    module = train_tail(net, CachedViews([acts], y), CachedViews([acts], (y + 1) % 3), cfg, progress=False,
+                        **TRAINER)
+
+    accs = [acc for acc, _ in spy.val]
+    assert len(accs) == 3
+    best_epoch = accs.index(max(accs))
+    assert best_epoch < 2, f"the last epoch was the best ({accs}): restoring would not be observable"
+    assert module.best_val_accuracy == max(accs)
+    restored = net.state_dict()
+    assert not torch.equal(restored["head.weight"], spy.final["head.weight"])  # not the last epoch's weights
+    for name, value in spy.val[best_epoch][1].items():
+        assert torch.equal(restored[name], value), name
+
+
+# --------------------------------------------------------------------------- writes nothing but --out
+
+
+def test_fine_tune_writes_nothing(watched):
+    _, snapshot = watched
+    before = snapshot()
+    fine_tune(make_synthetic(num_classes=3, per_class=5, size=48, seed=0), TINY, "none", progress=False, **TRAINER)
+    assert snapshot() == before
+
+
+def test_cli_without_out_writes_nothing(watched, capsys):
+    _, snapshot = watched
+    before = snapshot()
+    finetune_cli.main(["--random-init", "--preset", "fast", "--image-size", str(SIZE), "--no-progress"])
+    out = capsys.readouterr().out
+    assert "test accuracy:" in out and "checkpoint written" not in out
+    assert snapshot() == before
+    assert not any(p.name in ("lightning_logs", "checkpoints") for p in Path.cwd().rglob("*"))
+
+
+def test_cli_on_grader_layout_writes_only_out(tmp_path, watched, capsys):
+    dirs, snapshot = watched
+    data = tmp_path / "data"
+    write_grader_layout(data, "train", make_synthetic(num_classes=3, per_class=6, size=48, seed=0))
+    write_grader_layout(data, "test", make_synthetic(num_classes=3, per_class=2, size=48, seed=1))
+    before, data_before = snapshot(), _snapshot(data)
+    out = dirs["cwd"] / "m.pt"
+
+    finetune_cli.main([str(data), "--random-init", "--preset", "fast", "--image-size", str(SIZE), "--no-progress",
+                       "--out", str(out)])
+
+    printed = capsys.readouterr().out
+    accuracy = float(printed.split("test accuracy:")[1].split()[0])
+    assert 0.0 <= accuracy <= 1.0 and f"checkpoint written to {out}" in printed
+    after = snapshot()
+    assert set(after) - set(before) == {str(out)}
+    assert {k: v for k, v in after.items() if k not in (str(out), str(dirs["cwd"]))} == \
+           {k: v for k, v in before.items() if k != str(dirs["cwd"])}
+    assert _snapshot(data) == data_before
+    clf = Classifier.load(out)
+    assert clf.net.head.out_features == 3 and clf.data_cfg.image_size == SIZE
+    test = load_split_dir(data, "test")
+    assert clf.predict_logits(test.sources, test.names).shape == (len(test), 3)
+
+
+def test_fast_preset_is_the_grader_smoke_run():
+    fast, full = PRESETS["fast"], PRESETS["full"]
+    assert fast.epochs == 1 and fast.views == 1 and fast.image_size < full.image_size
+    assert (fast.backbone, fast.split) == (full.backbone, full.split)
+    assert preset("fast", image_size=SIZE) == replace(fast, image_size=SIZE)
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("fastest")

@@ -1,0 +1,316 @@
+"""The grader contract (GRADER.md) for ``solution.py`` and for the single ``classification.py`` built from it:
+every file gets an int, odd files only warn, nothing is written or downloaded, and the built file runs
+without this project. Random-init networks and generated images only."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import solution
+from finetune.checkpoint import Classifier
+from finetune.config import PRESETS
+from probe.backbone import NetConfig, build_net, data_config
+from probe.data import read_gt
+from probe.synthetic import make_synthetic, write_grader_layout
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZE = 64
+# What the grader has (GRADER.md; tqdm comes with lightning), plus the standard library.
+GRADER_PACKAGES = {"torch", "torchvision", "timm", "lightning", "pytorch_lightning", "albumentations", "numpy", "PIL",
+                   "sklearn", "cv2", "tqdm"}
+GONE_IN_PY312 = {"distutils", "imp", "asynchat", "asyncore", "smtpd"}  # the grader runs Python 3.12
+PROJECT_PACKAGES = ("probe", "finetune", "solution", "tools")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _save_model(path: Path, num_classes: int = 4, dropout: float = 0.5) -> Path:
+    """A random-init classifier at 64 px, BatchNorm calibrated so that its logits depend on the image."""
+    torch.manual_seed(0)
+    net_cfg = NetConfig("mobilenet_v2", num_classes, 14, dropout)
+    net = build_net(net_cfg)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    net.train()
+    with torch.no_grad():
+        net(torch.randn(8, 3, SIZE, SIZE))
+    Classifier(net.eval(), net_cfg, data_config("mobilenet_v2", SIZE), tta_flip=True).save(path)
+    return path
+
+
+def _jpeg(img: Image.Image, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", **kwargs)
+    return buf.getvalue()
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+UNREADABLE = ("x.jpg", "empty.jpg", "notes.txt")
+
+
+def _odd_folder(root: Path) -> Path:
+    """Normal JPEGs plus every kind of file a test folder might hold; returns the folder."""
+    folder = root / "images"
+    folder.mkdir(parents=True)
+    images = make_synthetic(num_classes=3, per_class=2, size=48, seed=11)
+    for name, data in zip(images.names, images.sources):
+        (folder / name).write_bytes(data)
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees on display
+    files = {
+        "x.jpg": b"\x00\x01garbage" + rng.bytes(500),  # corrupt: random bytes
+        "empty.jpg": b"",
+        "gray.jpg": _jpeg(rgb.convert("L")),
+        "plain.png": _png(rgb),
+        "alpha.png": _png(rgb.convert("RGBA")),
+        "rotated.jpg": _jpeg(rgb, exif=exif.tobytes()),
+        "notes.txt": b"not an image\n",
+        ".DS_Store": b"\x00\x00\x00\x01Bud1" + rng.bytes(64),  # hidden: not a test image
+    }
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
+def _expected_names(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir() if not p.name.startswith(".")}
+
+
+def _check_labels(result: dict, folder: Path, num_classes: int) -> None:
+    assert isinstance(result, dict) and set(result) == _expected_names(folder)
+    for name, label in result.items():
+        assert type(label) is int and 0 <= label < num_classes, (name, label)  # not numpy, not bool
+
+
+# --------------------------------------------------------------------------- classify
+
+
+def test_classify_labels_every_file_and_warns_about_unreadable_ones(tmp_path):
+    model = _save_model(tmp_path / "birds_model.pt")
+    folder = _odd_folder(tmp_path)
+    with pytest.warns(UserWarning) as record:
+        result = solution.classify(str(model), str(folder))
+    _check_labels(result, folder, 4)
+    assert len(result) == 6 + 7
+    messages = [str(w.message) for w in record]
+    for name in UNREADABLE:
+        assert any(name in m for m in messages), (name, messages)
+    for name in set(result) - set(UNREADABLE):  # grayscale, PNG, RGBA, EXIF-rotated open without complaint
+        assert not any(name in m for m in messages), (name, messages)
+
+
+def test_classify_is_deterministic_and_skips_hidden_files(tmp_path):
+    model = _save_model(tmp_path / "birds_model.pt")
+    folder = _odd_folder(tmp_path)
+    with pytest.warns(UserWarning):
+        first = solution.classify(str(model), str(folder))
+    with pytest.warns(UserWarning):
+        second = solution.classify(Path(model), Path(folder))
+    assert first == second
+    assert ".DS_Store" not in first and (folder / ".DS_Store").is_file()
+    # the logits themselves repeat exactly, and depend on the image (dropout 0.5 is off at prediction)
+    images = sorted(p for p in folder.iterdir() if p.suffix == ".jpg" and p.name[0].isdigit())
+    clf = Classifier.load(model)
+    a = clf.predict_logits(images, [p.name for p in images])
+    b = Classifier.load(model).predict_logits(images, [p.name for p in images])
+    assert torch.equal(a, b) and (a.std(0) > 0).all()
+
+
+def test_classify_empty_folder(tmp_path):
+    (tmp_path / "images").mkdir()
+    assert solution.classify(str(_save_model(tmp_path / "m.pt")), str(tmp_path / "images")) == {}
+
+
+# --------------------------------------------------------------------------- no writes, no network
+
+
+def _snapshot(*roots: Path) -> dict[str, tuple]:
+    """Every file and folder under ``roots``: (kind, size, mtime) by path."""
+    seen = {}
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in dirnames + filenames:
+                st = os.lstat(os.path.join(dirpath, name))
+                is_dir = name in dirnames
+                seen[os.path.join(dirpath, name)] = ("dir" if is_dir else "file", 0 if is_dir else st.st_size,
+                                                     st.st_mtime_ns)
+        seen[str(root)] = ("root", 0, os.stat(root).st_mtime_ns)
+    return seen
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No network: every socket connection attempt raises."""
+
+    def refuse(*args, **kwargs):
+        raise OSError("network access during grading")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    with pytest.raises(OSError, match="network access"):
+        socket.create_connection(("127.0.0.1", 9), timeout=0.1)
+
+
+@pytest.fixture
+def watched(tmp_path, monkeypatch):
+    """An empty cwd, temp dir, $TORCH_HOME and $HOME; returns a function snapshotting all four."""
+    dirs = {name: tmp_path / "watched" / name for name in ("cwd", "tmp", "torch_home", "home")}
+    for d in dirs.values():
+        d.mkdir(parents=True)
+    monkeypatch.chdir(dirs["cwd"])
+    monkeypatch.setenv("TMPDIR", str(dirs["tmp"]))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # recomputed from $TMPDIR on the next call
+    monkeypatch.setenv("TORCH_HOME", str(dirs["torch_home"]))
+    monkeypatch.setenv("HOME", str(dirs["home"]))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert Path(tempfile.gettempdir()) == dirs["tmp"]
+    assert Path(torch.hub.get_dir()) == dirs["torch_home"] / "hub"
+    return lambda: _snapshot(*dirs.values())
+
+
+def test_fast_train_and_classify_write_nothing_and_stay_offline(tmp_path, offline, watched):
+    data = tmp_path / "data"
+    write_grader_layout(data, "train", make_synthetic(num_classes=3, per_class=6, size=SIZE, seed=0))
+    write_grader_layout(data, "test", make_synthetic(num_classes=3, per_class=2, size=SIZE, seed=1))
+    train_gt = read_gt(data / "train" / "gt.csv")
+    test_dir = data / "test" / "images"
+    model_path = _save_model(tmp_path / "birds_model.pt", num_classes=3)
+    before, data_before = watched(), _snapshot(data)
+
+    # the grader's calls, in its order; no cached weights: random init, with a warning
+    with pytest.warns(UserWarning, match="not cached"):
+        model = solution.train_classifier(train_gt, str(data / "train" / "images"), fast_train=True)
+    result = solution.classify(str(model_path), str(test_dir))
+
+    assert watched() == before and _snapshot(data) == data_before
+    _check_labels(result, test_dir, 3)
+    # the returned model is the trained classifier, on the real 'fast' preset
+    assert isinstance(model, Classifier) and isinstance(model, nn.Module) and not model.net.training
+    assert model.data_cfg.image_size == PRESETS["fast"].image_size and model.net.head.out_features == 3
+    saved = tmp_path / "fast.pt"
+    model.save(saved)
+    files = sorted(test_dir.iterdir())
+    assert torch.equal(Classifier.load(saved).predict_logits(files, [p.name for p in files]),
+                       model.predict_logits(files, [p.name for p in files]))
+    _check_labels(solution.classify(str(saved), str(test_dir)), test_dir, 3)
+
+
+# --------------------------------------------------------------------------- the single uploaded file
+
+
+def _build_tool():
+    spec = importlib.util.spec_from_file_location("build_submission_under_test", ROOT / "tools" / "build_submission.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _imported_packages(source: str) -> set[str]:
+    packages = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"relative import at line {node.lineno}"
+            packages.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            packages |= {alias.name.split(".")[0] for alias in node.names}
+    return packages
+
+
+def test_built_file_imports_only_grader_packages():
+    source = _build_tool().build_source()
+    compile(source, "classification.py", "exec")
+    packages = _imported_packages(source)
+    assert {"torch", "torchvision", "lightning", "sklearn", "numpy", "PIL"} <= packages  # it parsed real imports
+    assert not packages & set(PROJECT_PACKAGES)
+    assert not packages & GONE_IN_PY312
+    assert packages <= GRADER_PACKAGES | set(sys.stdlib_module_names), packages - GRADER_PACKAGES
+    tree = ast.parse(source)
+    defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    assert {"train_classifier", "classify"} <= defined
+
+
+# Runs in a fresh interpreter with the upload folder as cwd. Even where this project is pip-installed
+# (scripts/setup.sh installs it editable), its packages are made unimportable, as at the grader.
+SUBPROCESS = """
+import json, sys
+for name in {blocked!r}:
+    sys.modules[name] = None
+for name in {blocked!r}:
+    try:
+        __import__(name)
+    except ImportError:
+        pass
+    else:
+        raise SystemExit(name + " is importable")
+import classification
+args = json.loads(sys.argv[1])
+assert classification.__file__ == args["file"], classification.__file__
+gt = {{}}
+with open(args["gt"]) as f:
+    next(f)
+    for line in f:
+        name, label = line.strip().split(",")
+        gt[name] = int(label)
+model = classification.train_classifier(gt, args["train"], fast_train=True)
+result = classification.classify(args["model"], args["test"])
+leaked = sorted(m for m, mod in sys.modules.items() if mod is not None and m.split(".")[0] in {blocked!r})
+print(json.dumps({{"result": result, "model": type(model).__name__, "leaked": leaked}}))
+"""
+
+
+def test_built_file_runs_without_the_project(tmp_path):
+    data = tmp_path / "data"
+    write_grader_layout(data, "train", make_synthetic(num_classes=3, per_class=4, size=48, seed=2))
+    test_dir = _odd_folder(tmp_path / "test")
+    model = _save_model(tmp_path / "trained.pt", num_classes=4)
+    upload = tmp_path / "upload"
+    upload.mkdir()
+
+    _build_tool().main(["--model", str(model), "--out", str(upload)])
+    assert sorted(p.name for p in upload.iterdir()) == ["birds_model.pt", "classification.py"]
+    assert (upload / "birds_model.pt").read_bytes() == model.read_bytes()
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env.update(PYTHONDONTWRITEBYTECODE="1", TORCH_HOME=str(tmp_path / "empty_torch_home"))
+    args = {"file": str(upload / "classification.py"), "gt": str(data / "train" / "gt.csv"),
+            "train": str(data / "train" / "images"), "model": str((upload / "birds_model.pt").resolve()),
+            "test": str(test_dir)}
+    proc = subprocess.run([sys.executable, "-c", SUBPROCESS.format(blocked=PROJECT_PACKAGES), json.dumps(args)],
+                          cwd=upload, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["leaked"] == [] and out["model"] == "Classifier"
+    for name in UNREADABLE:  # the warnings name the unreadable files there too
+        assert name in proc.stderr
+
+    result = out["result"]
+    _check_labels(result, test_dir, 4)
+    with pytest.warns(UserWarning):
+        assert result == solution.classify(str(model), str(test_dir))  # the same predictions as the project's
+    assert sorted(p.name for p in upload.iterdir()) == ["birds_model.pt", "classification.py"]  # wrote nothing

@@ -1,0 +1,149 @@
+"""Run the built submission the way the grader does, in a fresh folder, and prove it wrote nothing.
+
+    python tools/grader_check.py DATA_DIR [--submission submission/] [--python PYTHON]
+
+A child process, started in an empty folder holding only ``classification.py`` and ``birds_model.pt``,
+with the project not importable, CUDA hidden, the network unreachable (its own network namespace where
+``unshare -n`` works, and Python sockets blocked in any case), and fresh HOME, TMPDIR and TORCH_HOME
+(so no pretrained weights, as on the grader), does the grader's steps (GRADER.md): read ``train/gt.csv``,
+``train_classifier(..., fast_train=True)``, ``classify(model_path, test_dir)``, format the lines, score.
+The parent compares every file under the four writable places before and after, and scores the same
+model with the project's own evaluation. Exit status 1 on any write, missing key or non-int label.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from probe.data import load_split_dir
+from finetune.checkpoint import Classifier
+
+CHILD = r"""
+import csv, json, os, resource, socket, sys, time
+
+def _blocked(*args, **kwargs):
+    raise OSError("network blocked by grader_check")
+socket.socket.connect = socket.socket.connect_ex = socket.create_connection = socket.getaddrinfo = _blocked
+
+for name in ("probe", "finetune", "solution"):
+    try:
+        __import__(name)
+        sys.exit(f"grader_check: {name!r} is importable; the single file would not be tested alone")
+    except ImportError:
+        pass
+
+data = sys.argv[1]
+peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+out = {}
+with open(os.path.join(data, "train", "gt.csv")) as f:
+    train_gt = {row[0]: int(row[1]) for row in list(csv.reader(f))[1:]}
+t = time.perf_counter(); import classification
+out["import_s"] = time.perf_counter() - t
+t = time.perf_counter()
+classification.train_classifier(train_gt, os.path.join(data, "train", "images"), fast_train=True)
+out["fast_train_s"], out["fast_train_peak_mb"] = time.perf_counter() - t, peak()
+test_dir = os.path.join(data, "test", "images")
+t = time.perf_counter()
+pred = classification.classify(os.path.abspath("birds_model.pt"), test_dir)
+out["classify_s"], out["peak_mb"] = time.perf_counter() - t, peak()
+out["non_int"] = sorted(k for k, v in pred.items() if type(v) is not int)
+lines = ["%s,%d" % (k, pred[k]) for k in sorted(pred)]  # the grader writes these; we keep them in RAM
+with open(os.path.join(data, "test", "gt.csv")) as f:
+    gt = {row[0]: int(row[1]) for row in list(csv.reader(f))[1:]}
+out["missing"] = sorted(k for k in gt if k not in pred)
+out["accuracy"] = sum(pred.get(k) == v for k, v in gt.items()) / len(gt)
+out["images"], out["lines"] = len(os.listdir(test_dir)), len(lines)
+print("GRADER_CHECK " + json.dumps(out))
+"""
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """{relative path: (size, mtime_ns)} for every file and folder under ``root``."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            st = path.lstat()
+            found[str(path.relative_to(root))] = (st.st_size if path.is_file() else 0, st.st_mtime_ns)
+    return found
+
+
+def network_prefix() -> list[str]:
+    """``unshare -n`` (an empty network namespace) where this machine allows it, else nothing."""
+    unshare = shutil.which("unshare")
+    if unshare and subprocess.run([unshare, "-n", "true"], capture_output=True).returncode == 0:
+        return [unshare, "-n"]
+    return []
+
+
+def run_child(python: str, data: Path, places: dict[str, Path]) -> tuple[dict, float, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
+    env.update(HOME=str(places["home"]), TMPDIR=str(places["temp"]), TORCH_HOME=str(places["torch_home"]),
+               CUDA_VISIBLE_DEVICES="", PYTHONDONTWRITEBYTECODE="1", PYTHONNOUSERSITE="1")
+    prefix = network_prefix()
+    start = time.perf_counter()
+    proc = subprocess.run([*prefix, python, "-c", CHILD, str(data.resolve())], cwd=places["workdir"], env=env,
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("GRADER_CHECK ")), None)
+    if proc.returncode != 0 or line is None:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+        raise SystemExit(f"grader_check: the submission failed (exit {proc.returncode})")
+    network = "own empty network namespace (unshare -n) + sockets blocked" if prefix else "Python sockets blocked"
+    return json.loads(line.split(" ", 1)[1]), wall, network
+
+
+def own_accuracy(model: Path, data: Path) -> float:
+    """The project's own evaluation of the same model on ``data/test``."""
+    test = load_split_dir(data, "test")
+    logits = Classifier.load(model).predict_logits(test.sources, test.names)
+    return float(np.mean(logits.argmax(1).numpy() == test.labels))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data_dir", type=Path, help="grader layout with train/ and test/")
+    p.add_argument("--submission", type=Path, default=Path("submission"), help="folder with the two built files")
+    p.add_argument("--python", default=sys.executable, help="interpreter of the grader-like environment")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="grader_check_") as tmp:
+        places = {name: Path(tmp) / name for name in ("workdir", "home", "temp", "torch_home")}
+        for path in places.values():
+            path.mkdir()
+        for name in ("classification.py", "birds_model.pt"):
+            shutil.copy2(args.submission / name, places["workdir"] / name)
+        before = {name: snapshot(path) for name, path in places.items()}
+        out, wall, network = run_child(args.python, args.data_dir, places)
+        changed = {name: sorted(set(snapshot(path).items()) ^ set(before[name].items())) for name, path in places.items()}
+    own = own_accuracy(args.submission / "birds_model.pt", args.data_dir)
+    ok = report(out, wall, network, changed, own)
+    sys.exit(0 if ok else 1)
+
+
+def report(out: dict, wall: float, network: str, changed: dict, own: float) -> bool:
+    writes = {name: sorted({path for path, _ in diff}) for name, diff in changed.items() if diff}
+    print(f"network: {network}; CUDA hidden; HOME, TMPDIR, TORCH_HOME fresh (no pretrained weights)")
+    print(f"import classification: {out['import_s']:.1f}s")
+    print(f"train_classifier(fast_train=True): {out['fast_train_s']:.1f}s, peak RSS {out['fast_train_peak_mb']:.0f} MiB")
+    print(f"classify: {out['images']} files in {out['classify_s']:.1f}s ({out['images'] / out['classify_s']:.1f} images/s), "
+          f"peak RSS {out['peak_mb']:.0f} MiB")
+    print(f"whole child process: {wall:.1f}s")
+    print(f"accuracy (grader-style): {out['accuracy']:.4f}; project's own evaluation: {own:.4f}; "
+          f"{'equal' if abs(out['accuracy'] - own) < 1e-12 else 'DIFFERENT'}")
+    print(f"missing keys: {len(out['missing'])}, non-int labels: {len(out['non_int'])}")
+    print("files created or changed in workdir, HOME, TMPDIR, TORCH_HOME: " + (json.dumps(writes) if writes else "none"))
+    return not writes and not out["missing"] and not out["non_int"] and abs(out["accuracy"] - own) < 1e-12
+
+
+if __name__ == "__main__":
+    main()
