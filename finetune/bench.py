@@ -4,7 +4,8 @@ The machine is noisy, so every figure comes from the same command:
 
 1. **compute limit**: backbone forward throughput on pre-decoded random tensors at the pipeline's image
    size (full network and trunk only), with ``probe.features.extract``'s settings (channels-last, the
-   config's precision, inference mode, batch 16): the ceiling no decoding or training can beat;
+   config's precision, inference mode, batch 16): the ceiling of every step that decodes images and runs
+   the network on them (probe features, the trunk cache, classify);
 2. **linear probe**: stage one alone (``probe.pipeline.run_probe``, ``ProbeConfig`` defaults);
 3. **baseline** (``--baseline``, slow): the online fine-tune a user would otherwise write: MobileNetV2
    with ``features[14:]`` trainable, a fresh head, images decoded and augmented again every epoch,
@@ -16,12 +17,14 @@ The machine is noisy, so every figure comes from the same command:
 Steps 2-5 each run in a fresh 'spawn' child, so each reports its own peak memory; the parent times every
 step wall-clock. Without a ``test/`` split, test accuracy is n/a and classify is skipped. Everything is
 written under REPORT_DIR: ``report.md``, ``results.json``, ``learning_curves.png``,
-``per_class_accuracy.png``, ``confusion_matrix.png`` and the checkpoint.
+``per_class_accuracy.png``, ``confusion_matrix.png`` and the checkpoint. matplotlib's config and font
+cache live in ``REPORT_DIR/.mpl`` during the run and are deleted at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import math
 import multiprocessing as mp
@@ -36,25 +39,24 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import lightning
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-import solution
+# Nothing here may import lightning (finetune.train, solution): it imports torchmetrics, which imports
+# matplotlib.pyplot, which writes ~/.config/matplotlib and ~/.cache/matplotlib unless MPLCONFIGDIR is set
+# first. The steps that need it import it in their child process, after main() has set MPLCONFIGDIR.
 from probe.__main__ import load_data
 from probe.backbone import BirdNet, NetConfig, data_config, train_transform
 from probe.data import DataError, LabelledImages, read_gt, stratified_split
 from probe.features import ImageDataset, bf16_supported, extract, make_loader, resolve_precision
 from probe.pipeline import ProbeConfig, pretrained_net, run_probe
-from probe.timing import Stopwatch, peak_rss_mb
+from probe.timing import Stopwatch, peak_rss_mb, proc_status_mb
 from probe.weights import WeightsError
 from finetune.config import PRESETS, FinetuneConfig, preset
 from finetune.predict import predict_logits
-from finetune.train import fine_tune
 
 CHECKPOINT = "birds_model.pt"
 COMPUTE_BATCH = 16  # probe.features.extract's batch size: small batches are fastest on a CPU
@@ -138,23 +140,6 @@ class BenchOptions:
 # --------------------------------------------------------------------------- measuring
 
 
-def own_peak_rss_mib() -> float:
-    """Peak resident memory of this process image alone, in MiB.
-
-    A 'spawn' child is fork+exec'd, and Linux carries the parent's peak across exec into ``ru_maxrss``, so
-    a child of a 2 GiB parent reports at least 2 GiB there. ``VmHWM`` in ``/proc/self/status`` counts only
-    the new image; where it is missing, ``ru_maxrss`` (:func:`probe.timing.peak_rss_mb`).
-    """
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return peak_rss_mb()
-
-
 def in_child(fn: Callable[..., dict], *args) -> dict:
     """Run ``fn(*args)`` in a fresh 'spawn' process and return its (picklable) dict, with its peak memory."""
     with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
@@ -162,8 +147,9 @@ def in_child(fn: Callable[..., dict], *args) -> dict:
 
 
 def _measured(fn: Callable[..., dict], *args) -> dict:
+    start_rss = proc_status_mb("VmRSS")  # the libraries alone (torch, torchvision, scikit-learn): the floor
     result = fn(*args)
-    return {**result, "peak_rss_mib": own_peak_rss_mib(), "ru_maxrss_mib": peak_rss_mb()}
+    return {**result, "peak_rss_mib": peak_rss_mb(), "start_rss_mib": start_rss}
 
 
 class RandomImages(Dataset):
@@ -303,6 +289,8 @@ def trained_views(n_fit: int, cfg: FinetuneConfig) -> int:
 
 def pipeline_step(opts: BenchOptions) -> dict:
     """Step 4 (in a child): both LP-FT stages, test accuracy via the classifier, checkpoint into REPORT_DIR."""
+    from finetune.train import fine_tune  # imports lightning: see the note on the imports
+
     train, test = load_data(opts.data_dir)
     cfg = opts.pipeline_config()
     result = fine_tune(train, cfg, opts.weights, progress=opts.progress, accelerator="cpu", devices=1)
@@ -328,6 +316,8 @@ def pipeline_step(opts: BenchOptions) -> dict:
 
 def classify_step(model_path: Path, split_dir: Path) -> dict:
     """Step 5 (in a child): ``solution.classify`` on the test folder, timed around the call (model load included)."""
+    import solution  # imports lightning: see the note on the imports
+
     start = time.perf_counter()
     predicted = solution.classify(str(model_path), str(split_dir / "images"))
     seconds = time.perf_counter() - start
@@ -368,10 +358,18 @@ def run_bench(opts: BenchOptions) -> dict:
         results[step]["wall_seconds"] = seconds
     results["classes"] = class_names(opts.data_dir, train.num_classes)
     results.update(class_breakdown(results["pipeline"], train.num_classes))
-    results["config"] = {"bench": _jsonable(asdict(opts)), "pipeline": asdict(cfg), "probe": asdict(ProbeConfig()),
-                         "baseline": asdict(opts.baseline_config()) if opts.baseline else None}
-    results["environment"] = environment(cfg)
+    results["config"], results["environment"] = run_config(opts, cfg), environment(cfg)
     return results
+
+
+def run_config(opts: BenchOptions, cfg: FinetuneConfig) -> dict:
+    """Every setting of the run: the bench options and the probe, baseline and pipeline configs."""
+    return {
+        "bench": _jsonable({**asdict(opts), "overrides": dict(opts.overrides)}),
+        "probe": asdict(ProbeConfig()),
+        "baseline": asdict(opts.baseline_config()) if opts.baseline else None,
+        "pipeline": asdict(cfg),
+    }
 
 
 def class_breakdown(pipeline: dict, num_classes: int) -> dict:
@@ -406,7 +404,7 @@ def environment(cfg: FinetuneConfig) -> dict:
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "precision": resolve_precision(cfg.precision), "bf16_supported": bf16_supported(),
         "python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
-        "torchvision": torchvision.__version__, "lightning": lightning.__version__,
+        **{lib: importlib.metadata.version(lib) for lib in ("torchvision", "lightning", "scikit-learn")},
     }
 
 
@@ -486,11 +484,13 @@ def markdown_table(rows: list[list[str]]) -> str:
 def report_markdown(opts: BenchOptions, results: dict, plots: list[str]) -> str:
     """report.md: the table, the pipeline's stage times, the plots, the config and the machine."""
     env, p = results["environment"], results["pipeline"]
-    stages = ", ".join(f"{k} {v:.1f}s" for k, v in p["stages"].items())
+    stages = ", ".join(f"{k} {_f(v)}s" for k, v in p["stages"].items())
+    floor = "n/a" if p["start_rss_mib"] is None else f"{p['start_rss_mib']:.0f} MiB"
     parts = [
         f"# Benchmark: {opts.data_dir}", "", markdown_table(table_rows(results)), "", NOTES, "",
         f"Pipeline stages: {stages}. Trunk cache {p['cache_mib']:.1f} MiB for {p['cache_images']} images; "
-        f"training {p['train_images_per_s']:.1f} views/s.", "",
+        f"training {p['train_images_per_s']:.1f} views/s. A child holds {floor} (torch and the other "
+        "libraries) before its step starts: part of every peak RSS above.", "",
         f"Machine: {env['cpu_count']} CPUs ({env['cpus_usable']} usable, {env['cpu_model'] or 'model unknown'}), "
         f"torch {env['torch']} with {env['torch_threads']} threads, precision {env['precision']}.", "",
         *[f"![{name}]({name})" for name in plots], "",
@@ -504,24 +504,33 @@ def report_markdown(opts: BenchOptions, results: dict, plots: list[str]) -> str:
 
 
 @contextmanager
-def matplotlib_in(folder: Path) -> Iterator[Callable]:
-    """matplotlib's ``Figure`` on the Agg backend, with its config and font cache in ``folder/.mpl``,
-    deleted afterwards: importing it otherwise writes ``~/.config/matplotlib`` and ``~/.cache/matplotlib``."""
+def matplotlib_config_in(folder: Path) -> Iterator[Path]:
+    """Point matplotlib's config and font cache at ``folder/.mpl`` (``MPLCONFIGDIR``), delete it afterwards.
+
+    matplotlib reads the variable once, when first imported, and then writes its config folder and font
+    cache there instead of ``~/.config`` and ``~/.cache``. It is imported by the plots and, in the 'spawn'
+    children, by ``import lightning`` (through torchmetrics); the children inherit the variable.
+    """
     mpl_dir, saved = folder / ".mpl", os.environ.get("MPLCONFIGDIR")
-    os.environ["MPLCONFIGDIR"] = str(mpl_dir)  # read once, when matplotlib is first imported
+    os.environ["MPLCONFIGDIR"] = str(mpl_dir)
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        from matplotlib.figure import Figure
-
-        yield Figure
+        yield mpl_dir
     finally:
         if saved is None:
             os.environ.pop("MPLCONFIGDIR", None)
         else:
             os.environ["MPLCONFIGDIR"] = saved
         shutil.rmtree(mpl_dir, ignore_errors=True)
+
+
+def agg_figure() -> type:
+    """matplotlib's ``Figure`` class on the Agg backend (no display, no pyplot state)."""
+    import matplotlib  # here, not at the top: only once MPLCONFIGDIR is set (see matplotlib_config_in)
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    return Figure
 
 
 def plot_learning_curves(Figure, results: dict, path: Path) -> None:
@@ -580,13 +589,12 @@ def plot_confusion(Figure, matrix: list[list[int]], names: list[str], path: Path
 
 def write_plots(results: dict, out: Path) -> list[str]:
     """The PNGs this run can make (per-class and confusion need a test split). Returns their file names."""
-    names = ["learning_curves.png"]
-    with matplotlib_in(out) as Figure:
-        plot_learning_curves(Figure, results, out / names[0])
-        if results["confusion_matrix"] is not None:
-            plot_per_class(Figure, results["per_class_test_accuracy"], results["classes"], out / "per_class_accuracy.png")
-            plot_confusion(Figure, results["confusion_matrix"], results["classes"], out / "confusion_matrix.png")
-            names += ["per_class_accuracy.png", "confusion_matrix.png"]
+    Figure, names = agg_figure(), ["learning_curves.png"]
+    plot_learning_curves(Figure, results, out / names[0])
+    if results["confusion_matrix"] is not None:
+        plot_per_class(Figure, results["per_class_test_accuracy"], results["classes"], out / "per_class_accuracy.png")
+        plot_confusion(Figure, results["confusion_matrix"], results["classes"], out / "confusion_matrix.png")
+        names += ["per_class_accuracy.png", "confusion_matrix.png"]
     return names
 
 
@@ -631,11 +639,13 @@ def main(argv: list[str] | None = None) -> dict:
         the results written to ``results.json``.
     """
     opts = parse_args(argv)
-    try:
-        results = run_bench(opts)
-    except (DataError, WeightsError) as err:
-        sys.exit(f"error: {err}")
-    write_report(opts, results)
+    opts.out.mkdir(parents=True, exist_ok=True)
+    with matplotlib_config_in(opts.out):
+        try:
+            results = run_bench(opts)
+        except (DataError, WeightsError) as err:
+            sys.exit(f"error: {err}")
+        write_report(opts, results)
     return results
 
 

@@ -3,7 +3,7 @@
     python tools/grader_check.py DATA_DIR [--submission submission/] [--python PYTHON]
 
 A child process, started in an empty folder holding only ``classification.py`` and ``birds_model.pt``,
-with the project not importable, CUDA hidden, the network unreachable (its own network namespace where
+with the project's packages blocked from import, CUDA hidden, the network unreachable (its own network namespace where
 ``unshare -n`` works, and Python sockets blocked in any case), and fresh HOME, TMPDIR and TORCH_HOME
 (so no pretrained weights, as on the grader), does the grader's steps (GRADER.md): read ``train/gt.csv``,
 ``train_classifier(..., fast_train=True)``, ``classify(model_path, test_dir)``, format the lines, score.
@@ -29,21 +29,20 @@ from probe.data import load_split_dir
 from finetune.checkpoint import Classifier
 
 CHILD = r"""
-import csv, json, os, resource, socket, sys, time
+import csv, json, os, socket, sys, time
 
 def _blocked(*args, **kwargs):
     raise OSError("network blocked by grader_check")
 socket.socket.connect = socket.socket.connect_ex = socket.create_connection = socket.getaddrinfo = _blocked
 
-for name in ("probe", "finetune", "solution"):
-    try:
-        __import__(name)
-        sys.exit(f"grader_check: {name!r} is importable; the single file would not be tested alone")
-    except ImportError:
-        pass
+# The project may be installed in this interpreter (editable); the single file must not lean on it.
+for name in ("probe", "finetune", "solution", "tools"):
+    sys.modules[name] = None  # any import of it now raises ImportError
 
 data = sys.argv[1]
-peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def peak():  # VmHWM: ru_maxrss would include the parent's peak, carried across fork+exec
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) / 1024 for ln in f if ln.startswith("VmHWM:"))
 out = {}
 with open(os.path.join(data, "train", "gt.csv")) as f:
     train_gt = {row[0]: int(row[1]) for row in list(csv.reader(f))[1:]}

@@ -1,0 +1,191 @@
+"""The benchmark (``python -m finetune.bench``): one tiny end-to-end run on a generated grader layout that
+checks the report, the figures in results.json, the PNGs and that nothing lands outside REPORT_DIR; and the
+small pure helpers. Random-init networks and generated images only."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import finetune.bench as bench
+from finetune.config import preset
+from probe.synthetic import make_synthetic, write_grader_layout
+
+SPECIES = ("Acadian_Flycatcher", "American_Goldfinch", "Baltimore_Oriole")
+PNGS = ("learning_curves.png", "per_class_accuracy.png", "confusion_matrix.png")
+TINY = ["--random-init", "--preset", "fast", "--image-size", "64", "--epochs", "1", "--compute-batches", "1",
+        "--no-progress"]
+
+
+def _snapshot(*roots: Path) -> dict[str, tuple]:
+    """Every file and folder under ``roots``, with its size and mtime."""
+    seen = {}
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in dirnames + filenames:
+                st = os.lstat(os.path.join(dirpath, name))
+                seen[os.path.join(dirpath, name)] = (st.st_size if name in filenames else 0, st.st_mtime_ns)
+    return seen
+
+
+@pytest.fixture
+def watched(tmp_path, monkeypatch):
+    """An empty cwd, temp dir, $TORCH_HOME and $HOME (inherited by the 'spawn' children too)."""
+    dirs = {name: tmp_path / "watched" / name for name in ("cwd", "tmp", "torch_home", "home")}
+    for d in dirs.values():
+        d.mkdir(parents=True)
+    monkeypatch.chdir(dirs["cwd"])
+    monkeypatch.setenv("TMPDIR", str(dirs["tmp"]))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # recomputed from $TMPDIR on the next call
+    monkeypatch.setenv("TORCH_HOME", str(dirs["torch_home"]))
+    monkeypatch.setenv("HOME", str(dirs["home"]))
+    for var in ("XDG_CACHE_HOME", "XDG_CONFIG_HOME", "MPLCONFIGDIR"):
+        monkeypatch.delenv(var, raising=False)
+    assert Path(torch.hub.get_dir()) == dirs["torch_home"] / "hub"
+    return dirs
+
+
+def _grader_layout(root: Path, with_test: bool = True) -> Path:
+    write_grader_layout(root, "train", make_synthetic(num_classes=3, per_class=8, size=48, seed=0))
+    if with_test:
+        write_grader_layout(root, "test", make_synthetic(num_classes=3, per_class=4, size=48, seed=1))
+    (root / "classes.txt").write_text("".join(f"{k} {name}\n" for k, name in enumerate(SPECIES)))
+    return root
+
+
+def _is_accuracy(value) -> bool:
+    return isinstance(value, float) and 0.0 <= value <= 1.0
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_bench_end_to_end_writes_only_the_report(tmp_path, watched, capsys):
+    data, report = _grader_layout(tmp_path / "data"), tmp_path / "report"
+    before, data_before = _snapshot(*watched.values()), _snapshot(data)
+
+    bench.main([str(data), "--out", str(report), *TINY, "--baseline", "--baseline-epochs", "1",
+                "--baseline-image-size", "64"])
+
+    printed = capsys.readouterr().out
+    assert all(s in printed for s in ("LP-FT pipeline", "baseline (online FT)", "classify", "peak RSS MiB"))
+    assert _snapshot(*watched.values()) == before and _snapshot(data) == data_before
+    assert "MPLCONFIGDIR" not in os.environ
+    assert {p.name for p in report.iterdir()} == {"report.md", "results.json", bench.CHECKPOINT, *PNGS}
+    for name in PNGS:
+        with Image.open(report / name) as img:
+            assert img.format == "PNG" and min(img.size) > 200
+    results = json.loads((report / "results.json").read_text())
+    _check_results(results, report)
+    text = (report / "report.md").read_text()
+    assert "| LP-FT pipeline |" in text and "| classify |" in text
+    assert '"torch"' in text and "precision" in text and "![confusion_matrix.png]" in text
+
+
+def _check_results(results: dict, report: Path) -> None:
+    assert {"compute", "probe", "pipeline", "classify", "baseline", "config", "environment"} <= set(results)
+    compute = results["compute"]
+    assert compute["image_size"] == 64 and compute["batch_size"] == 16
+    assert all(compute[part]["images_per_s"] > 0 and compute[part]["seconds"] > 0 for part in ("full", "trunk"))
+    for step in ("probe", "baseline", "pipeline"):
+        r = results[step]
+        assert _is_accuracy(r["val_accuracy"]) and _is_accuracy(r["test_accuracy"]), step
+        assert 0 < r["seconds"] < r["wall_seconds"] and r["peak_rss_mib"] > 0, step
+        assert 0 < r["start_rss_mib"] <= r["peak_rss_mib"], step
+    pipeline, classify = results["pipeline"], results["classify"]
+    assert pipeline["train_images_per_s"] > 0 and pipeline["cache_mib"] > 0 and pipeline["cache_images"] == 24
+    assert {"load network", "centre view", "probe", "augmented views", "fine-tune"} <= set(pipeline["stages"])
+    assert [h["epoch"] for h in pipeline["history"]] == [1] and {"train_loss", "val_acc"} <= set(pipeline["history"][0])
+    assert pipeline["checkpoint"] == str(report / bench.CHECKPOINT) and pipeline["config"]["val_fraction"] == 0.2
+    assert classify["images"] == 12 and classify["images_per_s"] > 0 and classify["peak_rss_mib"] > 0
+    assert classify["accuracy"] == pytest.approx(pipeline["test_accuracy"])  # classify == the project's evaluation
+    assert results["baseline"]["config"]["epochs"] == 1 and len(results["baseline"]["history"]) == 1
+    assert results["classes"] == [s.replace("_", " ") for s in SPECIES]
+    assert np.asarray(results["confusion_matrix"]).sum() == 12
+    assert results["config"]["pipeline"]["image_size"] == 64 and results["environment"]["torch"] == torch.__version__
+
+
+def test_bench_without_test_split_skips_classify(tmp_path, watched, capsys):
+    data, report = _grader_layout(tmp_path / "data", with_test=False), tmp_path / "report"
+
+    results = bench.main([str(data), "--out", str(report), *TINY])
+
+    assert results["classify"] is None and results["baseline"] is None and results["confusion_matrix"] is None
+    assert results["probe"]["test_accuracy"] is None and results["pipeline"]["test_accuracy"] is None
+    assert _is_accuracy(results["pipeline"]["val_accuracy"])
+    assert {p.name for p in report.iterdir()} == {"report.md", "results.json", bench.CHECKPOINT, PNGS[0]}
+    table = capsys.readouterr().out.split("peak RSS MiB")[1]
+    assert "n/a" in table and "classify" not in table and "baseline" not in table
+    assert json.loads((report / "results.json").read_text())["classify"] is None
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def test_class_names_from_classes_txt_or_ids(tmp_path):
+    assert bench.class_names(tmp_path, 3) == ["0", "1", "2"]
+    (tmp_path / "classes.txt").write_text("1 Blue_Jay\n\n0 Common Raven\nnot a line\n7 Out_Of_Range\n")
+    assert bench.class_names(tmp_path, 3) == ["Common Raven", "Blue Jay", "2"]
+
+
+@pytest.mark.parametrize("n_fit, overrides, expected", [
+    (18, dict(views=1, batch_size=8, limit_train_batches=1.0, epochs=2), 36 * 2),  # every view, every epoch
+    (18, dict(views=1, batch_size=8, limit_train_batches=2, epochs=3), 16 * 3),  # capped at 2 steps of 8
+    (40, dict(views=4, batch_size=32, limit_train_batches=0.5, epochs=1), 96),  # 7 steps -> 3
+])
+def test_trained_views_follows_train_tail_cap(n_fit, overrides, expected):
+    assert bench.trained_views(n_fit, preset("full", **overrides)) == expected
+
+
+def test_class_breakdown_per_class_and_confusion():
+    out = bench.class_breakdown({"test_labels": [0, 0, 1, 1, 1], "test_predictions": [0, 1, 1, 1, 0]}, 3)
+    assert out["confusion_matrix"] == [[1, 1, 0], [1, 2, 0], [0, 0, 0]]
+    assert out["per_class_test_accuracy"][:2] == [0.5, pytest.approx(2 / 3)]
+    assert out["per_class_test_accuracy"][2] is None  # no test image of class 2
+    assert bench.class_breakdown({"test_predictions": None}, 3) == {"per_class_test_accuracy": None,
+                                                                    "confusion_matrix": None}
+
+
+def test_table_shows_n_a_and_skips_steps_not_run():
+    step = {"val_accuracy": 0.5, "test_accuracy": None, "seconds": 1.0, "wall_seconds": 2.0, "peak_rss_mib": 300.0}
+    results = {
+        "compute": {"full": {"seconds": 0.5, "images_per_s": 40.0}, "trunk": {"seconds": 0.25, "images_per_s": 80.0},
+                    "wall_seconds": 1.0},
+        "probe": {**step, "images_per_s": 10.0}, "baseline": None, "classify": None,
+        "pipeline": {**step, "train_images_per_s": 123.4},
+    }
+    rows = bench.table_rows(results)
+    assert [r[0] for r in rows] == ["compute: full", "compute: trunk", "linear probe", "LP-FT pipeline"]
+    assert rows[-1][1:] == ["0.5000", "n/a", "1.00", "2.00", "123", "300"]
+    assert bench.markdown_table(rows).count("\n") == len(rows) + 1
+    assert len(set(map(len, bench.text_table(rows).splitlines()))) == 1  # aligned columns
+
+
+def test_matplotlib_config_lives_in_the_report_dir_and_is_removed(tmp_path, monkeypatch):
+    monkeypatch.delenv("MPLCONFIGDIR", raising=False)
+    with bench.matplotlib_config_in(tmp_path) as mpl_dir:
+        assert os.environ["MPLCONFIGDIR"] == str(tmp_path / ".mpl") == str(mpl_dir)
+        mpl_dir.mkdir()
+        (mpl_dir / "fontlist.json").write_text("{}")  # what matplotlib writes on first import
+    assert not mpl_dir.exists() and "MPLCONFIGDIR" not in os.environ
+    monkeypatch.setenv("MPLCONFIGDIR", "/somewhere/else")
+    with bench.matplotlib_config_in(tmp_path):
+        pass
+    assert os.environ["MPLCONFIGDIR"] == "/somewhere/else"
+
+
+def test_importing_the_bench_imports_neither_lightning_nor_matplotlib():
+    # The parent of a CLI run must not import them before main() sets MPLCONFIGDIR: `import lightning`
+    # imports matplotlib.pyplot (through torchmetrics), which writes ~/.config and ~/.cache/matplotlib.
+    code = "import sys, finetune.bench; print(sorted(m for m in ('lightning', 'matplotlib') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
