@@ -17,8 +17,8 @@ The machine is noisy, so every figure comes from the same command:
 Steps 2-5 each run in a fresh 'spawn' child, so each reports its own peak memory; the parent times every
 step wall-clock. Without a ``test/`` split, test accuracy is n/a and classify is skipped. Everything is
 written under REPORT_DIR: ``report.md``, ``results.json``, ``learning_curves.png``,
-``per_class_accuracy.png``, ``confusion_matrix.png`` and the checkpoint. matplotlib's config and font
-cache live in ``REPORT_DIR/.mpl`` during the run and are deleted at the end.
+``per_class_accuracy.png``, ``confusion_matrix.png`` and the checkpoint. Scratch files (matplotlib's config
+and font cache, the temp dir) live in ``REPORT_DIR/.scratch`` during the run and are deleted at the end.
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
-import math
 import multiprocessing as mp
 import os
 import platform
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -276,17 +276,6 @@ def baseline_step(opts: BenchOptions, cfg: BaselineConfig) -> dict:
 # --------------------------------------------------------------------------- steps 4 and 5
 
 
-def trained_views(n_fit: int, cfg: FinetuneConfig) -> int:
-    """Cached views the fine-tune stage runs through the tail: every epoch, capped by limit_train_batches
-    exactly as :func:`finetune.train.train_tail` caps it."""
-    n = n_fit * (cfg.views + 1)
-    steps = math.ceil(n / cfg.batch_size)
-    if cfg.limit_train_batches != 1.0:
-        limit = cfg.limit_train_batches
-        steps = min(steps, int(limit) if isinstance(limit, int) else max(1, int(steps * limit)))
-    return min(n, steps * cfg.batch_size) * cfg.epochs
-
-
 def pipeline_step(opts: BenchOptions) -> dict:
     """Step 4 (in a child): both LP-FT stages, test accuracy via the classifier, checkpoint into REPORT_DIR."""
     from finetune.train import fine_tune  # imports lightning: see the note on the imports
@@ -295,11 +284,10 @@ def pipeline_step(opts: BenchOptions) -> dict:
     cfg = opts.pipeline_config()
     result = fine_tune(train, cfg, opts.weights, progress=opts.progress, accelerator="cpu", devices=1)
     stages = dict(result.stopwatch.seconds)
-    fit_idx, _ = stratified_split(train.labels, cfg.val_fraction, cfg.seed)  # fine_tune's own split
     out = {
         "val_accuracy": result.val_accuracy, "probe_C": result.probe_C, "probe_val_accuracy": result.probe_val_accuracy,
         "stages": stages, "seconds": sum(stages.values()), "history": result.history,
-        "train_images_per_s": trained_views(len(fit_idx), cfg) / stages["fine-tune"],
+        "train_images_per_s": result.trained_samples / stages["fine-tune"],
         "cache_mib": result.cache_bytes / 2**20, "cache_images": result.cache_images,
         "test_accuracy": None, "config": asdict(cfg),
     }
@@ -504,28 +492,35 @@ def report_markdown(opts: BenchOptions, results: dict, plots: list[str]) -> str:
 
 
 @contextmanager
-def matplotlib_config_in(folder: Path) -> Iterator[Path]:
-    """Point matplotlib's config and font cache at ``folder/.mpl`` (``MPLCONFIGDIR``), delete it afterwards.
+def scratch_in(folder: Path) -> Iterator[Path]:
+    """Keep the run's scratch files inside ``folder``: matplotlib's config and font cache (``MPLCONFIGDIR``)
+    and the temp dir (``TMPDIR``), both under ``folder/.scratch``, deleted afterwards.
 
-    matplotlib reads the variable once, when first imported, and then writes its config folder and font
-    cache there instead of ``~/.config`` and ``~/.cache``. It is imported by the plots and, in the 'spawn'
-    children, by ``import lightning`` (through torchmetrics); the children inherit the variable.
+    matplotlib reads its variable once, when first imported (by the plots and, in the 'spawn' children,
+    by ``import lightning`` through torchmetrics), then writes there instead of ``~/.config``/``~/.cache``.
+    multiprocessing and torch make short-lived files in the temp dir. The children inherit both.
     """
-    mpl_dir, saved = folder / ".mpl", os.environ.get("MPLCONFIGDIR")
-    os.environ["MPLCONFIGDIR"] = str(mpl_dir)
+    scratch = folder / ".scratch"
+    (scratch / "tmp").mkdir(parents=True, exist_ok=True)
+    saved = {k: os.environ.get(k) for k in ("MPLCONFIGDIR", "TMPDIR")}
+    saved_tempdir = tempfile.tempdir
+    os.environ.update(MPLCONFIGDIR=str(scratch / "mpl"), TMPDIR=str(scratch / "tmp"))
+    tempfile.tempdir = None  # recomputed from $TMPDIR on next use
     try:
-        yield mpl_dir
+        yield scratch
     finally:
-        if saved is None:
-            os.environ.pop("MPLCONFIGDIR", None)
-        else:
-            os.environ["MPLCONFIGDIR"] = saved
-        shutil.rmtree(mpl_dir, ignore_errors=True)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        tempfile.tempdir = saved_tempdir
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def agg_figure() -> type:
     """matplotlib's ``Figure`` class on the Agg backend (no display, no pyplot state)."""
-    import matplotlib  # here, not at the top: only once MPLCONFIGDIR is set (see matplotlib_config_in)
+    import matplotlib  # here, not at the top: only once MPLCONFIGDIR is set (see scratch_in)
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
@@ -640,7 +635,7 @@ def main(argv: list[str] | None = None) -> dict:
     """
     opts = parse_args(argv)
     opts.out.mkdir(parents=True, exist_ok=True)
-    with matplotlib_config_in(opts.out):
+    with scratch_in(opts.out):
         try:
             results = run_bench(opts)
         except (DataError, WeightsError) as err:

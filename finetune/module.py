@@ -64,6 +64,7 @@ class LPFTModule(L.LightningModule):
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_val_accuracy = -1.0
         self.history: list[dict[str, float]] = []
+        self.samples_seen = 0  # cached views that went through the tail in training steps
 
     def train(self, mode: bool = True) -> "LPFTModule":
         # Called before fit and by Lightning after each validation loop: re-pin BatchNorm every time.
@@ -84,6 +85,7 @@ class LPFTModule(L.LightningModule):
         return loss
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        self.samples_seen += len(batch[1])
         return self._step(batch, "train")
 
     def validation_step(self, batch, batch_idx: int) -> None:

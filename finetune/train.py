@@ -33,6 +33,7 @@ class FinetuneResult:
     history: list[dict[str, float]]
     cache_bytes: int
     cache_images: int
+    trained_samples: int  # cached views that went through the tail during training, all epochs
     stopwatch: Stopwatch = field(default_factory=Stopwatch)
 
 
@@ -122,4 +123,5 @@ def fine_tune(train: LabelledImages, cfg: FinetuneConfig, weights: str = "requir
         module = train_tail(net, train_set, val_set, cfg, progress, **trainer_kwargs)
     val_acc = module.best_val_accuracy if val_set is not None else None
     classifier = Classifier(net, net_cfg, data_cfg, cfg.tta_flip).eval()
-    return FinetuneResult(classifier, cfg, C, probe_val, val_acc, module.history, cache_bytes, len(train), sw)
+    return FinetuneResult(classifier, cfg, C, probe_val, val_acc, module.history, cache_bytes, len(train),
+                          module.samples_seen, sw)

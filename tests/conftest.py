@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,3 +18,45 @@ def torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     # torch.hub.get_dir() reads $TORCH_HOME at call time unless torch.hub.set_dir() pinned a folder.
     assert Path(torch.hub.get_dir()) == home / "hub", "torch.hub.set_dir() was called: $TORCH_HOME is ignored"
     return home
+
+
+def snapshot(*roots: Path) -> dict[str, tuple]:
+    """Every file and folder under ``roots`` (roots included): (kind, size, mtime) by path."""
+    seen = {}
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in dirnames + filenames:
+                st = os.lstat(os.path.join(dirpath, name))
+                is_dir = name in dirnames
+                seen[os.path.join(dirpath, name)] = ("dir" if is_dir else "file", 0 if is_dir else st.st_size,
+                                                     st.st_mtime_ns)
+        seen[str(root)] = ("root", 0, os.stat(root).st_mtime_ns)
+    return seen
+
+
+class Watched:
+    """The four writable places of a no-writes test; calling it snapshots all four."""
+
+    def __init__(self, dirs: dict[str, Path]):
+        self.dirs = dirs
+
+    def __call__(self) -> dict[str, tuple]:
+        return snapshot(*self.dirs.values())
+
+
+@pytest.fixture
+def watched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Watched:
+    """An empty cwd, temp dir, $TORCH_HOME and $HOME (inherited by child processes too)."""
+    dirs = {name: tmp_path / "watched" / name for name in ("cwd", "tmp", "torch_home", "home")}
+    for d in dirs.values():
+        d.mkdir(parents=True)
+    monkeypatch.chdir(dirs["cwd"])
+    monkeypatch.setenv("TMPDIR", str(dirs["tmp"]))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # recomputed from $TMPDIR on the next call
+    monkeypatch.setenv("TORCH_HOME", str(dirs["torch_home"]))
+    monkeypatch.setenv("HOME", str(dirs["home"]))
+    for var in ("XDG_CACHE_HOME", "XDG_CONFIG_HOME", "MPLCONFIGDIR"):
+        monkeypatch.delenv(var, raising=False)
+    assert Path(tempfile.gettempdir()) == dirs["tmp"]
+    assert Path(torch.hub.get_dir()) == dirs["torch_home"] / "hub"
+    return Watched(dirs)

@@ -13,45 +13,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import snapshot
 import torch
 from PIL import Image
 
 import finetune.bench as bench
-from finetune.config import preset
 from probe.synthetic import make_synthetic, write_grader_layout
 
 SPECIES = ("Acadian_Flycatcher", "American_Goldfinch", "Baltimore_Oriole")
 PNGS = ("learning_curves.png", "per_class_accuracy.png", "confusion_matrix.png")
 TINY = ["--random-init", "--preset", "fast", "--image-size", "64", "--epochs", "1", "--compute-batches", "1",
         "--no-progress"]
-
-
-def _snapshot(*roots: Path) -> dict[str, tuple]:
-    """Every file and folder under ``roots``, with its size and mtime."""
-    seen = {}
-    for root in roots:
-        for dirpath, dirnames, filenames in os.walk(root):
-            for name in dirnames + filenames:
-                st = os.lstat(os.path.join(dirpath, name))
-                seen[os.path.join(dirpath, name)] = (st.st_size if name in filenames else 0, st.st_mtime_ns)
-    return seen
-
-
-@pytest.fixture
-def watched(tmp_path, monkeypatch):
-    """An empty cwd, temp dir, $TORCH_HOME and $HOME (inherited by the 'spawn' children too)."""
-    dirs = {name: tmp_path / "watched" / name for name in ("cwd", "tmp", "torch_home", "home")}
-    for d in dirs.values():
-        d.mkdir(parents=True)
-    monkeypatch.chdir(dirs["cwd"])
-    monkeypatch.setenv("TMPDIR", str(dirs["tmp"]))
-    monkeypatch.setattr(tempfile, "tempdir", None)  # recomputed from $TMPDIR on the next call
-    monkeypatch.setenv("TORCH_HOME", str(dirs["torch_home"]))
-    monkeypatch.setenv("HOME", str(dirs["home"]))
-    for var in ("XDG_CACHE_HOME", "XDG_CONFIG_HOME", "MPLCONFIGDIR"):
-        monkeypatch.delenv(var, raising=False)
-    assert Path(torch.hub.get_dir()) == dirs["torch_home"] / "hub"
-    return dirs
 
 
 def _grader_layout(root: Path, with_test: bool = True) -> Path:
@@ -71,14 +43,14 @@ def _is_accuracy(value) -> bool:
 
 def test_bench_end_to_end_writes_only_the_report(tmp_path, watched, capsys):
     data, report = _grader_layout(tmp_path / "data"), tmp_path / "report"
-    before, data_before = _snapshot(*watched.values()), _snapshot(data)
+    before, data_before = watched(), snapshot(data)
 
     bench.main([str(data), "--out", str(report), *TINY, "--baseline", "--baseline-epochs", "1",
                 "--baseline-image-size", "64"])
 
     printed = capsys.readouterr().out
     assert all(s in printed for s in ("LP-FT pipeline", "baseline (online FT)", "classify", "peak RSS MiB"))
-    assert _snapshot(*watched.values()) == before and _snapshot(data) == data_before
+    assert watched() == before and snapshot(data) == data_before
     assert "MPLCONFIGDIR" not in os.environ
     assert {p.name for p in report.iterdir()} == {"report.md", "results.json", bench.CHECKPOINT, *PNGS}
     for name in PNGS:
@@ -137,15 +109,6 @@ def test_class_names_from_classes_txt_or_ids(tmp_path):
     assert bench.class_names(tmp_path, 3) == ["Common Raven", "Blue Jay", "2"]
 
 
-@pytest.mark.parametrize("n_fit, overrides, expected", [
-    (18, dict(views=1, batch_size=8, limit_train_batches=1.0, epochs=2), 36 * 2),  # every view, every epoch
-    (18, dict(views=1, batch_size=8, limit_train_batches=2, epochs=3), 16 * 3),  # capped at 2 steps of 8
-    (40, dict(views=4, batch_size=32, limit_train_batches=0.5, epochs=1), 96),  # 7 steps -> 3
-])
-def test_trained_views_follows_train_tail_cap(n_fit, overrides, expected):
-    assert bench.trained_views(n_fit, preset("full", **overrides)) == expected
-
-
 def test_class_breakdown_per_class_and_confusion():
     out = bench.class_breakdown({"test_labels": [0, 0, 1, 1, 1], "test_predictions": [0, 1, 1, 1, 0]}, 3)
     assert out["confusion_matrix"] == [[1, 1, 0], [1, 2, 0], [0, 0, 0]]
@@ -170,17 +133,14 @@ def test_table_shows_n_a_and_skips_steps_not_run():
     assert len(set(map(len, bench.text_table(rows).splitlines()))) == 1  # aligned columns
 
 
-def test_matplotlib_config_lives_in_the_report_dir_and_is_removed(tmp_path, monkeypatch):
+def test_scratch_files_live_in_the_report_dir_and_are_removed(tmp_path, monkeypatch):
     monkeypatch.delenv("MPLCONFIGDIR", raising=False)
-    with bench.matplotlib_config_in(tmp_path) as mpl_dir:
-        assert os.environ["MPLCONFIGDIR"] == str(tmp_path / ".mpl") == str(mpl_dir)
-        mpl_dir.mkdir()
-        (mpl_dir / "fontlist.json").write_text("{}")  # what matplotlib writes on first import
-    assert not mpl_dir.exists() and "MPLCONFIGDIR" not in os.environ
-    monkeypatch.setenv("MPLCONFIGDIR", "/somewhere/else")
-    with bench.matplotlib_config_in(tmp_path):
-        pass
-    assert os.environ["MPLCONFIGDIR"] == "/somewhere/else"
+    monkeypatch.setenv("TMPDIR", "/somewhere/tmp")
+    with bench.scratch_in(tmp_path) as scratch:
+        assert os.environ["MPLCONFIGDIR"] == str(tmp_path / ".scratch" / "mpl") and scratch == tmp_path / ".scratch"
+        assert tempfile.gettempdir() == str(scratch / "tmp")
+        (scratch / "tmp" / "pymp-x").write_text("")  # what multiprocessing leaves while running
+    assert not scratch.exists() and "MPLCONFIGDIR" not in os.environ and os.environ["TMPDIR"] == "/somewhere/tmp"
 
 
 def test_importing_the_bench_imports_neither_lightning_nor_matplotlib():

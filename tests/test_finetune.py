@@ -7,13 +7,13 @@ from __future__ import annotations
 import math
 import os
 import pickle
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import pytest
+from conftest import snapshot
 import torch
 from torch import nn
 
@@ -115,37 +115,6 @@ def spy(monkeypatch) -> Spy:
 
     monkeypatch.setattr(finetune_train, "make_trainer", make_trainer)
     return spy
-
-
-def _snapshot(*roots: Path) -> dict[str, tuple]:
-    """Every file and folder under ``roots``: (kind, size, mtime) by path."""
-    seen = {}
-    for root in roots:
-        for dirpath, dirnames, filenames in os.walk(root):
-            for name in dirnames + filenames:
-                st = os.lstat(os.path.join(dirpath, name))
-                is_dir = name in dirnames
-                seen[os.path.join(dirpath, name)] = ("dir" if is_dir else "file", 0 if is_dir else st.st_size,
-                                                     st.st_mtime_ns)
-        seen[str(root)] = ("root", 0, os.stat(root).st_mtime_ns)
-    return seen
-
-
-@pytest.fixture
-def watched(tmp_path, monkeypatch):
-    """An empty cwd, temp dir, $TORCH_HOME and $HOME; yields (folders, function snapshotting all four)."""
-    dirs = {name: tmp_path / "watched" / name for name in ("cwd", "tmp", "torch_home", "home")}
-    for d in dirs.values():
-        d.mkdir(parents=True)
-    monkeypatch.chdir(dirs["cwd"])
-    monkeypatch.setenv("TMPDIR", str(dirs["tmp"]))
-    monkeypatch.setattr(tempfile, "tempdir", None)  # recomputed from $TMPDIR on the next call
-    monkeypatch.setenv("TORCH_HOME", str(dirs["torch_home"]))
-    monkeypatch.setenv("HOME", str(dirs["home"]))
-    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
-    assert Path(tempfile.gettempdir()) == dirs["tmp"]
-    assert Path(torch.hub.get_dir()) == dirs["torch_home"] / "hub"
-    return dirs, lambda: _snapshot(*dirs.values())
 
 
 # --------------------------------------------------------------------------- what a training step may change
@@ -431,6 +400,8 @@ def test_fine_tune_end_to_end_tiny():
     # every fit image, centre view + cfg.views augmented views, fp16
     assert result.cache_images == len(train)
     assert result.cache_bytes == len(train) * (TINY.views + 1) * 96 * 4 * 4 * 2
+    # limit_train_batches=2 of 36 cached views: two full batches per epoch went through the tail
+    assert result.trained_samples == 2 * TINY.batch_size * TINY.epochs
 
     logits = clf.predict_logits(test.sources, test.names)
     assert logits.shape == (len(test), 3) and torch.isfinite(logits).all()
@@ -480,28 +451,28 @@ def test_train_tail_restores_an_earlier_best_epoch(spy):
 
 
 def test_fine_tune_writes_nothing(watched):
-    _, snapshot = watched
-    before = snapshot()
+    snap = watched
+    before = snap()
     fine_tune(make_synthetic(num_classes=3, per_class=5, size=48, seed=0), TINY, "none", progress=False, **TRAINER)
-    assert snapshot() == before
+    assert snap() == before
 
 
 def test_cli_without_out_writes_nothing(watched, capsys):
-    _, snapshot = watched
-    before = snapshot()
+    snap = watched
+    before = snap()
     finetune_cli.main(["--random-init", "--preset", "fast", "--image-size", str(SIZE), "--no-progress"])
     out = capsys.readouterr().out
     assert "test accuracy:" in out and "checkpoint written" not in out
-    assert snapshot() == before
+    assert snap() == before
     assert not any(p.name in ("lightning_logs", "checkpoints") for p in Path.cwd().rglob("*"))
 
 
 def test_cli_on_grader_layout_writes_only_out(tmp_path, watched, capsys):
-    dirs, snapshot = watched
+    dirs, snap = watched.dirs, watched
     data = tmp_path / "data"
     write_grader_layout(data, "train", make_synthetic(num_classes=3, per_class=6, size=48, seed=0))
     write_grader_layout(data, "test", make_synthetic(num_classes=3, per_class=2, size=48, seed=1))
-    before, data_before = snapshot(), _snapshot(data)
+    before, data_before = snap(), snapshot(data)
     out = dirs["cwd"] / "m.pt"
 
     finetune_cli.main([str(data), "--random-init", "--preset", "fast", "--image-size", str(SIZE), "--no-progress",
@@ -510,11 +481,11 @@ def test_cli_on_grader_layout_writes_only_out(tmp_path, watched, capsys):
     printed = capsys.readouterr().out
     accuracy = float(printed.split("test accuracy:")[1].split()[0])
     assert 0.0 <= accuracy <= 1.0 and f"checkpoint written to {out}" in printed
-    after = snapshot()
+    after = snap()
     assert set(after) - set(before) == {str(out)}
     assert {k: v for k, v in after.items() if k not in (str(out), str(dirs["cwd"]))} == \
            {k: v for k, v in before.items() if k != str(dirs["cwd"])}
-    assert _snapshot(data) == data_before
+    assert snapshot(data) == data_before
     clf = Classifier.load(out)
     assert clf.net.head.out_features == 3 and clf.data_cfg.image_size == SIZE
     test = load_split_dir(data, "test")

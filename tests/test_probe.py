@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -220,37 +217,6 @@ def test_pretrained_net_weight_modes():
 
 
 # --------------------------------------------------------------------------- probing writes nothing
-
-
-def _snapshot(*roots: Path) -> dict[str, tuple]:
-    """Every file and folder under ``roots``: (kind, size, mtime) by path."""
-    seen = {}
-    for root in roots:
-        for dirpath, dirnames, filenames in os.walk(root):
-            for name in dirnames + filenames:
-                st = os.lstat(os.path.join(dirpath, name))
-                is_dir = name in dirnames
-                seen[os.path.join(dirpath, name)] = ("dir" if is_dir else "file", 0 if is_dir else st.st_size, st.st_mtime_ns)
-        st = os.stat(root)
-        seen[str(root)] = ("root", 0, st.st_mtime_ns)
-    return seen
-
-
-@pytest.fixture
-def watched(tmp_path, monkeypatch):
-    """An empty cwd, temp dir, $TORCH_HOME and $HOME; yields a function that snapshots all four."""
-    dirs = {name: tmp_path / "watched" / name for name in ("cwd", "tmp", "torch_home", "home")}
-    for d in dirs.values():
-        d.mkdir(parents=True)
-    monkeypatch.chdir(dirs["cwd"])
-    monkeypatch.setenv("TMPDIR", str(dirs["tmp"]))
-    monkeypatch.setattr(tempfile, "tempdir", None)  # recomputed from $TMPDIR on the next call
-    monkeypatch.setenv("TORCH_HOME", str(dirs["torch_home"]))
-    monkeypatch.setenv("HOME", str(dirs["home"]))
-    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
-    assert Path(tempfile.gettempdir()) == dirs["tmp"]
-    assert Path(torch.hub.get_dir()) == dirs["torch_home"] / "hub"
-    return lambda: _snapshot(*dirs.values())
 
 
 def test_run_probe_writes_nothing(watched):

@@ -12,11 +12,11 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import snapshot
 import torch
 from PIL import Image
 from torch import nn
@@ -149,20 +149,6 @@ def test_classify_empty_folder(tmp_path):
 # --------------------------------------------------------------------------- no writes, no network
 
 
-def _snapshot(*roots: Path) -> dict[str, tuple]:
-    """Every file and folder under ``roots``: (kind, size, mtime) by path."""
-    seen = {}
-    for root in roots:
-        for dirpath, dirnames, filenames in os.walk(root):
-            for name in dirnames + filenames:
-                st = os.lstat(os.path.join(dirpath, name))
-                is_dir = name in dirnames
-                seen[os.path.join(dirpath, name)] = ("dir" if is_dir else "file", 0 if is_dir else st.st_size,
-                                                     st.st_mtime_ns)
-        seen[str(root)] = ("root", 0, os.stat(root).st_mtime_ns)
-    return seen
-
-
 @pytest.fixture
 def offline(monkeypatch):
     """No network: every socket connection attempt raises."""
@@ -177,23 +163,6 @@ def offline(monkeypatch):
         socket.create_connection(("127.0.0.1", 9), timeout=0.1)
 
 
-@pytest.fixture
-def watched(tmp_path, monkeypatch):
-    """An empty cwd, temp dir, $TORCH_HOME and $HOME; returns a function snapshotting all four."""
-    dirs = {name: tmp_path / "watched" / name for name in ("cwd", "tmp", "torch_home", "home")}
-    for d in dirs.values():
-        d.mkdir(parents=True)
-    monkeypatch.chdir(dirs["cwd"])
-    monkeypatch.setenv("TMPDIR", str(dirs["tmp"]))
-    monkeypatch.setattr(tempfile, "tempdir", None)  # recomputed from $TMPDIR on the next call
-    monkeypatch.setenv("TORCH_HOME", str(dirs["torch_home"]))
-    monkeypatch.setenv("HOME", str(dirs["home"]))
-    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
-    assert Path(tempfile.gettempdir()) == dirs["tmp"]
-    assert Path(torch.hub.get_dir()) == dirs["torch_home"] / "hub"
-    return lambda: _snapshot(*dirs.values())
-
-
 def test_fast_train_and_classify_write_nothing_and_stay_offline(tmp_path, offline, watched):
     data = tmp_path / "data"
     write_grader_layout(data, "train", make_synthetic(num_classes=3, per_class=6, size=SIZE, seed=0))
@@ -201,14 +170,14 @@ def test_fast_train_and_classify_write_nothing_and_stay_offline(tmp_path, offlin
     train_gt = read_gt(data / "train" / "gt.csv")
     test_dir = data / "test" / "images"
     model_path = _save_model(tmp_path / "birds_model.pt", num_classes=3)
-    before, data_before = watched(), _snapshot(data)
+    before, data_before = watched(), snapshot(data)
 
     # the grader's calls, in its order; no cached weights: random init, with a warning
     with pytest.warns(UserWarning, match="not cached"):
         model = solution.train_classifier(train_gt, str(data / "train" / "images"), fast_train=True)
     result = solution.classify(str(model_path), str(test_dir))
 
-    assert watched() == before and _snapshot(data) == data_before
+    assert watched() == before and snapshot(data) == data_before
     _check_labels(result, test_dir, 3)
     # the returned model is the trained classifier, on the real 'fast' preset
     assert isinstance(model, Classifier) and isinstance(model, nn.Module) and not model.net.training
