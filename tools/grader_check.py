@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--submission", type=Path, default=Path("submission"), help="folder with the two built files")
     p.add_argument("--python", default=sys.executable, help="interpreter of the grader-like environment")
     args = p.parse_args(argv)
+    if os.sep in args.python:  # the child runs in another folder: a relative path would not resolve there
+        args.python = str(Path(args.python).absolute())
     with tempfile.TemporaryDirectory(prefix="grader_check_") as tmp:
         places = {name: Path(tmp) / name for name in ("workdir", "home", "temp", "torch_home")}
         for path in places.values():
