@@ -1,4 +1,5 @@
-"""Shared fixtures: every test gets its own empty torch hub cache, so none reads or writes the real one."""
+"""Shared fixtures and helpers: every test gets its own empty torch hub cache (none reads or writes the real
+one), a no-writes watcher, and BatchNorm calibration for random-init networks."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 
 @pytest.fixture(autouse=True)
@@ -60,3 +62,19 @@ def watched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Watched:
     assert Path(tempfile.gettempdir()) == dirs["tmp"]
     assert Path(torch.hub.get_dir()) == dirs["torch_home"] / "hub"
     return Watched(dirs)
+
+
+def calibrate_batchnorm(net: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Set every BatchNorm's running statistics from ``x`` and return ``net`` in eval mode.
+
+    A random-init MobileNetV2 in eval mode pools to ~1e-9 features (its depthwise-conv init shrinks
+    activations layer by layer); calibrated, they are O(1), so numeric comparisons mean something.
+    """
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average: one pass gives the batch statistics
+    net.train()
+    with torch.no_grad():
+        net(x)
+    return net.eval()

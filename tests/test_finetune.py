@@ -13,7 +13,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import pytest
-from conftest import snapshot
+from conftest import calibrate_batchnorm, snapshot
 import torch
 from torch import nn
 
@@ -42,18 +42,6 @@ def _inputs(images, image_size: int = SIZE) -> torch.Tensor:
     """The evaluation view of every image as one (N, 3, S, S) batch."""
     dataset = ImageDataset(images.sources, images.names, eval_transform(data_config("mobilenet_v2", image_size)))
     return torch.stack([dataset[i][0] for i in range(len(dataset))])
-
-
-def _calibrate_batchnorm(net: nn.Module, x: torch.Tensor) -> nn.Module:
-    """Running statistics from ``x``: a random-init MobileNetV2 pools to ~1e-9 in eval mode, calibrated to O(1)."""
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average: one pass gives the batch statistics
-    net.train()
-    with torch.no_grad():
-        net(x)
-    return net.eval()
 
 
 def _class_acts(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,7 +183,7 @@ def test_stage_one_head_equals_probe_decision_function():
     images = make_synthetic(num_classes=k, per_class=8, size=48, seed=3)
     cfg = replace(TINY, probe_Cs=(1.0,))
     data_cfg = data_config(cfg.backbone, cfg.image_size)
-    net = _calibrate_batchnorm(build_net(NetConfig(cfg.backbone, k, cfg.split, cfg.dropout)), _inputs(images))
+    net = calibrate_batchnorm(build_net(NetConfig(cfg.backbone, k, cfg.split, cfg.dropout)), _inputs(images))
 
     centre = centre_activations(net, images, data_cfg, cfg, progress=False)
     assert centre.dtype == torch.float16 and centre.shape == (len(images), 96, 4, 4)
@@ -237,7 +225,7 @@ def test_fine_tune_trains_from_the_probe_head(monkeypatch):
 
     def calibrated_net(net_cfg, weights, allow_download=False):
         assert (weights, allow_download, net_cfg.num_classes) == ("none", False, k)
-        nets.append(_calibrate_batchnorm(build_net(net_cfg), _inputs(images)))
+        nets.append(calibrate_batchnorm(build_net(net_cfg), _inputs(images)))
         return nets[-1]
 
     def capture_probe(head, probe):
@@ -327,7 +315,7 @@ def test_augmented_activations_are_seeded_and_differ_across_views():
 def _classifier(k: int, split: int, image_size: int, tta_flip: bool, dropout: float = 0.3) -> Classifier:
     torch.manual_seed(k * 100 + split)
     net_cfg = NetConfig("mobilenet_v2", k, split, dropout)
-    net = _calibrate_batchnorm(build_net(net_cfg), torch.randn(8, 3, image_size, image_size))
+    net = calibrate_batchnorm(build_net(net_cfg), torch.randn(8, 3, image_size, image_size))
     return Classifier(net, net_cfg, data_config("mobilenet_v2", image_size), tta_flip)
 
 

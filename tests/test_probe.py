@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import calibrate_batchnorm
 import torch
 from torch import nn
 
@@ -108,19 +109,6 @@ def test_head_refuses_wrong_width():
         init_head_from_probe(nn.Linear(9, 3), LinearProbe(C=0.5).fit(X, y))
 
 
-def _calibrate_batchnorm(net: nn.Module, x: torch.Tensor) -> None:
-    """Set every BatchNorm's running statistics from ``x`` (a random-init MobileNetV2 in eval mode pools to
-    ~1e-9 features, because its depthwise-conv init shrinks activations; calibrated, they are O(1))."""
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average: one pass gives the batch statistics
-    net.train()
-    with torch.no_grad():
-        net(x)
-    net.eval()
-
-
 @pytest.mark.parametrize("k", [2, 4])
 def test_birdnet_head_from_probe_end_to_end(k):
     images = make_synthetic(num_classes=k, per_class=8, size=48, seed=k)
@@ -128,7 +116,7 @@ def test_birdnet_head_from_probe_end_to_end(k):
     dataset = ImageDataset(images.sources, images.names, eval_transform(data_config("mobilenet_v2", SMALL.image_size)))
     x = torch.stack([dataset[i][0] for i in range(len(dataset))])
     assert x.shape == (len(images), 3, 64, 64)
-    _calibrate_batchnorm(net, x)
+    calibrate_batchnorm(net, x)
 
     feats = pooled_features(net, images, SMALL, "test features").numpy()
     assert feats.shape == (len(images), net.head.in_features) and feats.std() > 1e-3
