@@ -58,9 +58,9 @@ class LPFTModule(L.LightningModule):
     Keeps the best validation weights in memory (``best_state``) and a per-epoch ``history``.
     """
 
-    def __init__(self, net: BirdNet, cfg: FinetuneConfig, total_steps: int):
+    def __init__(self, net: BirdNet, cfg: FinetuneConfig):
         super().__init__()
-        self.net, self.cfg, self.total_steps = net, cfg, max(1, total_steps)
+        self.net, self.cfg = net, cfg
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_val_accuracy = -1.0
         self.history: list[dict[str, float]] = []
@@ -92,7 +92,9 @@ class LPFTModule(L.LightningModule):
         self._step(batch, "val")
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        factor = lr_factor(self.global_step, self.total_steps, int(self.cfg.warmup_fraction * self.total_steps))
+        # Lightning's own count: epochs x batches after limit_train_batches, per rank under DDP.
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        factor = lr_factor(self.global_step, total, int(self.cfg.warmup_fraction * total))
         for group in self.trainer.optimizers[0].param_groups:
             group["lr"] = group["peak_lr"] * factor
 

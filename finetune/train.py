@@ -79,11 +79,7 @@ def train_tail(net: BirdNet, train_set: CachedViews, val_set: CachedViews | None
     """Fit tail + head on cached activations; the best validation weights end up in ``net``."""
     loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(cfg.seed))
-    steps = len(loader)
-    if cfg.limit_train_batches != 1.0:
-        limit = cfg.limit_train_batches
-        steps = min(steps, int(limit) if isinstance(limit, int) else max(1, int(steps * limit)))
-    module = LPFTModule(net, cfg, total_steps=steps * cfg.epochs)
+    module = LPFTModule(net, cfg)
     val_loader = DataLoader(val_set, batch_size=64) if val_set is not None else None
     module.train()  # Lightning >= 2.2 keeps the mode it is given; ours pins BatchNorm and enables dropout
     make_trainer(cfg, progress, **trainer_kwargs).fit(module, loader, val_loader)

@@ -152,7 +152,7 @@ def test_train_tail_pins_batchnorm_and_keeps_dropout_during_training(mode, spy):
 
 def test_trunk_freeze_callback_freezes_trunk_only():
     net = build_net(NetConfig("mobilenet_v2", 3, TINY.split))
-    module = LPFTModule(net, TINY, total_steps=1)
+    module = LPFTModule(net, TINY)
     TrunkFreeze(head_only_epochs=0, lr_tail=1e-4).freeze_before_training(module)
     assert not any(p.requires_grad for p in net.trunk.parameters())
     assert all(p.requires_grad for p in net.tail.parameters()) and all(p.requires_grad for p in net.head.parameters())
@@ -194,7 +194,7 @@ def test_stage_one_head_equals_probe_decision_function():
     init_head_from_probe(net.head, probe)
 
     # the module that fine-tunes starts exactly where the probe ends
-    module = LPFTModule(net, cfg, total_steps=1).eval()
+    module = LPFTModule(net, cfg).eval()
     with torch.no_grad():
         logits = module(centre).numpy()
     d = probe.decision_function(feats)
@@ -236,7 +236,7 @@ def test_fine_tune_trains_from_the_probe_head(monkeypatch):
         centre = train_set.stacks[0]
         feats = pooled_from_trunk(net, centre)
         with torch.no_grad():
-            logits = LPFTModule(net, cfg_, 1).eval()(centre).numpy()
+            logits = LPFTModule(net, cfg_).eval()(centre).numpy()
         np.testing.assert_allclose(logits, probes[0].decision_function(feats), rtol=0, atol=1e-4)
         checked.append(True)
         return train_tail(net, train_set, val_set, cfg_, progress, **kwargs)
