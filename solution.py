@@ -46,8 +46,7 @@ def classify(model_path: str, test_img_dir: str) -> dict[str, int]:
     files = list_image_files(test_img_dir)
     if not files:
         return {}
-    logits = model.predict_logits(files, [p.name for p in files])
-    return {p.name: int(k) for p, k in zip(files, logits.argmax(1).tolist())}
+    return {p.name: int(k) for p, k in zip(files, model.predict(files, [p.name for p in files]))}
 
 
 if __name__ == "__main__":  # pragma: no cover - a manual smoke run: python solution.py DATA_DIR MODEL

@@ -11,8 +11,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from probe.__main__ import load_data
 from probe.data import DataError, LabelledImages
 from probe.timing import Stopwatch, peak_rss_mb
@@ -44,9 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def evaluate(result: FinetuneResult, test: LabelledImages, progress: bool) -> float:
     """Test accuracy through the same prediction path as ``classify``."""
-    logits = result.classifier.predict_logits(test.sources, test.names, precision=result.cfg.precision,
-                                              progress=progress)
-    return float(np.mean(logits.argmax(1).numpy() == test.labels))
+    return result.classifier.score(test, precision=result.cfg.precision, progress=progress)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -293,9 +293,8 @@ def pipeline_step(opts: BenchOptions) -> dict:
     }
     if test is not None:
         start = time.perf_counter()
-        logits = result.classifier.predict_logits(test.sources, test.names, precision=cfg.precision,
-                                                  progress=opts.progress)
-        predictions = logits.argmax(1).numpy()
+        predictions = result.classifier.predict(test.sources, test.names, precision=cfg.precision,
+                                                progress=opts.progress)
         out.update(test_seconds=time.perf_counter() - start, test_predictions=predictions.tolist(),
                    test_labels=test.labels.tolist(), test_accuracy=float(np.mean(predictions == test.labels)))
     result.classifier.save(opts.out / CHECKPOINT)

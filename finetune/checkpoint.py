@@ -11,11 +11,12 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict
 
+import numpy as np
 import torch
 from torch import nn
 
 from probe.backbone import BirdNet, DataConfig, NetConfig, build_net
-from probe.data import Source
+from probe.data import LabelledImages, Source
 from finetune.predict import predict_logits
 
 FORMAT = "birds-lpft/1"
@@ -43,6 +44,16 @@ class Classifier(nn.Module):
         """(N, K) logits; an unreadable image gets a warning and a guess (see ``finetune.predict``)."""
         return predict_logits(self.net, sources, names, self.data_cfg, tta_flip=self.tta_flip,
                               precision=precision, progress=progress)
+
+    def predict(self, sources: Sequence[Source], names: Sequence[str], *, precision: str = "auto",
+                progress: bool = False) -> np.ndarray:
+        """(N,) predicted class ids, in order."""
+        return self.predict_logits(sources, names, precision=precision, progress=progress).argmax(1).numpy()
+
+    def score(self, images: LabelledImages, *, precision: str = "auto", progress: bool = False) -> float:
+        """Accuracy on a labelled set: the one evaluation the CLI, tools and benchmark share."""
+        predicted = self.predict(images.sources, images.names, precision=precision, progress=progress)
+        return float(np.mean(predicted == images.labels))
 
     def checkpoint(self) -> dict:
         """A plain dict (tensors, str, numbers, lists), loadable with ``weights_only=True``."""

@@ -23,8 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from probe.data import load_split_dir
 from finetune.checkpoint import Classifier
 
@@ -104,9 +102,7 @@ def run_child(python: str, data: Path, places: dict[str, Path]) -> tuple[dict, f
 
 def own_accuracy(model: Path, data: Path) -> float:
     """The project's own evaluation of the same model on ``data/test``."""
-    test = load_split_dir(data, "test")
-    logits = Classifier.load(model).predict_logits(test.sources, test.names)
-    return float(np.mean(logits.argmax(1).numpy() == test.labels))
+    return Classifier.load(model).score(load_split_dir(data, "test"))
 
 
 def main(argv: list[str] | None = None) -> None:

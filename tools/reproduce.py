@@ -25,7 +25,7 @@ from solution import train_classifier
 def predictions(model: Classifier, data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     """(predicted, true) labels on ``data_dir/test``."""
     test = load_split_dir(data_dir, "test")
-    return model.predict_logits(test.sources, test.names).argmax(1).numpy(), test.labels
+    return model.predict(test.sources, test.names), test.labels
 
 
 def main(argv: list[str] | None = None) -> None:
