@@ -1,21 +1,19 @@
 """Data layer: the grader's layout (``gt.csv`` + an image folder) read into a checked, sorted labelled set.
 
 Every bad input raises :class:`DataError` naming the file and the fix, so nothing is silently dropped.
-Images are opened with EXIF orientation applied and converted to 8-bit RGB whatever their mode.
+Decoding the images themselves is :mod:`probe.images`.
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Union
 
 import numpy as np
-from PIL import Image, ImageOps
 
 # An image source is a file on disk or encoded bytes held in RAM (the generated demo set).
 Source = Union[Path, bytes]
@@ -66,44 +64,6 @@ def _parse_label(value: object, where: str) -> int:
     raise DataError(f"{where}: label {value!r} is not an integer; labels must be integers 0..K-1.")
 
 
-def open_rgb(source: Source, name: str | None = None) -> Image.Image:
-    """Open an image as 8-bit RGB with its EXIF orientation applied.
-
-    Handles grayscale, palette, alpha (composited on white), CMYK, 16-bit and float images, JPEG or PNG.
-
-    Raises:
-        DataError: the file is missing, empty or not a decodable image.
-    """
-    label = name or str(source if isinstance(source, Path) else "<bytes>")
-    try:
-        fp = io.BytesIO(source) if isinstance(source, bytes) else source
-        with Image.open(fp) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise DataError(
-            f"{label}: cannot read this image ({type(err).__name__}: {err}); "
-            "re-save it as JPEG or PNG, or remove it from gt.csv."
-        ) from err
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16-bit or float: convert("RGB") would clip at 255; rescale the real range to 0..255 first.
-        arr = np.asarray(img, dtype=np.float32)
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
-        img = Image.fromarray(arr.round().astype(np.uint8), mode="L")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, rgba)
-    return img.convert("RGB")
-
-
 @dataclass(frozen=True)
 class LabelledImages:
     """A labelled image set in a fixed, sorted order.
@@ -113,12 +73,14 @@ class LabelledImages:
         sources: a path or encoded bytes per name.
         labels: int64 class ids 0..K-1, aligned with ``names``.
         num_classes: K.
+        class_names: a species name per class id, where the data has them (``classes.txt``).
     """
 
     names: tuple[str, ...]
     sources: tuple[Source, ...]
     labels: np.ndarray
     num_classes: int
+    class_names: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.names)
@@ -130,7 +92,24 @@ class LabelledImages:
             tuple(self.sources[i] for i in index),
             self.labels[index],
             self.num_classes,
+            self.class_names,
         )
+
+
+def read_class_names(path: str | os.PathLike, num_classes: int) -> tuple[str, ...] | None:
+    """Species names from a ``classes.txt`` ('class_id species_name' per line); None when there is no file.
+
+    Ids without a line keep their number as name; malformed lines are ignored (names are for people only).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    names = [str(k) for k in range(num_classes)]
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        parts = line.split(maxsplit=1)
+        if len(parts) == 2 and parts[0].isdigit() and int(parts[0]) < num_classes:
+            names[int(parts[0])] = parts[1].strip().replace("_", " ")
+    return tuple(names)
 
 
 def labelled_from_gt(gt: Mapping[str, object], img_dir: str | os.PathLike, where: str = "gt") -> LabelledImages:
@@ -176,22 +155,24 @@ def check_labels(labels: np.ndarray, where: str) -> int:
 
 
 def load_split_dir(root: str | os.PathLike, split: str) -> LabelledImages:
-    """Read ``root/split/gt.csv`` and ``root/split/images`` (the grader layout)."""
+    """Read ``root/split/gt.csv`` and ``root/split/images`` (the grader layout), with ``root/classes.txt``'s names."""
     root = Path(root)
     gt_path = root / split / "gt.csv"
-    return labelled_from_gt(read_gt(gt_path), root / split / "images", where=str(gt_path))
+    images = labelled_from_gt(read_gt(gt_path), root / split / "images", where=str(gt_path))
+    return replace(images, class_names=read_class_names(root / "classes.txt", images.num_classes))
 
 
 def list_image_files(img_dir: str | os.PathLike) -> list[Path]:
-    """Every regular, non-hidden file in ``img_dir``, sorted by name.
+    """Every non-hidden entry of ``img_dir`` that is not a folder, sorted by name.
 
-    Nothing is filtered by extension: the grader scores every file it expects, and an undecodable one
-    is better labelled with a warning than missing.
+    Nothing is filtered by extension or readability: the grader scores every file it expects, and an
+    undecodable one (a dangling symlink or a pipe included) is better labelled with a warning than missing.
     """
     img_dir = Path(img_dir)
     if not img_dir.is_dir():
         raise DataError(f"{img_dir}: no such folder; pass the folder of images to classify.")
-    return sorted((p for p in img_dir.iterdir() if p.is_file() and not p.name.startswith(".")), key=lambda p: p.name)
+    return sorted((p for p in img_dir.iterdir() if not p.name.startswith(".") and not p.is_dir()),
+                  key=lambda p: p.name)
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -15,10 +15,11 @@ from probe.data import (
     labelled_from_gt,
     list_image_files,
     load_split_dir,
-    open_rgb,
+    read_class_names,
     read_gt,
     stratified_split,
 )
+from probe.images import open_rgb
 from probe.synthetic import make_synthetic, write_grader_layout
 
 
@@ -432,3 +433,11 @@ def test_split_fraction_roughly_respected():
 def test_split_rejects_bad_fraction(fraction):
     with pytest.raises(ValueError):
         stratified_split(LABELS, fraction, 0)
+
+
+def test_read_class_names_from_classes_txt_or_none(tmp_path):
+    assert read_class_names(tmp_path / "classes.txt", 3) is None
+    (tmp_path / "classes.txt").write_text("1 Blue_Jay\n\n0 Common Raven\nnot a line\n7 Out_Of_Range\n")
+    assert read_class_names(tmp_path / "classes.txt", 3) == ("Common Raven", "Blue Jay", "2")
+    write_grader_layout(tmp_path, "train", make_synthetic(num_classes=3, per_class=2, size=32, seed=0))
+    assert load_split_dir(tmp_path, "train").class_names == ("Common Raven", "Blue Jay", "2")

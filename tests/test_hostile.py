@@ -1,0 +1,279 @@
+"""Hostile inputs: no image file can take ``classify`` down or cost unbounded memory, training names every
+file it cannot use, and no checkpoint file can crash or trick the loader. Tiny generated files only
+(the 200-megapixel JPEG is one flat colour, so it stays a few hundred kilobytes)."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+import solution
+from finetune.checkpoint import Classifier
+from probe.backbone import NetConfig, build_net
+from probe.data import DataError
+from probe.images import MAX_ASPECT, ImageDataset, open_rgb
+from probe.preprocess import EvalTransform, TrainTransform, data_config
+
+SIZE = 64
+CFG = data_config("mobilenet_v2", SIZE)
+
+
+def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def mistyped_exif(orientation: int = 6) -> bytes:
+    """An EXIF block whose ImageWidth is stored as ASCII (Pillow cannot even write that) plus an orientation:
+    what some phones and Windows' rotate write. ``ImageOps.exif_transpose`` raises on it."""
+    entries = [(0x0100, 2, 6, 38), (0x0112, 3, 1, orientation)]  # (tag, type, count, value/offset), sorted
+    ifd = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHII", *e) for e in entries) + struct.pack("<I", 0)
+    return b"Exif\x00\x00" + b"II*\x00" + struct.pack("<I", 8) + ifd + b"forty\x00"  # data at 8 + 30 = 38
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose header claims ``width`` x ``height`` (valid CRC): a decompression bomb's header."""
+    data = bytearray(encode(Image.new("L", (1, 1)), "PNG"))
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+# --------------------------------------------------------------------------- EXIF
+
+
+def test_mistyped_exif_breaks_pillows_transpose_but_not_ours():
+    data = encode(Image.new("RGB", (40, 20), (200, 10, 10)), "JPEG", exif=mistyped_exif(6))
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        with pytest.raises(Exception):  # noqa: B017 - struct.error, TypeError or AttributeError by Pillow version
+            ImageOps.exif_transpose(img)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a readable orientation is applied without any warning
+        out = open_rgb(data, "phone.jpg")
+    assert out.size == (20, 40) and out.mode == "RGB"  # orientation 6: turned upright like any viewer shows it
+
+
+def test_unreadable_exif_keeps_the_stored_pixels_with_a_warning(monkeypatch):
+    data = encode(Image.new("RGB", (40, 20), (10, 200, 10)), "JPEG", exif=mistyped_exif(6))
+
+    def broken(self):
+        raise struct.error("unpack requires a buffer of 12 bytes")
+
+    monkeypatch.setattr(Image.Image, "getexif", broken)
+    with pytest.warns(UserWarning, match="phone.jpg: unreadable EXIF"):
+        out = open_rgb(data, "phone.jpg")
+    assert out.size == (40, 20)
+
+
+# --------------------------------------------------------------------------- shapes and sizes
+
+
+@pytest.mark.parametrize("size", [(40000, 1), (1, 30000), (50000, 3)])
+def test_extreme_aspect_ratios_are_cut_before_resizing(size):
+    data = encode(Image.new("RGB", size, (90, 120, 30)), "PNG")
+    img = open_rgb(data, "strip.png", min_side=CFG.resize_size)
+    assert max(img.size) <= MAX_ASPECT * min(img.size) + 1
+    x = EvalTransform(CFG)(img)
+    assert x.shape == (3, SIZE, SIZE) and torch.isfinite(x).all()
+    t = TrainTransform(CFG, scale=(0.3, 1.0), jitter=0.2)(img)
+    assert t.shape == (3, SIZE, SIZE)
+
+
+def test_ordinary_photos_are_untouched():
+    rng = np.random.default_rng(0)
+    for size in [(500, 375), (375, 500), (333, 500), (500, 125)]:  # up to 4:1 passes through
+        img = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+        data = encode(img, "PNG")
+        assert np.array_equal(np.asarray(open_rgb(data, "x.png", min_side=366)), np.asarray(img))
+
+
+def test_200_megapixel_jpeg_is_drafted_not_refused(tmp_path):
+    path = tmp_path / "phone.jpg"
+    Image.new("RGB", (16384, 12288), (70, 110, 160)).save(path, quality=80)  # 201 MP, over Pillow's bomb limit
+    assert 16384 * 12288 > 2 * Image.MAX_IMAGE_PIXELS and path.stat().st_size < 5_000_000
+    limit = Image.MAX_IMAGE_PIXELS
+    img = open_rgb(path, min_side=CFG.resize_size)
+    assert Image.MAX_IMAGE_PIXELS == limit  # lifted for the header only, then restored
+    assert img.size == (2048, 1536) and img.getpixel((5, 5)) == pytest.approx((70, 110, 160), abs=3)  # 1/8 scale
+    assert min(open_rgb(path, min_side=1000).size) >= 1000  # never below what the caller needs
+
+
+def test_draft_keeps_at_least_the_needed_side(tmp_path):
+    path = tmp_path / "big.jpg"
+    Image.new("RGB", (2400, 1800), (1, 2, 3)).save(path)
+    for need in (100, 300, 900, 1799):
+        assert min(open_rgb(path, min_side=need).size) >= need
+    assert open_rgb(path).size == (2400, 1800)  # no need given: full size
+
+
+def test_a_non_jpeg_decompression_bomb_is_refused_before_decoding():
+    data = png_claiming(30000, 30000)
+    with pytest.raises(DataError, match=r"bomb.png: 30000x30000 pixels .* decompression-bomb limit"):
+        open_rgb(data, "bomb.png", min_side=366)
+
+
+# --------------------------------------------------------------------------- a folder of everything
+
+
+def hostile_folder(root: Path) -> tuple[Path, set[str]]:
+    """Every kind of file a test folder might hold; returns it and the names expected to be unreadable."""
+    folder = root / "images"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    good_jpeg = encode(rgb, "JPEG")
+    files = {
+        "bad_exif.jpg": encode(rgb, "JPEG", exif=mistyped_exif(6)),
+        "strip.png": encode(Image.new("RGB", (40000, 1), (1, 2, 3)), "PNG"),
+        "tall.png": encode(Image.new("L", (1, 30000), 7), "PNG"),
+        "truncated.jpg": good_jpeg[: len(good_jpeg) // 2],
+        "zero.jpg": b"",
+        "text.jpg": b"this is not an image\n",
+        "rgba.png": encode(rgb.convert("RGBA"), "PNG"),
+        "deep.png": encode(Image.fromarray((rng.random((20, 30)) * 65535).astype(np.uint16)), "PNG"),
+        "cmyk.jpg": encode(rgb.convert("CMYK"), "JPEG"),
+        "anim.gif": encode(rgb.convert("P"), "GIF"),
+        "photo.webp": encode(rgb, "WEBP"),
+        "dot.png": encode(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG"),
+        "bomb.png": png_claiming(30000, 30000),
+        "naïve name, with comma & spaces.jpg": good_jpeg,
+        "no_extension": good_jpeg,
+    }
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    (folder / "link.jpg").symlink_to(folder / "bad_exif.jpg")
+    (folder / "dangling.jpg").symlink_to(folder / "gone.jpg")
+    os.mkfifo(folder / "pipe.jpg")  # opening it would block forever
+    (folder / ".hidden.jpg").write_bytes(good_jpeg)
+    (folder / "subfolder").mkdir()
+    unreadable = {"truncated.jpg", "zero.jpg", "text.jpg", "bomb.png", "dangling.jpg", "pipe.jpg"}
+    return folder, unreadable
+
+
+def tiny_model(path: Path, k: int = 4) -> Path:
+    torch.manual_seed(0)
+    cfg = NetConfig("mobilenet_v2", k, 14)
+    Classifier(build_net(cfg).eval(), cfg, CFG, tta_flip=True).save(path)
+    return path
+
+
+def test_classify_labels_every_file_of_a_hostile_folder(tmp_path):
+    folder, unreadable = hostile_folder(tmp_path)
+    model = tiny_model(tmp_path / "m.pt")
+    with pytest.warns(UserWarning) as record:
+        result = solution.classify(str(model), str(folder))
+    expected = {p.name for p in folder.iterdir() if not p.name.startswith(".") and not p.is_dir()}
+    assert set(result) == expected and len(expected) == 18
+    assert all(type(v) is int and 0 <= v < 4 for v in result.values())
+    messages = " ".join(str(w.message) for w in record)
+    for name in unreadable:
+        assert f"{name}: " in messages, name
+    for name in expected - unreadable:  # decodable ones label without complaint
+        assert f"{name}: " not in messages, name
+
+
+def test_training_names_every_file_it_cannot_use(tmp_path):
+    folder, unreadable = hostile_folder(tmp_path)
+    names = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".") and not p.is_dir())
+    dataset = ImageDataset([folder / n for n in names], names, TrainTransform(CFG, scale=(0.3, 1.0), jitter=0.2))
+    for i, name in enumerate(names):
+        if name in unreadable:
+            with pytest.raises(DataError, match=f"^{name}: .*(re-save|replace|downscale)"):
+                dataset[i]
+        else:
+            x, index = dataset[i]
+            assert x.shape == (3, SIZE, SIZE) and index == i
+
+
+def test_any_exception_in_preprocessing_is_a_label_in_classify_never_a_base_exception(monkeypatch):
+    data = encode(Image.new("RGB", (32, 32)), "PNG")
+    calls = []
+
+    def flaky(img):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ZeroDivisionError("a transform bug")
+        return EvalTransform(CFG)(img)
+
+    flaky.min_side, flaky.mean = CFG.resize_size, CFG.mean
+    with pytest.warns(UserWarning, match="x.png: cannot preprocess"):
+        x, _ = ImageDataset([data], ["x.png"], flaky, on_error="blank")[0]
+    assert x.shape == (3, SIZE, SIZE)
+    with pytest.raises(DataError, match="x.png: cannot preprocess"):
+        calls.clear()
+        ImageDataset([data], ["x.png"], flaky)[0]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("probe.images.open_rgb", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ImageDataset([data], ["x.png"], EvalTransform(CFG), on_error="blank")[0]
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _good(tmp_path: Path) -> dict:
+    return torch.load(tiny_model(tmp_path / "good.pt", 3), weights_only=True)
+
+
+def _variants(good: dict) -> dict[str, object]:
+    net, data, state = good["net"], good["data"], good["state_dict"]
+    no_head = {k: v for k, v in state.items() if k != "head.weight"}
+    return {
+        "missing net": {k: v for k, v in good.items() if k != "net"},
+        "missing num_classes": {**good, "net": {k: v for k, v in net.items() if k != "num_classes"}},
+        "num_classes as text": {**good, "net": {**net, "num_classes": "3"}},
+        "huge num_classes": {**good, "net": {**net, "num_classes": 10**12}},
+        "num_classes disagrees": {**good, "net": {**net, "num_classes": 5}},
+        "unknown backbone": {**good, "net": {**net, "backbone": ["resnet"]}},
+        "unknown key": {**good, "net": {**net, "evil": 1}},
+        "split out of range": {**good, "net": {**net, "split": 40}},
+        "bad pooling": {**good, "net": {**net, "pooling": "max"}},
+        "members zero": {**good, "net": {**net, "members": 0}},
+        "huge image": {**good, "data": {**data, "image_size": 100000, "resize_size": 100000}},
+        "std zero": {**good, "data": {**data, "std": [0.0, 1.0, 1.0]}},
+        "mean text": {**good, "data": {**data, "mean": "abc"}},
+        "bad interpolation": {**good, "data": {**data, "interpolation": {"x": 1}}},
+        "tta not bool": {**good, "tta_flip": "yes"},
+        "names wrong count": {**good, "class_names": ["a"]},
+        "head missing": {**good, "state_dict": no_head},
+        "tensor mis-shaped": {**good, "state_dict": {**state, "tail.14.conv.0.0.weight": torch.zeros(2, 2)}},
+        "state not tensors": {**good, "state_dict": {"head.weight": [1, 2]}},
+        "format": {**good, "format": "birds-lpft/99"},
+        "not a dict": [1, 2, 3],
+    }
+
+
+def test_every_bad_checkpoint_is_a_value_error_naming_the_file(tmp_path):
+    good = _good(tmp_path)
+    for what, content in _variants(good).items():
+        path = tmp_path / f"{what.replace(' ', '_')}.pt"
+        torch.save(content, path)
+        with pytest.raises(ValueError, match=f"(?s){path}.*python -m finetune") as err:
+            Classifier.load(path)
+        assert "not a valid checkpoint" in str(err.value) or "does not fit" in str(err.value), what
+    Classifier.load(tmp_path / "good.pt")  # and the untouched one still loads
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00garbage" * 100, "truncated"])
+def test_unreadable_checkpoint_bytes(tmp_path, content):
+    good = tiny_model(tmp_path / "good.pt").read_bytes()
+    path = tmp_path / "bad.pt"
+    path.write_bytes(good[: len(good) // 2] if content == "truncated" else content)
+    with pytest.raises(ValueError, match=f"{path}: cannot read this checkpoint"):
+        Classifier.load(path)
+    with pytest.raises(ValueError, match="no such file"):
+        Classifier.load(tmp_path / "absent.pt")
