@@ -9,9 +9,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from probe.data import DataError, load_split_dir
+from probe.data import DataError
+from probe.datasets import load_data
 from probe.pipeline import ProbeConfig, run_probe
-from probe.synthetic import make_synthetic
 from probe.timing import Stopwatch, peak_rss_mb
 from probe.weights import WeightsError
 
@@ -29,16 +29,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_data(data_dir: Path | None):
-    """(train, test or None) from a grader-layout folder, or the generated demo set."""
-    if data_dir is None:
-        print("no DATA_DIR given: using a small generated set (4 shapes x 24 images)")
-        images = make_synthetic(num_classes=4, per_class=24, seed=0)
-        return images.subset(range(0, 64)), images.subset(range(64, 96))
-    test = load_split_dir(data_dir, "test") if (data_dir / "test" / "gt.csv").is_file() else None
-    return load_split_dir(data_dir, "train"), test
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     cfg = ProbeConfig(backbone=args.backbone, image_size=args.image_size, precision=args.precision, seed=args.seed)
@@ -50,10 +40,11 @@ def main(argv: list[str] | None = None) -> None:
                            allow_download=args.allow_download)
     except (DataError, WeightsError) as err:
         sys.exit(f"error: {err}")
-    print(f"train images {len(train)}, classes {train.num_classes}, C chosen {result.C:g} "
-          f"(validation accuracy per C: {', '.join(f'{c:g}: {s:.3f}' for c, s in result.val_scores.items())})")
-    if result.val_accuracy is not None:
-        print(f"validation accuracy: {result.val_accuracy:.4f}")
+    fitted = result.fitted
+    print(f"train images {len(train)}, classes {train.num_classes}, C chosen {fitted.C:g} "
+          f"(validation accuracy per C: {', '.join(f'{c:g}: {s:.3f}' for c, s in fitted.val_scores.items())})")
+    if fitted.val_accuracy is not None:
+        print(f"validation accuracy: {fitted.val_accuracy:.4f}")
     if result.test_accuracy is not None:
         print(f"test accuracy:       {result.test_accuracy:.4f}  ({len(test)} images)")
     print(f"time: {sw.report()}, {result.stopwatch.report()}; peak RSS {peak_rss_mb():.0f} MiB")

@@ -1,19 +1,18 @@
-"""Backbones, the network (trunk -> tail -> pool -> head) and its preprocessing.
+"""Backbones and the network built on them: trunk -> tail -> pool -> head (and ensemble members).
 
 A small registry maps a name to a torchvision builder; adding a backbone is one entry in ``BACKBONES``.
-Preprocessing (:class:`DataConfig`) is derived from the backbone's pretrained weights, so probe features,
-fine-tuning, validation and ``classify`` all share one source of truth.
+Preprocessing derived from the backbone's weights is :mod:`probe.preprocess`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import copy
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
-from torchvision import models, transforms
-from torchvision.transforms import InterpolationMode
+from torchvision import models
 
 
 @dataclass(frozen=True)
@@ -56,102 +55,107 @@ def get_spec(name: str) -> BackboneSpec:
         raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}") from None
 
 
-@dataclass(frozen=True)
-class DataConfig:
-    """Input preprocessing, derived from the backbone's weights (see :func:`data_config`).
+class GeM(nn.Module):
+    """Generalised-mean pooling (Radenovic et al. 2018): (mean over space of x^p)^(1/p), p learnt.
 
-    Attributes:
-        image_size: side of the square network input (the centre crop).
-        resize_size: shorter side after resizing, before the centre crop.
-        mean, std: per-channel normalisation of 0..1 RGB.
-        interpolation: resize interpolation name (a torchvision ``InterpolationMode`` value).
+    p = 1 is average pooling and p -> infinity max pooling; in between it weights the strongest, most
+    local responses more, which suits fine-grained classes told apart by small parts. (B, F, h, w) -> (B, F).
     """
 
-    image_size: int
-    resize_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str = "bilinear"
+    def __init__(self, p: float = 3.0, eps: float = 1e-6):
+        super().__init__()
+        self.p, self.eps = nn.Parameter(torch.tensor(float(p))), eps
 
-    @property
-    def crop_fraction(self) -> float:
-        return self.image_size / self.resize_size
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float().clamp(min=self.eps)  # fp32 even under bf16 autocast: x^p spans several decades
+        return x.pow(self.p).mean(dim=(2, 3)).pow(1.0 / self.p)
 
 
-def data_config(backbone: str, image_size: int | None = None) -> DataConfig:
-    """Preprocessing of ``backbone``'s pretrained weights, optionally at another input size.
+def make_pool(pooling: str) -> nn.Module:
+    """'avg' or 'gem': a module mapping (B, F, h, w) -> (B, F)."""
+    if pooling == "avg":
+        return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+    if pooling == "gem":
+        return GeM()
+    raise ValueError(f"pooling must be 'avg' or 'gem', got {pooling!r}")
 
-    A different ``image_size`` keeps the weights' crop fraction (224/256 for MobileNetV2).
+
+class Member(nn.Module):
+    """What one ensemble member adds on top of the shared trunk: tail, pooling, dropout and head.
+
+    ``forward_tail`` (B, C, h', w') trunk activations, e.g. fp16 from the cache -> (B, F, h, w) maps;
+    ``forward_head`` pools and classifies them -> (B, K) logits (or (B, F) features with ``pre_logits``).
     """
-    t = get_spec(backbone).weights.transforms()
-    native = DataConfig(
-        image_size=int(t.crop_size[0]),
-        resize_size=int(t.resize_size[0]),
-        mean=tuple(float(v) for v in t.mean),
-        std=tuple(float(v) for v in t.std),
-        interpolation=InterpolationMode(t.interpolation).value,
-    )
-    if image_size is None or image_size == native.image_size:
-        return native
-    return replace(native, image_size=int(image_size), resize_size=int(round(image_size / native.crop_fraction)))
 
+    def __init__(self, tail: nn.Sequential, pool: nn.Module, dropout: nn.Dropout, head: nn.Linear):
+        super().__init__()
+        self.tail, self.pool, self.dropout, self.head = tail, pool, dropout, head
 
-def eval_transform(cfg: DataConfig) -> Callable:
-    """Resize the shorter side, centre-crop, normalise: PIL RGB -> (3, S, S) float tensor."""
-    return transforms.Compose(
-        [
-            transforms.Resize(cfg.resize_size, interpolation=InterpolationMode(cfg.interpolation), antialias=True),
-            transforms.CenterCrop(cfg.image_size),
-            transforms.ToTensor(),
-            transforms.Normalize(cfg.mean, cfg.std),
-        ]
-    )
+    def forward_tail(self, a: torch.Tensor) -> torch.Tensor:
+        a = a.float().contiguous(memory_format=torch.channels_last)  # ~20% faster tail training on a CPU
+        return self.tail(a)
 
+    def forward_head(self, maps: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        f = self.pool(maps)
+        return f if pre_logits else self.head(self.dropout(f))
 
-def train_transform(cfg: DataConfig, *, scale: tuple[float, float], jitter: float) -> Callable:
-    """Random resized crop, horizontal flip and mild colour jitter: PIL RGB -> (3, S, S) float tensor."""
-    steps = [
-        transforms.RandomResizedCrop(
-            cfg.image_size, scale=scale, interpolation=InterpolationMode(cfg.interpolation), antialias=True
-        ),
-        transforms.RandomHorizontalFlip(),
-    ]
-    if jitter > 0:
-        steps.append(transforms.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter))
-    steps += [transforms.ToTensor(), transforms.Normalize(cfg.mean, cfg.std)]
-    return transforms.Compose(steps)
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_tail(a))
 
 
 class BirdNet(nn.Module):
     """Backbone blocks split into a frozen ``trunk`` and a trainable ``tail``, then pool, dropout, ``head``.
 
-    ``forward_trunk`` (B, 3, H, W) -> (B, C, h, w); ``forward_features`` pools the tail's output to
-    (B, F); ``forward_head`` maps (B, F) -> (B, K) logits.
+    Names follow timm: ``forward_features`` (B, 3, H, W) -> unpooled maps (B, F, h, w); ``forward_head``
+    pools and classifies them -> (B, K) logits (or (B, F) pooled features with ``pre_logits``). Training
+    on cached trunk activations enters half-way: ``forward_tail`` (B, C, h', w') -> (B, F, h, w).
+
+    An ensemble (``members`` > 1) adds copies of tail, pooling, dropout and head in ``extra``, each trained
+    on its own; the trunk runs once and ``forward`` averages the members' logits. Member 0 is the net's own
+    ``tail``/``pool``/``dropout``/``head``, so a single model's state dict has no ensemble keys.
     """
 
-    def __init__(self, blocks: nn.Sequential, width: int, num_classes: int, split: int, dropout: float = 0.0):
+    def __init__(self, blocks: nn.Sequential, width: int, num_classes: int, split: int, dropout: float = 0.0,
+                 pooling: str = "avg", members: int = 1):
         super().__init__()
         if not 0 <= split <= len(blocks):
             raise ValueError(f"split must be in 0..{len(blocks)}, got {split}")
+        if members < 1:
+            raise ValueError(f"members must be at least 1, got {members}")
         self.trunk = blocks[:split]
         self.tail = blocks[split:]
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = make_pool(pooling)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(width, num_classes)
+        self.extra = nn.ModuleList(copy.deepcopy(self.member(0)) for _ in range(members - 1))
+
+    @property
+    def members(self) -> int:
+        return 1 + len(self.extra)
+
+    def member(self, i: int) -> Member:
+        """Member ``i``'s modules (the same objects the net holds: training one trains the net)."""
+        return Member(self.tail, self.pool, self.dropout, self.head) if i == 0 else self.extra[i - 1]
 
     def forward_trunk(self, x: torch.Tensor) -> torch.Tensor:
         return self.trunk(x)
 
-    def forward_features(self, a: torch.Tensor) -> torch.Tensor:
-        """Trunk activations (B, C, h, w), e.g. fp16 from the cache -> pooled fp32 features (B, F)."""
-        a = a.float().contiguous(memory_format=torch.channels_last)  # ~20% faster tail training on a CPU
-        return torch.flatten(self.pool(self.tail(a)), 1)
+    def forward_tail(self, a: torch.Tensor) -> torch.Tensor:
+        return self.member(0).forward_tail(a)
 
-    def forward_head(self, f: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(f))
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_tail(self.forward_trunk(x))
+
+    def forward_head(self, maps: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.member(0).forward_head(maps, pre_logits)
+
+    def forward_from_trunk(self, a: torch.Tensor) -> torch.Tensor:
+        """Trunk activations (B, C, h', w') -> logits (B, K), averaged over the members."""
+        logits = [self.member(i)(a) for i in range(self.members)]
+        return logits[0] if len(logits) == 1 else torch.stack([z.float() for z in logits]).mean(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(self.forward_trunk(x)))
+        return self.forward_from_trunk(self.forward_trunk(x))
 
 
 @dataclass(frozen=True)
@@ -162,6 +166,8 @@ class NetConfig:
     num_classes: int
     split: int
     dropout: float = 0.0
+    pooling: str = "avg"
+    members: int = 1
 
 
 def build_net(cfg: NetConfig, state_dict: dict | None = None) -> BirdNet:
@@ -174,5 +180,6 @@ def build_net(cfg: NetConfig, state_dict: dict | None = None) -> BirdNet:
     model = spec.build()
     if state_dict is not None:
         model.load_state_dict(state_dict)
-    net = BirdNet(spec.blocks(model), spec.width(model), cfg.num_classes, cfg.split, cfg.dropout)
+    net = BirdNet(spec.blocks(model), spec.width(model), cfg.num_classes, cfg.split, cfg.dropout, cfg.pooling,
+                  cfg.members)
     return net.to(memory_format=torch.channels_last)  # the layout oneDNN's CPU convolutions run fastest in

@@ -7,12 +7,15 @@ before fine-tuning keeps early gradients from distorting the pretrained features
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from torch import nn
+
+from probe.data import stratified_split
 
 
 class LinearProbe:
@@ -76,6 +79,40 @@ def select_C(
     best = max(scores.values())
     standard_error = float(np.sqrt(best * (1.0 - best) / len(y_val)))
     return min(C for C, s in scores.items() if s >= best - standard_error), scores
+
+
+@dataclass(frozen=True)
+class ProbeFit:
+    """How stage one's probe is fitted: the one recipe of ``python -m probe`` and of the fine-tune's LP init.
+
+    Attributes:
+        val_fraction: share of each class held out to choose C (one-standard-error rule, see
+            :func:`select_C`); the probe is then refitted on every image it was given.
+        Cs: LogisticRegression C values tried.
+    """
+
+    val_fraction: float = 0.2
+    Cs: tuple[float, ...] = (0.002, 0.005, 0.01, 0.02, 0.05)
+
+
+@dataclass
+class FittedProbe:
+    """A probe fitted by :func:`fit_probe`, with how its C was chosen."""
+
+    probe: LinearProbe
+    C: float
+    val_scores: dict[float, float]  # {C: accuracy on the held-out split}; empty when nothing was chosen
+
+    @property
+    def val_accuracy(self) -> float | None:
+        return self.val_scores.get(self.C)
+
+
+def fit_probe(X: np.ndarray, y: np.ndarray, cfg: ProbeFit, seed: int) -> FittedProbe:
+    """Choose C on a seeded stratified split of (X, y), then refit the probe on all of it."""
+    tr, va = stratified_split(y, cfg.val_fraction, seed)
+    C, scores = select_C(X[tr], y[tr], X[va], y[va], cfg.Cs, seed)
+    return FittedProbe(LinearProbe(C, random_state=seed).fit(X, y), C, scores)
 
 
 def init_head_from_probe(head: nn.Linear, probe: LinearProbe) -> nn.Linear:

@@ -10,14 +10,16 @@ import torch
 from torch import nn
 
 import probe.__main__ as probe_cli
-from probe.backbone import NetConfig, build_net, data_config, eval_transform
+from probe.backbone import NetConfig, build_net
+from probe.preprocess import EvalTransform, data_config
 from probe.data import load_split_dir
-from probe.features import ImageDataset
-from probe.linear import LinearProbe, init_head_from_probe, select_C
-from probe.pipeline import ProbeConfig, pooled_features, pretrained_net, run_probe
+from probe.images import ImageDataset
+from probe.linear import LinearProbe, ProbeFit, init_head_from_probe, select_C
+from probe.pipeline import ProbeConfig, pooled_features, run_probe
+from probe.weights import pretrained_net
 from probe.synthetic import make_synthetic, write_grader_layout
 
-SMALL = ProbeConfig(image_size=64, Cs=(0.01, 0.1), batch_size=16, precision="fp32")
+SMALL = ProbeConfig(image_size=64, fit=ProbeFit(Cs=(0.01, 0.1)), batch_size=16, precision="fp32")
 
 
 def _features(n: int, f: int, k: int, seed: int, spread: float = 5.0) -> tuple[np.ndarray, np.ndarray]:
@@ -113,7 +115,7 @@ def test_head_refuses_wrong_width():
 def test_birdnet_head_from_probe_end_to_end(k):
     images = make_synthetic(num_classes=k, per_class=8, size=48, seed=k)
     net = pretrained_net(NetConfig("mobilenet_v2", k, 14), "none")
-    dataset = ImageDataset(images.sources, images.names, eval_transform(data_config("mobilenet_v2", SMALL.image_size)))
+    dataset = ImageDataset(images.sources, images.names, EvalTransform(data_config("mobilenet_v2", SMALL.image_size)))
     x = torch.stack([dataset[i][0] for i in range(len(dataset))])
     assert x.shape == (len(images), 3, 64, 64)
     calibrate_batchnorm(net, x)
@@ -171,18 +173,19 @@ def test_run_probe_on_grader_layout(tmp_path):
     assert (len(train), len(test), train.num_classes) == (24, 9, k)
 
     result = run_probe(train, test, SMALL, weights="none")
-    assert result.C in SMALL.Cs
-    assert sorted(result.val_scores) == sorted(SMALL.Cs)
-    assert result.val_accuracy == result.val_scores[result.C]
-    assert 0.0 <= result.val_accuracy <= 1.0 and 0.0 <= result.test_accuracy <= 1.0
-    assert np.array_equal(result.probe.classes_, np.arange(k))
-    assert result.probe.C == result.C
-    assert {"load network", "train features", "choose C", "fit probe", "test features"} <= set(result.stopwatch.seconds)
+    fitted = result.fitted
+    assert fitted.C in SMALL.fit.Cs
+    assert sorted(fitted.val_scores) == sorted(SMALL.fit.Cs)
+    assert fitted.val_accuracy == fitted.val_scores[fitted.C]
+    assert 0.0 <= fitted.val_accuracy <= 1.0 and 0.0 <= result.test_accuracy <= 1.0
+    assert np.array_equal(fitted.probe.classes_, np.arange(k))
+    assert fitted.probe.C == fitted.C
+    assert {"load network", "train features", "choose C and fit", "test features"} <= set(result.stopwatch.seconds)
 
 
 def test_run_probe_without_test_set():
     result = run_probe(make_synthetic(num_classes=3, per_class=6, size=48, seed=2), None, SMALL, weights="none")
-    assert result.test_accuracy is None and result.C in SMALL.Cs
+    assert result.test_accuracy is None and result.fitted.C in SMALL.fit.Cs
 
 
 def test_pooled_features_same_from_disk_and_ram(tmp_path):
@@ -210,7 +213,7 @@ def test_pretrained_net_weight_modes():
 def test_run_probe_writes_nothing(watched):
     before = watched()
     result = run_probe(make_synthetic(num_classes=3, per_class=8, size=48, seed=0), None, SMALL, weights="none")
-    assert result.C in SMALL.Cs
+    assert result.fitted.C in SMALL.fit.Cs
     assert watched() == before
 
 

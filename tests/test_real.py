@@ -14,7 +14,9 @@ import torch
 
 from probe.backbone import NetConfig
 from probe.data import labelled_from_gt, read_gt
-from probe.pipeline import ProbeConfig, pretrained_net, run_probe
+from probe.linear import ProbeFit
+from probe.pipeline import ProbeConfig, run_probe
+from probe.weights import pretrained_net
 
 REAL_TORCH_HOME = Path(torch.hub.get_dir()).parent  # read at import, before conftest swaps $TORCH_HOME
 WEIGHTS = REAL_TORCH_HOME / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth"
@@ -34,7 +36,7 @@ def test_real_weights_load_and_classify_imagenet_style(real_cache):
     net = pretrained_net(NetConfig("mobilenet_v2", 10, 14), "required")
     x = torch.randn(2, 3, 224, 224)
     with torch.inference_mode():
-        features = net.forward_features(net.forward_trunk(x))
+        features = net.forward_head(net.forward_features(x), pre_logits=True)
     # pretrained features are O(1) and non-negative (ReLU6 then average pooling); random init gives ~1e-9
     assert features.shape == (2, 1280) and features.min() >= 0 and features.mean() > 0.01
 
@@ -51,7 +53,7 @@ def test_real_probe_separates_six_species(real_cache):
     test = {n: k for k, names in per_class.items() for n in names[10:]}
     images = BIRDS / "train" / "images"
     result = run_probe(labelled_from_gt(train, images), labelled_from_gt(test, images),
-                       ProbeConfig(Cs=(0.01,)), "required")
+                       ProbeConfig(fit=ProbeFit(Cs=(0.01,))), "required")
     # chance is 1/6; a probe on real ImageNet features separates six species from ten photos each
     assert result.test_accuracy is not None and result.test_accuracy >= 0.6, result.test_accuracy
-    assert np.isfinite(result.probe.clf_.coef_).all()
+    assert np.isfinite(result.fitted.probe.clf_.coef_).all()

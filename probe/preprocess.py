@@ -1,0 +1,108 @@
+"""Preprocessing derived from a backbone's pretrained weights: one source of truth for every stage.
+
+:class:`DataConfig` (sizes, mean, std, interpolation) comes from the weights' own transforms
+(:func:`data_config`); the two presets turn a decoded RGB image into a network input: :class:`EvalTransform`
+(probe features, the centre view of the cache, validation, ``classify``) and :class:`TrainTransform` (the
+augmented views). Each carries ``min_side``, the shorter side decoding must keep (see ``probe.images``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+from PIL import Image
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+
+from probe.backbone import get_spec
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Input preprocessing, derived from the backbone's weights (see :func:`data_config`).
+
+    Attributes:
+        image_size: side of the square network input (the centre crop).
+        resize_size: shorter side after resizing, before the centre crop.
+        mean, std: per-channel normalisation of 0..1 RGB.
+        interpolation: resize interpolation name (a torchvision ``InterpolationMode`` value).
+    """
+
+    image_size: int
+    resize_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+
+    @property
+    def crop_fraction(self) -> float:
+        return self.image_size / self.resize_size
+
+
+def data_config(backbone: str, image_size: int | None = None) -> DataConfig:
+    """Preprocessing of ``backbone``'s pretrained weights, optionally at another input size.
+
+    A different ``image_size`` keeps the weights' crop fraction (224/256 for MobileNetV2).
+    """
+    t = get_spec(backbone).weights.transforms()
+    native = DataConfig(
+        image_size=int(t.crop_size[0]),
+        resize_size=int(t.resize_size[0]),
+        mean=tuple(float(v) for v in t.mean),
+        std=tuple(float(v) for v in t.std),
+        interpolation=InterpolationMode(t.interpolation).value,
+    )
+    if image_size is None or image_size == native.image_size:
+        return native
+    return replace(native, image_size=int(image_size), resize_size=int(round(image_size / native.crop_fraction)))
+
+
+class EvalTransform:
+    """The evaluation preset: resize the shorter side, centre-crop, normalise: PIL RGB -> (3, S, S) float.
+
+    Attributes:
+        min_side: the shorter side decoding must keep (JPEGs may decode smaller, see ``probe.images``).
+        mean: the normalisation mean, for a blank stand-in image.
+    """
+
+    def __init__(self, cfg: DataConfig):
+        self.min_side, self.mean = cfg.resize_size, cfg.mean
+        self.transforms = transforms.Compose([
+            transforms.Resize(cfg.resize_size, interpolation=InterpolationMode(cfg.interpolation), antialias=True),
+            transforms.CenterCrop(cfg.image_size),
+            transforms.ToTensor(),
+            transforms.Normalize(cfg.mean, cfg.std),
+        ])
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return self.transforms(img)
+
+
+class TrainTransform:
+    """The training preset: random resized crop, horizontal flip, mild colour jitter, normalise.
+
+    Args:
+        scale: RandomResizedCrop's area range.
+        jitter: brightness/contrast/saturation strength (0 = none).
+    """
+
+    def __init__(self, cfg: DataConfig, *, scale: tuple[float, float], jitter: float):
+        # The smallest crop side is sqrt(scale[0] * 3/4) of the image's (area share, ratio 3/4); decoding
+        # must keep that crop at least image_size wide so the crop is never upsampled from a drafted JPEG.
+        self.min_side = math.ceil(cfg.image_size / math.sqrt(scale[0] * 3 / 4))
+        self.mean = cfg.mean
+        steps = [
+            transforms.RandomResizedCrop(
+                cfg.image_size, scale=scale, interpolation=InterpolationMode(cfg.interpolation), antialias=True
+            ),
+            transforms.RandomHorizontalFlip(),
+        ]
+        if jitter > 0:
+            steps.append(transforms.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter))
+        steps += [transforms.ToTensor(), transforms.Normalize(cfg.mean, cfg.std)]
+        self.transforms = transforms.Compose(steps)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return self.transforms(img)
