@@ -1,8 +1,12 @@
 """``python -m finetune [DATA_DIR] [--out birds_model.pt]``: both LP-FT stages, then test accuracy.
 
-DATA_DIR is the grader layout (train/gt.csv + train/images, optionally test/...). Without it, a small
-generated set is used. Prints validation and test accuracy, each stage's time and the peak memory.
-Writes nothing but ``--out``.
+DATA_DIR is the grader layout (train/gt.csv + train/images, optionally test/... and classes.txt). Without it,
+a small generated set is used. Prints one line per stage with its time, the validation and test accuracy
+and the peak memory. Writes nothing but ``--out`` (and ``--log-dir`` when given).
+
+Scale out with Lightning's own flags: ``--accelerator gpu --devices 4`` (one machine), ``--strategy ddp
+--devices 2`` on CPU processes, ``--num-nodes N`` under a cluster launcher. Each rank extracts and trains on
+its shard of the images; only rank 0 reports and writes.
 """
 
 from __future__ import annotations
@@ -11,15 +15,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from probe.__main__ import load_data
 from probe.data import DataError, LabelledImages
+from probe.datasets import load_data
 from probe.timing import Stopwatch, peak_rss_mb
 from probe.weights import WeightsError
+from finetune.cache import CacheBudgetError, default_budget, parse_size
 from finetune.config import PRESETS, FinetuneConfig, preset
 from finetune.train import FinetuneResult, fine_tune
 
-OVERRIDES = ("image_size", "views", "epochs", "split", "val_fraction", "seed", "precision", "lr_head", "lr_tail",
-             "batch_size", "head_only_epochs", "dropout")
+OVERRIDES = ("image_size", "views", "epochs", "split", "pooling", "val_fraction", "seed", "precision",
+             "train_precision", "lr_head", "lr_tail", "batch_size", "dropout", "mix", "mix_alpha", "ema_decay", "members")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -29,58 +34,72 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="write the checkpoint here (e.g. birds_model.pt)")
     p.add_argument("--preset", default="full", choices=sorted(PRESETS))
     for name in OVERRIDES:
-        kind = type(getattr(FinetuneConfig, name))
-        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=f"override (preset: {getattr(PRESETS['full'], name)})")
+        kind = int if name == "split" else type(getattr(FinetuneConfig(), name))
+        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None,
+                       help=f"override (full preset: {getattr(PRESETS['full'], name)})")
     p.add_argument("--allow-download", action="store_true", help="let torchvision download missing weights")
     p.add_argument("--random-init", action="store_true", help="no pretrained weights (a smoke run)")
-    p.add_argument("--accelerator", default="cpu")
-    p.add_argument("--devices", default="auto")
-    p.add_argument("--strategy", default="auto")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--accelerator", default="cpu", help="Lightning's: cpu, gpu, auto, ...")
+    p.add_argument("--devices", default="auto", help="Lightning's: a count, a list, or auto")
+    p.add_argument("--strategy", default="auto", help="Lightning's: auto, ddp, ddp_spawn, ...")
+    p.add_argument("--num-nodes", type=int, default=1)
+    p.add_argument("--cache-budget", type=parse_size, default=None,
+                   help="memory the trunk cache may use on this machine, e.g. 6GiB (default: 60%% of the "
+                        "memory available at the start)")
+    p.add_argument("--log-dir", type=Path, help="write Lightning's CSV (and TensorBoard) training logs here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--verbose", action="store_true", help="also Lightning's own messages and the full config")
     return p.parse_args(argv)
-
-
-def evaluate(result: FinetuneResult, test: LabelledImages, progress: bool) -> float:
-    """Test accuracy through the same prediction path as ``classify``."""
-    return result.classifier.score(test, precision=result.cfg.precision, progress=progress)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     cfg = preset(args.preset, **{k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None})
     sw, progress = Stopwatch(), not args.no_progress
+    budget = args.cache_budget if args.cache_budget is not None else default_budget()
     try:
         with sw("read data"):
             train, test = load_data(args.data_dir)
         result = fine_tune(train, cfg, "none" if args.random_init else "required", allow_download=args.allow_download,
-                           progress=progress, accelerator=args.accelerator, devices=args.devices, strategy=args.strategy)
-    except (DataError, WeightsError) as err:
+                           progress=progress, verbose=args.verbose, cache_budget=budget, log_dir=args.log_dir,
+                           accelerator=args.accelerator, devices=args.devices, strategy=args.strategy,
+                           num_nodes=args.num_nodes)
+    except (DataError, WeightsError, CacheBudgetError) as err:
         sys.exit(f"error: {err}")
-    report(result, train)
+    if not result.is_global_zero:
+        return  # another rank of a distributed run: rank 0 reports and writes
+    report(result, args.verbose)
     if test is not None:
         with sw("test"):
-            print(f"test accuracy:             {evaluate(result, test, progress):.4f}  ({len(test)} images, "
-                  f"flip TTA {'on' if cfg.tta_flip else 'off'})")
+            accuracy = result.classifier.score(test, precision=result.cfg.precision, progress=progress)
+        print(f"test accuracy: {accuracy:.4f} ({len(test)} images, flip TTA {'on' if cfg.tta_flip else 'off'})")
     if args.out:
         result.classifier.save(args.out)
         print(f"checkpoint written to {args.out}")
     print(f"time: {sw.report()}, {result.stopwatch.report()}; peak RSS {peak_rss_mb():.0f} MiB")
 
 
-def report(result: FinetuneResult, train: LabelledImages) -> None:
-    cfg = result.cfg
-    print(f"config: {cfg}")
-    probe_val = "n/a" if result.probe_val_accuracy is None else f"{result.probe_val_accuracy:.4f}"
-    print(f"stage one: C {result.probe_C:g}, probe validation accuracy {probe_val}")
+def report(result: FinetuneResult, verbose: bool) -> None:
+    cfg, fitted = result.cfg, result.fitted
+    if verbose:
+        print(f"config: {cfg}")
+    if len(result.shards) > 1:
+        for rank, shard in enumerate(result.shards):
+            print(f"rank {rank}: extracted {len(shard)} of {result.cache_images} images {shard if verbose else ''}")
+    probe_val = "n/a" if fitted.val_accuracy is None else f"{fitted.val_accuracy:.4f}"
+    print(f"stage one: C {fitted.C:g}, probe validation accuracy {probe_val}; probe head digest per rank: "
+          f"{' '.join(result.head_digests)}")
     if result.val_accuracy is not None:
         print(f"stage two validation accuracy: {result.val_accuracy:.4f} (best epoch)")
-    else:
-        print("stage two trained on every training image (val_fraction 0): no stage-two validation")
-    per_1000 = result.cache_bytes / result.cache_images * 1000 / 2**20
-    print(f"trunk cache: {result.cache_bytes / 2**20:.0f} MiB for {result.cache_images} images "
-          f"({per_1000:.0f} MiB per 1,000 images, {cfg.views + 1} views each)")
-    for row in result.history:
-        print("  " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+    per_image = result.cache_bytes / max(1, len(result.shards[0]) if result.shards else result.cache_images)
+    print(f"trunk cache (rank 0): {result.cache_bytes / 2**20:.0f} MiB, {per_image * 1000 / 2**20:.0f} MiB per 1,000 "
+          f"images with {cfg.views + 1} views each")
+    train_s = result.stopwatch.seconds.get("fine-tune", 0.0)
+    print(f"fine-tune: {result.trained_samples} cached views in {train_s:.1f}s "
+          f"({result.trained_samples / max(train_s, 1e-9):.1f} views/s)")
+    if verbose:
+        for row in result.history:
+            print("  " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
 
 
 if __name__ == "__main__":

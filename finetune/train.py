@@ -1,24 +1,46 @@
-"""Stage two end to end: probe-initialised head (LP-FT), cached trunk views, Lightning fine-tuning."""
+"""Stage two end to end: probe-initialised head (LP-FT), cached trunk views, Lightning fine-tuning.
+
+:func:`fine_tune` leaves the interpreter as it found it: Lightning's seeding and deterministic mode are
+undone when it returns (:func:`process_state_kept`), its warning filters and log levels when each fit
+ends (:func:`quiet_lightning`).
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+import random
+import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from probe.backbone import BirdNet, NetConfig, data_config
-from probe.data import LabelledImages, stratified_split
-from probe.linear import LinearProbe, init_head_from_probe, select_C
-from probe.pipeline import pretrained_net
+from probe.backbone import BirdNet, NetConfig
+from probe.preprocess import data_config
+from probe.data import LabelledImages
+from probe.features import resolve_precision
+from probe.linear import FittedProbe
 from probe.timing import Stopwatch
+from probe.weights import pretrained_net
 from finetune.checkpoint import Classifier
-from finetune.cache import CachedViews, augmented_activations, centre_activations
 from finetune.config import FinetuneConfig
-from finetune.module import LPFTModule, TrunkFreeze
+from finetune.cache import CachedViews
+from finetune.datamodule import TrunkCacheData, cached_loader
+from finetune.module import LPFTModule, TrunkFreeze, WeightAverage
+
+# Lightning's messages about choices this design makes on purpose: in-process loading (no workers),
+# BatchNorm pinned in eval mode, our own sharding instead of a DistributedSampler, no logger.
+KNOWN_WARNINGS = (".*does not have many workers.*", ".*module\\(s\\) in eval mode.*",
+                  ".*distributed_sampler.*", ".*no logger.*", ".*LightningModule.log.*",
+                  ".*LeafSpec.*", ".*no `val_dataloader`.*", ".*log_every_n_steps.*")  # Lightning's own use of a torch API that newer torch deprecates
+# Lightning's informational lines (accelerator summary, tips); they go to these loggers at INFO.
+LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
 
 
 @dataclass
@@ -27,97 +49,152 @@ class FinetuneResult:
 
     classifier: Classifier
     cfg: FinetuneConfig
-    probe_C: float
-    probe_val_accuracy: float | None
+    fitted: FittedProbe
     val_accuracy: float | None
     history: list[dict[str, float]]
     cache_bytes: int
     cache_images: int
     trained_samples: int  # cached views that went through the tail during training, all epochs
+    shards: list[list[int]]  # image indices each rank extracted
+    head_digests: list[str]  # hash of each rank's probe-initialised head: all equal
+    is_global_zero: bool  # False on the other ranks of a DDP run: they write nothing
     stopwatch: Stopwatch = field(default_factory=Stopwatch)
 
 
-@torch.inference_mode()
-def pooled_from_trunk(net: BirdNet, acts: torch.Tensor, batch_size: int = 64) -> np.ndarray:
-    """(N, F) pooled features from cached trunk activations (N, C, h, w), in fp32 like training."""
-    net.eval()
-    return torch.cat([net.forward_features(acts[i:i + batch_size]) for i in range(0, len(acts), batch_size)]).numpy()
+@contextmanager
+def process_state_kept():
+    """Undo what training changes process-wide: the random generators, torch's deterministic mode and the
+    environment (Lightning's ``seed_everything`` sets PL_GLOBAL_SEED and PL_SEED_WORKERS)."""
+    rng = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    environ = dict(os.environ)
+    try:
+        yield
+    finally:
+        random.setstate(rng[0])
+        np.random.set_state(rng[1])
+        torch.set_rng_state(rng[2])
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        os.environ.clear()
+        os.environ.update(environ)
 
 
-def fit_stage_one(features: np.ndarray, labels: np.ndarray, cfg: FinetuneConfig):
-    """Choose C on stage one's split, then fit the probe on stage two's training indices.
+@contextmanager
+def quiet_lightning(verbose: bool = False):
+    """Silence Lightning's known warnings about this design's choices and, unless ``verbose``, its
+    informational lines (accelerator summary, tips), for the block only: filters and levels come back."""
+    levels = {name: logging.getLogger(name).level for name in LIGHTNING_LOGGERS}
+    try:
+        with warnings.catch_warnings():
+            for pattern in KNOWN_WARNINGS:
+                warnings.filterwarnings("ignore", pattern)
+            if not verbose:
+                for name in LIGHTNING_LOGGERS:
+                    logging.getLogger(name).setLevel(logging.WARNING)
+            yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
-    Returns:
-        (probe, C, probe validation accuracy, stage-two train indices, stage-two validation indices)
+
+def trainer_precision(cfg: FinetuneConfig, accelerator: str) -> str:
+    """Lightning's precision for the tail: 'bf16-mixed' (fp32 master weights) where bf16 is native, else fp32."""
+    device = "cuda" if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()) else "cpu"
+    return "bf16-mixed" if resolve_precision(cfg.train_precision, device) == "bf16" else "32-true"
+
+
+def make_trainer(cfg: FinetuneConfig, progress: bool, *, validate: bool, log_dir: Path | None = None,
+                 verbose: bool = False, **trainer_kwargs) -> L.Trainer:
+    """A Trainer that writes nothing unless ``log_dir`` is given: no logger, no checkpoints, no sanity pass.
+
+    Device flags (accelerator, devices, strategy, num_nodes) pass through ``trainer_kwargs``.
     """
-    tr, va = stratified_split(labels, cfg.probe_val_fraction, cfg.seed)
-    C, scores = select_C(features[tr], labels[tr], features[va], labels[va], cfg.probe_Cs, cfg.seed)
-    if cfg.val_fraction > 0:
-        fit_idx, val_idx = stratified_split(labels, cfg.val_fraction, cfg.seed)
-    else:
-        fit_idx, val_idx = np.arange(len(labels)), np.array([], dtype=np.int64)
-    probe = LinearProbe(C, random_state=cfg.seed).fit(features[fit_idx], labels[fit_idx])
-    return probe, C, scores.get(C), fit_idx, val_idx
-
-
-def make_trainer(cfg: FinetuneConfig, progress: bool, **trainer_kwargs) -> L.Trainer:
-    """A Trainer that writes nothing: no logger, no checkpoints, no sanity pass; device flags pass through."""
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")  # in-process loading is the design
-    warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")  # BatchNorm is pinned to eval on purpose
+    callbacks = [TrunkFreeze()] + ([WeightAverage(cfg.ema_decay)] if cfg.ema_decay > 0 else [])
     kwargs = dict(
-        max_epochs=cfg.epochs, logger=False, enable_checkpointing=False, enable_model_summary=False,
-        num_sanity_val_steps=0, limit_train_batches=cfg.limit_train_batches, deterministic="warn",
-        enable_progress_bar=progress, callbacks=[TrunkFreeze(cfg.head_only_epochs, cfg.lr_tail)],
+        max_epochs=cfg.epochs, logger=_loggers(log_dir), enable_checkpointing=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_train_batches=cfg.limit_train_batches, limit_val_batches=1.0 if validate else 0,
+        deterministic="warn", enable_progress_bar=progress, use_distributed_sampler=False,
+        precision=trainer_precision(cfg, trainer_kwargs.get("accelerator", "cpu")),
     )
-    kwargs["callbacks"] += list(trainer_kwargs.pop("callbacks", []))  # extra callbacks never replace the freezing
+    kwargs["callbacks"] = callbacks + list(trainer_kwargs.pop("callbacks", []))  # extras never replace ours
     kwargs.update(trainer_kwargs)
-    return L.Trainer(**kwargs)
+    with quiet_lightning(verbose):  # its accelerator summary and tips
+        return L.Trainer(**kwargs)
+
+
+def _loggers(log_dir: Path | None) -> list | bool:
+    """Opt-in training curves: a CSVLogger (and TensorBoard's where it is installed) under ``log_dir``."""
+    if log_dir is None:
+        return False
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    loggers = [CSVLogger(log_dir, name="csv")]
+    try:
+        loggers.append(TensorBoardLogger(log_dir, name="tensorboard"))
+    except ModuleNotFoundError:  # tensorboard (or tensorboardX) not installed: CSV only
+        pass
+    return loggers
+
+
+def fit_module(module: LPFTModule, trainer: L.Trainer, verbose: bool = False, **fit_kwargs) -> float:
+    """``trainer.fit`` with BatchNorm pinned, Lightning quiet and the best validation weights restored; returns
+    its seconds."""
+    start = time.perf_counter()
+    module.train()  # Lightning >= 2.2 keeps the mode it is given; ours pins BatchNorm and enables dropout
+    with quiet_lightning(verbose):
+        trainer.fit(module, **fit_kwargs)
+    if module.best_state is not None:
+        module.net.load_state_dict(module.best_state)
+    module.net.eval()
+    return time.perf_counter() - start
 
 
 def train_tail(net: BirdNet, train_set: CachedViews, val_set: CachedViews | None, cfg: FinetuneConfig,
-               progress: bool = True, **trainer_kwargs) -> LPFTModule:
-    """Fit tail + head on cached activations; the best validation weights end up in ``net``."""
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(cfg.seed))
-    module = LPFTModule(net, cfg)
+               progress: bool = True, member: int = 0, **trainer_kwargs) -> LPFTModule:
+    """Fit one member's tail + head on prepared cached views in this process; the best validation weights
+    end up in ``net``.
+
+    The head is used as it is (initialise it from the probe first). :func:`fine_tune` does the same
+    through :class:`~finetune.datamodule.TrunkCacheData`, which also extracts the cache and fits the probe.
+    """
+    module = LPFTModule(net, cfg, member)
+    trainer = make_trainer(cfg, progress, validate=val_set is not None, **trainer_kwargs)
     val_loader = DataLoader(val_set, batch_size=64) if val_set is not None else None
-    module.train()  # Lightning >= 2.2 keeps the mode it is given; ours pins BatchNorm and enables dropout
-    make_trainer(cfg, progress, **trainer_kwargs).fit(module, loader, val_loader)
-    if module.best_state is not None:
-        net.load_state_dict(module.best_state)
-    net.eval()
+    loader = cached_loader(train_set, cfg, member=member)
+    fit_module(module, trainer, train_dataloaders=loader, val_dataloaders=val_loader)
     return module
 
 
 def fine_tune(train: LabelledImages, cfg: FinetuneConfig, weights: str = "required", *,
-              allow_download: bool = False, progress: bool = True, **trainer_kwargs) -> FinetuneResult:
+              allow_download: bool = False, progress: bool = True, verbose: bool = False,
+              cache_budget: int | None = None, log_dir: Path | None = None, **trainer_kwargs) -> FinetuneResult:
     """Both stages on ``train``: LP init of the head, then fine-tuning of tail + head.
 
     Args:
-        weights: see :func:`probe.pipeline.pretrained_net` ('required', 'if-cached' or 'none').
+        weights: see :func:`probe.weights.pretrained_net` ('required', 'if-cached' or 'none').
+        cache_budget: bytes the trunk cache may take on this machine (None: no check).
+        log_dir: write Lightning's CSV (and TensorBoard) logs there; None writes nothing.
         trainer_kwargs: passed to ``lightning.Trainer`` (e.g. accelerator, devices, strategy). Under DDP
-            every rank builds the whole trunk cache itself, then trains on its shard of the views.
+            each rank extracts and trains on its own shard (see :mod:`finetune.datamodule`).
     """
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    sw = Stopwatch()
-    data_cfg = data_config(cfg.backbone, cfg.image_size)
-    net_cfg = NetConfig(cfg.backbone, train.num_classes, cfg.split, cfg.dropout)
-    with sw("load network"):
-        net = pretrained_net(net_cfg, weights, allow_download=allow_download)
-    with sw("centre view"):
-        centre = centre_activations(net, train, data_cfg, cfg, progress=progress)
-    with sw("probe"):
-        probe, C, probe_val, fit_idx, val_idx = fit_stage_one(pooled_from_trunk(net, centre), train.labels, cfg)
-        init_head_from_probe(net.head, probe)
-    with sw("augmented views"):
-        views = augmented_activations(net, train.subset(fit_idx), data_cfg, cfg, progress=progress)
-    fit_centre = centre if len(fit_idx) == len(centre) else centre[fit_idx]  # no copy when training on all
-    train_set = CachedViews([fit_centre, *views], train.labels[fit_idx])
-    val_set = CachedViews([centre[val_idx]], train.labels[val_idx]) if len(val_idx) else None
-    cache_bytes = train_set.nbytes + (val_set.nbytes if val_set else 0)
-    with sw("fine-tune"):
-        module = train_tail(net, train_set, val_set, cfg, progress, **trainer_kwargs)
-    val_acc = module.best_val_accuracy if val_set is not None else None
-    classifier = Classifier(net, net_cfg, data_cfg, cfg.tta_flip).eval()
-    return FinetuneResult(classifier, cfg, C, probe_val, val_acc, module.history, cache_bytes, len(train),
-                          module.samples_seen, sw)
+    with process_state_kept():
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        sw = Stopwatch()
+        data_cfg = data_config(cfg.backbone, cfg.image_size)
+        net_cfg = NetConfig(cfg.backbone, train.num_classes, cfg.trunk_split, cfg.dropout, cfg.pooling, cfg.members)
+        with sw("load network"):
+            net = pretrained_net(net_cfg, weights, allow_download=allow_download)
+        data = TrunkCacheData(train, net, cfg, data_cfg, stopwatch=sw, cache_budget=cache_budget, progress=progress)
+        modules, seconds = [], 0.0
+        for member in range(cfg.members):  # the first fit's setup extracts the cache; the others reuse it
+            data.member = member
+            modules.append(LPFTModule(net, cfg, member))
+            trainer = make_trainer(cfg, progress, validate=cfg.val_fraction > 0, log_dir=log_dir, verbose=verbose,
+                                   **trainer_kwargs)
+            seconds += fit_module(modules[-1], trainer, verbose, datamodule=data)
+        sw.seconds["fine-tune"] = seconds - data.setup_seconds
+    val_acc = modules[-1].best_val_accuracy if data.val_set is not None else None
+    classifier = Classifier(net.cpu(), net_cfg, data_cfg, cfg.tta_flip, train.class_names).eval()
+    return FinetuneResult(classifier, cfg, data.fitted, val_acc, [row for m in modules for row in m.history],
+                          data.cache_bytes, len(train), sum(m.samples_seen for m in modules), data.shards,
+                          data.head_digests, trainer.is_global_zero, sw)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,12 +21,15 @@ import finetune.train as finetune_train
 from finetune.cache import CachedViews, augmented_activations, centre_activations
 from finetune.checkpoint import Classifier
 from finetune.config import PRESETS, preset
+import finetune.datamodule as finetune_data
+from finetune.datamodule import pooled_from_trunk, stage_two_split
 from finetune.module import LPFTModule, TrunkFreeze, lr_factor
-from finetune.train import FinetuneResult, fine_tune, fit_stage_one, pooled_from_trunk, train_tail
-from probe.backbone import NetConfig, build_net, data_config, eval_transform
+from finetune.train import FinetuneResult, fine_tune, train_tail
+from probe.backbone import NetConfig, build_net
 from probe.data import load_split_dir, stratified_split
-from probe.features import ImageDataset
-from probe.linear import LinearProbe, init_head_from_probe
+from probe.images import ImageDataset
+from probe.linear import LinearProbe, ProbeFit, fit_probe, init_head_from_probe
+from probe.preprocess import EvalTransform, data_config
 from probe.synthetic import make_synthetic, write_grader_layout
 
 SIZE = 64  # network input side of every test here: split 14 gives (96, 4, 4) trunk activations
@@ -40,7 +42,7 @@ TRAINER = dict(accelerator="cpu", devices=1)
 
 def _inputs(images, image_size: int = SIZE) -> torch.Tensor:
     """The evaluation view of every image as one (N, 3, S, S) batch."""
-    dataset = ImageDataset(images.sources, images.names, eval_transform(data_config("mobilenet_v2", image_size)))
+    dataset = ImageDataset(images.sources, images.names, EvalTransform(data_config("mobilenet_v2", image_size)))
     return torch.stack([dataset[i][0] for i in range(len(dataset))])
 
 
@@ -69,6 +71,10 @@ class Spy(L.Callback):
         self.val: list[tuple[float, dict[str, torch.Tensor]]] = []
         self.final: dict[str, torch.Tensor] | None = None
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        # the rates this step uses: the scheduler has stepped after the previous batch, not yet after this one
+        self._lrs = [(g["lr"], g["initial_lr"]) for g in trainer.optimizers[0].param_groups]
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         net = pl_module.net
         self.steps.append({
@@ -77,7 +83,7 @@ class Spy(L.Callback):
             "head_requires_grad": [p.requires_grad for p in net.head.parameters()],
             "bn_training": [m.training for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)],
             "dropout_training": net.dropout.training,
-            "lrs": [(g["lr"], g["peak_lr"]) for g in trainer.optimizers[0].param_groups],
+            "lrs": self._lrs,
             "step": trainer.global_step - 1,
         })
 
@@ -111,7 +117,7 @@ def spy(monkeypatch) -> Spy:
 @pytest.mark.parametrize("mode", ["eval", "train"])  # fine_tune passes an eval-mode net
 def test_train_tail_changes_only_tail_and_head(mode, spy):
     torch.manual_seed(0)
-    net = build_net(NetConfig("mobilenet_v2", 3, TINY.split, 0.2)).train(mode == "train")
+    net = build_net(NetConfig("mobilenet_v2", 3, TINY.trunk_split, 0.2)).train(mode == "train")
     acts, y = _class_acts(24, 3, seed=1)
     before = _state(net)
 
@@ -141,7 +147,7 @@ def test_train_tail_changes_only_tail_and_head(mode, spy):
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_train_tail_pins_batchnorm_and_keeps_dropout_during_training(mode, spy):
-    net = build_net(NetConfig("mobilenet_v2", 3, TINY.split, 0.2)).train(mode == "train")
+    net = build_net(NetConfig("mobilenet_v2", 3, TINY.trunk_split, 0.2)).train(mode == "train")
     acts, y = _class_acts(16, 3, seed=2)
     train_tail(net, CachedViews([acts], y), None, TINY, progress=False, **TRAINER)
     assert spy.steps
@@ -150,21 +156,22 @@ def test_train_tail_pins_batchnorm_and_keeps_dropout_during_training(mode, spy):
         assert step["dropout_training"]  # cfg.dropout really regularises the head
 
 
-def test_trunk_freeze_callback_freezes_trunk_only():
-    net = build_net(NetConfig("mobilenet_v2", 3, TINY.split))
-    module = LPFTModule(net, TINY)
-    TrunkFreeze(head_only_epochs=0, lr_tail=1e-4).freeze_before_training(module)
+def test_trunk_freeze_callback_freezes_trunk_and_the_other_members():
+    net = build_net(NetConfig("mobilenet_v2", 3, TINY.trunk_split, members=3))
+    TrunkFreeze().freeze_before_training(LPFTModule(net, TINY))
     assert not any(p.requires_grad for p in net.trunk.parameters())
     assert all(p.requires_grad for p in net.tail.parameters()) and all(p.requires_grad for p in net.head.parameters())
-    TrunkFreeze(head_only_epochs=2, lr_tail=1e-4).freeze_before_training(module)
-    assert not any(p.requires_grad for p in net.tail.parameters())
-    assert all(p.requires_grad for p in net.head.parameters())
+    assert not any(p.requires_grad for p in net.extra.parameters())
+    TrunkFreeze().freeze_before_training(LPFTModule(net, TINY, member=2))  # the next member's turn
+    assert all(p.requires_grad for p in net.member(2).parameters())
+    assert not any(p.requires_grad for i in (0, 1) for p in net.member(i).parameters())
+    assert not any(p.requires_grad for p in net.trunk.parameters())
 
 
 def test_training_follows_the_lr_schedule(spy):
     cfg = replace(TINY, lr_head=2e-3, lr_tail=5e-4, limit_train_batches=3, warmup_fraction=0.0)
     acts, y = _class_acts(24, 3, seed=3)
-    train_tail(build_net(NetConfig("mobilenet_v2", 3, cfg.split)).eval(), CachedViews([acts], y), None, cfg,
+    train_tail(build_net(NetConfig("mobilenet_v2", 3, cfg.trunk_split)).eval(), CachedViews([acts], y), None, cfg,
                progress=False, **TRAINER)
     assert [s["step"] for s in spy.steps] == [0, 1, 2]
     for s in spy.steps:
@@ -181,50 +188,81 @@ def test_training_follows_the_lr_schedule(spy):
 def test_stage_one_head_equals_probe_decision_function():
     k = 3
     images = make_synthetic(num_classes=k, per_class=8, size=48, seed=3)
-    cfg = replace(TINY, probe_Cs=(1.0,))
+    cfg = replace(TINY, probe=ProbeFit(Cs=(1.0,)))
     data_cfg = data_config(cfg.backbone, cfg.image_size)
-    net = calibrate_batchnorm(build_net(NetConfig(cfg.backbone, k, cfg.split, cfg.dropout)), _inputs(images))
+    net = calibrate_batchnorm(build_net(NetConfig(cfg.backbone, k, cfg.trunk_split, cfg.dropout)), _inputs(images))
 
     centre = centre_activations(net, images, data_cfg, cfg, progress=False)
     assert centre.dtype == torch.float16 and centre.shape == (len(images), 96, 4, 4)
-    feats = pooled_from_trunk(net, centre)
+    feats = pooled_from_trunk(net, centre).numpy()
     assert feats.shape == (len(images), net.head.in_features) and feats.std() > 1e-3
-    probe, C, _, fit_idx, val_idx = fit_stage_one(feats, images.labels, cfg)
-    assert C == 1.0 and np.array_equal(fit_idx, np.arange(len(images))) and len(val_idx) == 0
-    init_head_from_probe(net.head, probe)
+    fitted = fit_probe(feats, images.labels, cfg.probe, cfg.seed)
+    assert fitted.C == 1.0 and fitted.val_accuracy is None  # one C: nothing chosen
+    init_head_from_probe(net.head, fitted.probe)
 
     # the module that fine-tunes starts exactly where the probe ends
     module = LPFTModule(net, cfg).eval()
     with torch.no_grad():
         logits = module(centre).numpy()
-    d = probe.decision_function(feats)
+    d = fitted.probe.decision_function(feats)
     assert d.shape == (len(images), k) and np.abs(d).max() > 0.5  # a real, non-trivial probe
     np.testing.assert_allclose(logits, d, rtol=0, atol=1e-4)
 
 
-def test_stage_one_with_validation_fits_probe_on_training_part_only():
+def test_fit_probe_chooses_C_on_a_split_then_refits_on_everything():
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(3), 8)
     feats = rng.normal(size=(24, 16)) + labels[:, None]
-    cfg = replace(TINY, val_fraction=0.25, probe_Cs=(0.1, 1.0))
-    probe, C, probe_val, fit_idx, val_idx = fit_stage_one(feats, labels, cfg)
-    assert C in cfg.probe_Cs and 0.0 <= probe_val <= 1.0
+    cfg = ProbeFit(val_fraction=0.25, Cs=(0.1, 1.0))
+    fitted = fit_probe(feats, labels, cfg, seed=0)
+    assert fitted.C in cfg.Cs and set(fitted.val_scores) == set(cfg.Cs) and 0.0 <= fitted.val_accuracy <= 1.0
+    expected = LinearProbe(fitted.C, random_state=0).fit(feats, labels)
+    np.testing.assert_allclose(fitted.probe.decision_function(feats), expected.decision_function(feats), atol=1e-10)
+
+
+def test_stage_two_validation_split_and_the_probe_sees_only_training_images(monkeypatch):
+    labels = np.repeat(np.arange(3), 8)
+    fit_idx, val_idx = stage_two_split(labels, replace(TINY, val_fraction=0.25))
     assert len(val_idx) == 6 and sorted([*fit_idx, *val_idx]) == list(range(24))
-    split = stratified_split(labels, 0.25, cfg.seed)
+    split = stratified_split(labels, 0.25, TINY.seed)
     assert np.array_equal(fit_idx, split[0]) and np.array_equal(val_idx, split[1])
-    expected = LinearProbe(C, random_state=cfg.seed).fit(feats[fit_idx], labels[fit_idx])
-    np.testing.assert_allclose(probe.decision_function(feats), expected.decision_function(feats), atol=1e-10)
+    assert np.array_equal(stage_two_split(labels, TINY)[0], np.arange(24))  # val_fraction 0: every image
+
+    seen = []
+    real = finetune_data.fit_probe
+    monkeypatch.setattr(finetune_data, "fit_probe", lambda X, y, *a: seen.append((X, y)) or real(X, y, *a))
+    images = make_synthetic(num_classes=3, per_class=6, size=48, seed=2)
+    fine_tune(images, replace(TINY, val_fraction=0.34), "none", progress=False, **TRAINER)
+    fit_idx, _ = stratified_split(images.labels, 0.34, TINY.seed)
+    (X, y), = seen
+    assert len(X) == len(fit_idx) and np.array_equal(y, images.labels[fit_idx])
+
+
+class HeadCheck(L.Callback):
+    """At the start of training: the head in training reproduces the probe's decision function."""
+
+    def __init__(self, probes: list):
+        self.probes, self.checked = probes, 0
+
+    def on_train_start(self, trainer, pl_module):
+        centre, member = trainer.datamodule.train_set.stacks[0], pl_module.member  # this fit's member
+        with torch.no_grad():
+            feats = member.eval().forward_head(member.forward_tail(centre), pre_logits=True).numpy()
+            logits = pl_module.eval()(centre).numpy()
+        pl_module.train()
+        np.testing.assert_allclose(logits, self.probes[0].decision_function(feats), rtol=0, atol=1e-4)
+        self.checked += 1
 
 
 def test_fine_tune_trains_from_the_probe_head(monkeypatch):
-    """fine_tune wires the pieces: the net train_tail receives has the probe as its head."""
+    """fine_tune wires the pieces: the net the trainer trains has the probe as its head (every member)."""
     k = 3
     images = make_synthetic(num_classes=k, per_class=6, size=48, seed=4)
-    cfg = replace(TINY, probe_Cs=(1.0,))
-    nets, probes, checked = [], [], []
+    cfg = replace(TINY, probe=ProbeFit(Cs=(1.0,)), members=2)
+    nets, probes = [], []
 
     def calibrated_net(net_cfg, weights, allow_download=False):
-        assert (weights, allow_download, net_cfg.num_classes) == ("none", False, k)
+        assert (weights, allow_download, net_cfg.num_classes, net_cfg.members) == ("none", False, k, 2)
         nets.append(calibrate_batchnorm(build_net(net_cfg), _inputs(images)))
         return nets[-1]
 
@@ -232,20 +270,12 @@ def test_fine_tune_trains_from_the_probe_head(monkeypatch):
         probes.append(probe)
         return init_head_from_probe(head, probe)
 
-    def check_then_train(net, train_set, val_set, cfg_, progress=True, **kwargs):
-        centre = train_set.stacks[0]
-        feats = pooled_from_trunk(net, centre)
-        with torch.no_grad():
-            logits = LPFTModule(net, cfg_).eval()(centre).numpy()
-        np.testing.assert_allclose(logits, probes[0].decision_function(feats), rtol=0, atol=1e-4)
-        checked.append(True)
-        return train_tail(net, train_set, val_set, cfg_, progress, **kwargs)
-
     monkeypatch.setattr(finetune_train, "pretrained_net", calibrated_net)
-    monkeypatch.setattr(finetune_train, "init_head_from_probe", capture_probe)
-    monkeypatch.setattr(finetune_train, "train_tail", check_then_train)
-    result = fine_tune(images, cfg, "none", progress=False, **TRAINER)
-    assert checked == [True] and len(probes) == 1 and result.classifier.net is nets[0]
+    monkeypatch.setattr(finetune_data, "init_head_from_probe", capture_probe)
+    check = HeadCheck(probes)
+    result = fine_tune(images, cfg, "none", progress=False, callbacks=[check], **TRAINER)
+    assert check.checked == 2 and len(probes) == 2 and probes[0] is probes[1]  # both members, one probe
+    assert result.classifier.net is nets[0]
 
 
 # --------------------------------------------------------------------------- schedule
@@ -293,7 +323,7 @@ def test_augmented_activations_are_seeded_and_differ_across_views():
     images = make_synthetic(num_classes=2, per_class=3, size=48, seed=5)
     cfg = replace(TINY, views=2, cache_dtype="float32", seed=7)
     data_cfg = data_config(cfg.backbone, cfg.image_size)
-    net = build_net(NetConfig(cfg.backbone, 2, cfg.split)).eval()
+    net = build_net(NetConfig(cfg.backbone, 2, cfg.trunk_split)).eval()
 
     first = augmented_activations(net, images, data_cfg, cfg, progress=False)
     torch.rand(1000)  # whatever the global RNG did in between
@@ -336,12 +366,12 @@ def test_checkpoint_round_trip(tmp_path, k, split, image_size, tta_flip):
 
     x = torch.randn(4, 3, image_size, image_size)
     with torch.no_grad():
-        expected = original.eval()(x)
+        expected = original.eval().net(x)
         assert expected.std() > 1e-3  # logits depend on the weights, not just on the head bias
-        assert torch.equal(loaded(x), expected)
+        assert torch.equal(loaded.net(x), expected)
     images = make_synthetic(num_classes=2, per_class=2, size=48, seed=9)
-    a = original.predict_logits(images.sources, images.names, precision="fp32")
-    b = loaded.predict_logits(images.sources, images.names, precision="fp32")
+    a = original.predict_logits(images.sources, images.names, precision="fp32").logits
+    b = loaded.predict_logits(images.sources, images.names, precision="fp32").logits
     assert a.shape == (4, k) and torch.equal(a, b)
 
 
@@ -357,7 +387,7 @@ def test_checkpoint_load_refuses_non_checkpoints(tmp_path):
     marker = tmp_path / "code-ran"
     evil = tmp_path / "evil.pt"
     torch.save({"format": "birds-lpft/1", "payload": _RunsCodeWhenUnpickled(marker)}, evil)
-    with pytest.raises((pickle.UnpicklingError, ValueError)):
+    with pytest.raises(ValueError, match="cannot read this checkpoint"):
         Classifier.load(evil)
     assert not marker.exists()  # weights_only: the pickle's code never ran
 
@@ -365,7 +395,7 @@ def test_checkpoint_load_refuses_non_checkpoints(tmp_path):
     for bad in ({"state_dict": good["state_dict"]}, {**good, "format": "something-else/1"}, torch.zeros(3), [1, 2]):
         path = tmp_path / "bad.pt"
         torch.save(bad, path)
-        with pytest.raises(ValueError, match="not a birds-lpft/1 checkpoint"):
+        with pytest.raises(ValueError, match="not a valid checkpoint"):
             Classifier.load(path)
 
 
@@ -378,11 +408,11 @@ def test_fine_tune_end_to_end_tiny():
     result = fine_tune(train, TINY, "none", progress=False, **TRAINER)
 
     assert isinstance(result, FinetuneResult) and result.cfg == TINY
-    assert result.probe_C in TINY.probe_Cs and result.val_accuracy is None
+    assert result.fitted.C in TINY.probe.Cs and result.val_accuracy is None
     clf = result.classifier
     assert isinstance(clf, Classifier) and not clf.net.training
     assert clf.data_cfg == data_config("mobilenet_v2", SIZE) and clf.tta_flip == TINY.tta_flip
-    assert clf.net_cfg == NetConfig("mobilenet_v2", 3, TINY.split, TINY.dropout)
+    assert clf.net_cfg == NetConfig("mobilenet_v2", 3, TINY.trunk_split, TINY.dropout)
     assert [row["epoch"] for row in result.history] == [1]
     assert all(math.isfinite(v) for row in result.history for v in row.values())
     # every fit image, centre view + cfg.views augmented views, fp16
@@ -391,7 +421,7 @@ def test_fine_tune_end_to_end_tiny():
     # limit_train_batches=2 of 36 cached views: two full batches per epoch went through the tail
     assert result.trained_samples == 2 * TINY.batch_size * TINY.epochs
 
-    logits = clf.predict_logits(test.sources, test.names)
+    logits = clf.predict_logits(test.sources, test.names).logits
     assert logits.shape == (len(test), 3) and torch.isfinite(logits).all()
     preds = logits.argmax(1).tolist()
     assert len(preds) == len(test) and all(type(p) is int and 0 <= p < 3 for p in preds)
@@ -420,7 +450,7 @@ def test_train_tail_restores_an_earlier_best_epoch(spy):
     """Validation labels contradict the training labels, so later epochs never beat the first one."""
     acts, y = _class_acts(24, 3, seed=6)
     cfg = replace(TINY, epochs=3, lr_head=1e-2, lr_tail=1e-3)
-    net = build_net(NetConfig("mobilenet_v2", 3, cfg.split)).eval()
+    net = build_net(NetConfig("mobilenet_v2", 3, cfg.trunk_split)).eval()
     module = train_tail(net, CachedViews([acts], y), CachedViews([acts], (y + 1) % 3), cfg, progress=False,
                         **TRAINER)
 
@@ -477,13 +507,13 @@ def test_cli_on_grader_layout_writes_only_out(tmp_path, watched, capsys):
     clf = Classifier.load(out)
     assert clf.net.head.out_features == 3 and clf.data_cfg.image_size == SIZE
     test = load_split_dir(data, "test")
-    assert clf.predict_logits(test.sources, test.names).shape == (len(test), 3)
+    assert clf.predict_logits(test.sources, test.names).logits.shape == (len(test), 3)
 
 
 def test_fast_preset_is_the_grader_smoke_run():
     fast, full = PRESETS["fast"], PRESETS["full"]
     assert fast.epochs == 1 and fast.views == 1 and fast.image_size < full.image_size
-    assert (fast.backbone, fast.split) == (full.backbone, full.split)
+    assert (fast.backbone, fast.trunk_split) == (full.backbone, full.trunk_split)
     assert preset("fast", image_size=SIZE) == replace(fast, image_size=SIZE)
     with pytest.raises(ValueError, match="unknown preset"):
         preset("fastest")

@@ -1,0 +1,219 @@
+"""``python -m finetune.cv DATA_DIR [--candidates SPEC ...]``: score recipes by stratified k-fold cross-validation.
+
+Only the training images are used (the test split is never read), the same seeded folds for every
+candidate. A candidate is ``PRESET[:field=value,...]``, e.g. ``full``, ``v1``, ``full:ema_decay=0.998``,
+``full:image_size=384,views=6``. The trunk cache (centre view, its mirror for flip TTA, and the augmented
+views of every image) is computed once per trunk setting (backbone, image size, split, augmentation,
+precision) and shared by every fold and every candidate with that setting; a candidate with fewer views
+uses the first ones. Per fold only stage one (the probe on the fold's training images) and the tail are
+fitted again, then the held-out fold is scored exactly as ``classify`` would (centre view, flip TTA).
+
+Prints per candidate the fold accuracies, mean +- standard error and seconds; writes nothing unless
+``--out`` (a .json or .md table) is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.model_selection import StratifiedKFold
+
+from probe.backbone import BirdNet, NetConfig, make_pool
+from probe.preprocess import data_config
+from probe.data import DataError, LabelledImages, load_split_dir
+from probe.features import autocast
+from probe.linear import fit_probe, init_head_from_probe
+from probe.weights import WeightsError, pretrained_net
+from finetune.cache import CachedViews, augmented_activations, centre_activations
+from finetune.config import FinetuneConfig, preset
+from finetune.datamodule import pooled_from_trunk
+from finetune.train import process_state_kept, train_tail
+
+
+
+def parse_candidate(spec: str) -> tuple[str, FinetuneConfig]:
+    """'PRESET[:field=value,...]' -> (spec, config); values are Python literals, else strings."""
+    name, _, rest = spec.partition(":")
+    types = {f.name for f in fields(FinetuneConfig)}
+    overrides = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in types:
+            raise ValueError(f"{spec!r}: {item!r} is not field=value with a FinetuneConfig field")
+        try:
+            overrides[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            overrides[key] = value
+    return spec, preset(name, **overrides)
+
+
+def stratified_folds(labels: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """k seeded stratified (train, held-out) index pairs; the held-out parts are disjoint and cover every image."""
+    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    return [(np.sort(tr), np.sort(va)) for tr, va in splitter.split(np.zeros(len(labels)), labels)]
+
+
+@dataclass
+class TrunkCache:
+    """Every training image's cached trunk activations for one trunk setting."""
+
+    net: BirdNet  # the pretrained network the activations came from (trunk and untrained tail)
+    centre: torch.Tensor
+    mirror: torch.Tensor
+    views: list[torch.Tensor]
+    seconds: float
+
+
+def build_cache(images: LabelledImages, cfg: FinetuneConfig, views: int, weights: str, progress: bool) -> TrunkCache:
+    """Centre, mirrored centre and ``views`` augmented views of every image, with the pretrained network."""
+    start = time.perf_counter()
+    net = pretrained_net(NetConfig(cfg.backbone, images.num_classes, cfg.trunk_split), weights)
+    data_cfg = data_config(cfg.backbone, cfg.image_size)
+    centre = centre_activations(net, images, data_cfg, cfg, progress=progress)
+    mirror = centre_activations(net, images, data_cfg, cfg, "mirrored centre", mirrored=True, progress=progress)
+    stacks = augmented_activations(net, images, data_cfg, replace(cfg, views=views), progress=progress)
+    return TrunkCache(net, centre, mirror, stacks, time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def held_out_logits(net: BirdNet, cache: TrunkCache, rows: np.ndarray, cfg: FinetuneConfig) -> tuple[torch.Tensor, ...]:
+    """(centre, mirror) logits of cached rows, in ``classify``'s precision; flip TTA averages the two."""
+    net.eval()
+    out = {"centre": [], "mirror": []}
+    for i in range(0, len(rows), 64):
+        batch = torch.as_tensor(rows[i:i + 64])
+        with autocast(cfg.precision):
+            for name, stack in (("centre", cache.centre), ("mirror", cache.mirror)):
+                out[name].append(net.forward_from_trunk(stack[batch]).float())
+    return torch.cat(out["centre"]), torch.cat(out["mirror"])
+
+
+def run_fold(cache: TrunkCache, images: LabelledImages, cfg: FinetuneConfig, train_idx: np.ndarray,
+             val_idx: np.ndarray, progress: bool) -> tuple[float, float]:
+    """Stage one and the tail on the fold's training images, then the held-out accuracy with ``cfg.tta_flip``
+    and, for comparison, with the other setting."""
+    net = candidate_net(cache.net, cfg)
+    labels = images.labels
+    features = pooled_from_trunk(net, cache.centre[torch.as_tensor(train_idx)]).numpy()
+    probe = fit_probe(features, labels[train_idx], cfg.probe, cfg.seed).probe
+    train_set = CachedViews([cache.centre, *cache.views[:cfg.views]], labels[train_idx], rows=train_idx)
+    for member in range(cfg.members):
+        init_head_from_probe(net.member(member).head, probe)
+        train_tail(net, train_set, None, cfg, progress, member, accelerator="cpu", devices=1)
+    centre, mirror = held_out_logits(net, cache, val_idx, cfg)
+    with_tta = float(((centre + mirror).argmax(1).numpy() == labels[val_idx]).mean())
+    without = float((centre.argmax(1).numpy() == labels[val_idx]).mean())
+    return (with_tta, without) if cfg.tta_flip else (without, with_tta)
+
+
+def candidate_net(base: BirdNet, cfg: FinetuneConfig) -> BirdNet:
+    """The cache's network (its trunk made the cache; pretrained tail) with the candidate's pooling, dropout
+    and ensemble members, each a copy of the pretrained tail."""
+    net = copy.deepcopy(base)
+    net.pool, net.dropout = make_pool(cfg.pooling), torch.nn.Dropout(cfg.dropout)
+    net.extra = torch.nn.ModuleList(copy.deepcopy(net.member(0)) for _ in range(cfg.members - 1))
+    return net
+
+
+def score_candidate(spec: str, cfg: FinetuneConfig, cache: TrunkCache, images: LabelledImages, folds,
+                    progress: bool) -> dict:
+    """Fold accuracies, their mean and standard error, and the seconds the candidate's folds took."""
+    start, accs, other = time.perf_counter(), [], []
+    with process_state_kept():
+        for k, (tr, va) in enumerate(folds):
+            torch.manual_seed(cfg.seed)  # each fold starts from the same state, whatever ran before
+            acc, acc_other = run_fold(cache, images, cfg, tr, va, progress)
+            accs.append(acc)
+            other.append(acc_other)
+            print(f"  {spec} fold {k + 1}/{len(folds)}: {acc:.4f} (flip TTA {'off' if cfg.tta_flip else 'on'}: "
+                  f"{acc_other:.4f})", flush=True)
+    a = np.array(accs)
+    se = float(a.std(ddof=1) / np.sqrt(len(a))) if len(a) > 1 else float("nan")
+    return {"candidate": spec, "folds": accs, "mean": float(a.mean()), "se": se,
+            "mean_other_tta": float(np.mean(other)), "seconds": time.perf_counter() - start,
+            "cache_seconds": cache.seconds, "config": _jsonable(asdict(cfg))}
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return list(value) if isinstance(value, tuple) else value
+
+
+def trunk_key(cfg: FinetuneConfig) -> tuple:
+    """What the cached activations depend on; candidates equal on it share one cache (views aside)."""
+    return (cfg.backbone, cfg.image_size, cfg.trunk_split, cfg.crop_scale, cfg.jitter, cfg.precision,
+            cfg.cache_dtype, cfg.extract_batch_size, cfg.seed)
+
+
+def cross_validate(images: LabelledImages, candidates: list[tuple[str, FinetuneConfig]], folds, *,
+                   weights: str = "required", progress: bool = False) -> list[dict]:
+    """Score every candidate on the same folds, building each trunk cache once. Returns rows in input order."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (_, cfg) in enumerate(candidates):
+        groups.setdefault(trunk_key(cfg), []).append(i)
+    rows: list[dict | None] = [None] * len(candidates)
+    for members in groups.values():
+        first = candidates[members[0]][1]
+        cache = build_cache(images, first, max(candidates[i][1].views for i in members), weights, progress)
+        print(f"trunk cache for {[candidates[i][0] for i in members]}: {cache.seconds:.0f}s", flush=True)
+        for i in members:
+            rows[i] = score_candidate(*candidates[i], cache, images, folds, progress)
+            print(format_row(rows[i]), flush=True)
+        del cache
+    return rows
+
+
+def format_row(row: dict) -> str:
+    folds = " ".join(f"{a:.4f}" for a in row["folds"])
+    return f"{row['candidate']:<40} {row['mean']:.4f} +- {row['se']:.4f}  [{folds}]  {row['seconds']:.0f}s"
+
+
+def markdown(rows: list[dict], k: int, seed: int) -> str:
+    lines = [f"{k}-fold stratified CV (seed {seed}), training images only; time = the candidate's folds "
+             "(its shared trunk cache is built once per trunk setting, shown apart).", "",
+             "| candidate | mean | SE | " + " | ".join(f"fold {i + 1}" for i in range(k)) + " | seconds | cache s |",
+             "|---|---:|---:|" + "---:|" * k + "---:|---:|"]
+    for r in rows:
+        lines.append(f"| `{r['candidate']}` | {r['mean']:.4f} | {r['se']:.4f} | "
+                     + " | ".join(f"{a:.4f}" for a in r["folds"]) + f" | {r['seconds']:.0f} | {r['cache_seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(prog="python -m finetune.cv", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data_dir", type=Path, help="grader layout; only train/ is read")
+    p.add_argument("--candidates", nargs="+", default=["v1", "full"], help="PRESET[:field=value,...] each")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0, help="fold assignment seed")
+    p.add_argument("--out", type=Path, help="also write the table: .json or .md")
+    p.add_argument("--random-init", action="store_true", help="no pretrained weights (a smoke run)")
+    p.add_argument("--progress", action="store_true", help="progress bars")
+    args = p.parse_args(argv)
+    try:
+        candidates = [parse_candidate(s) for s in args.candidates]
+        images = load_split_dir(args.data_dir, "train")
+        folds = stratified_folds(images.labels, args.folds, args.seed)
+        rows = cross_validate(images, candidates, folds, weights="none" if args.random_init else "required",
+                              progress=args.progress)
+    except (DataError, WeightsError, ValueError) as err:
+        sys.exit(f"error: {err}")
+    print("\n" + "\n".join(format_row(r) for r in rows))
+    if args.out:
+        text = json.dumps(rows, indent=2) if args.out.suffix == ".json" else markdown(rows, args.folds, args.seed)
+        args.out.write_text(text)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
