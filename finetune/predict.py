@@ -1,59 +1,99 @@
-"""Prediction with the shipped preprocessing: batched, bounded memory, in-process loading, CPU.
+"""``python -m finetune.predict MODEL IMAGE_OR_DIR... [--top-k 5] [--csv out.csv]``: species for new photos.
 
-Used by both ``classify`` and the project's own test evaluation, so the two always agree.
+Prints, per image, the top-k species with their probabilities (names stored in the checkpoint, else
+class ids). A folder contributes every non-hidden file in it, with a progress bar. Preprocessing and flip
+TTA are ``classify``'s own (one prediction path), so top-1 is what the grader would get. A file that
+cannot be read is reported with the reason and has no prediction in the CSV (``classify`` still guesses
+one for it, because the grader needs a label for every file). Writes nothing but ``--csv``.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Sequence
+import argparse
+import csv
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from PIL import Image
-from torch.utils.data import Dataset
 
-from probe.backbone import BirdNet, DataConfig, eval_transform
-from probe.data import DataError, Source, open_rgb
-from probe.features import extract, make_loader
+from probe.data import DataError, list_image_files
+from finetune.checkpoint import Classifier
 
 
-class TolerantImages(Dataset):
-    """Like ``ImageDataset``, but an unreadable image becomes a mean-grey one, with a warning naming it,
-    so that every file still gets a prediction (a missing key scores zero at the grader)."""
+@dataclass(frozen=True)
+class Prediction:
+    """One image's top-k: (class id, species name, probability), most probable first; or why it failed."""
 
-    def __init__(self, sources: Sequence[Source], names: Sequence[str], data_cfg: DataConfig):
-        self.sources, self.names, self.cfg = list(sources), list(names), data_cfg
-        self.transform = eval_transform(data_cfg)
-
-    def __len__(self) -> int:
-        return len(self.sources)
-
-    def __getitem__(self, i: int):
-        try:
-            img = open_rgb(self.sources[i], self.names[i])
-        except DataError as err:
-            warnings.warn(f"{err} It is labelled from a blank image.", stacklevel=2)
-            grey = tuple(int(255 * m) for m in self.cfg.mean)
-            img = Image.new("RGB", (self.cfg.resize_size, self.cfg.resize_size), grey)
-        return self.transform(img), i
+    file: str
+    top: tuple[tuple[int, str, float], ...]
+    error: str | None = None
 
 
-def flip_averaged(net: BirdNet, tta_flip: bool):
-    """x (B, 3, H, W) -> logits (B, K), averaged with the mirrored image's when ``tta_flip``."""
-
-    def logits(x: torch.Tensor) -> torch.Tensor:
-        if not tta_flip:
-            return net(x).float()
-        both = net(torch.cat([x, torch.flip(x, dims=[3])])).float()  # one pass over (2B, 3, H, W)
-        return (both[: len(x)] + both[len(x):]) / 2
-
-    return logits
+def expand(inputs: list[Path]) -> list[Path]:
+    """Files as given; a folder becomes its files (sorted, hidden ones skipped)."""
+    files: list[Path] = []
+    for path in inputs:
+        files += list_image_files(path) if path.is_dir() else [path]
+    return files
 
 
-def predict_logits(net: BirdNet, sources: Sequence[Source], names: Sequence[str], data_cfg: DataConfig, *,
-                   tta_flip: bool, precision: str = "auto", batch_size: int = 8, progress: bool = True) -> torch.Tensor:
-    """(N, K) logits for the images, in order; unreadable images get a warning and a blank-image guess."""
-    net.eval()
-    loader = make_loader(TolerantImages(sources, names, data_cfg), batch_size)
-    logits, _ = extract(flip_averaged(net, tta_flip), loader, precision=precision, desc="classify", progress=progress)
-    return logits
+def predict_files(model: Classifier, files: list[Path], k: int, progress: bool = False) -> list[Prediction]:
+    """Top-k species of every file, through ``Classifier.predict_logits`` (``classify``'s path)."""
+    out = model.predict_logits(files, [str(f) for f in files], progress=progress)
+    probs = torch.softmax(out.logits, dim=1)
+    values, ids = probs.topk(min(k, probs.shape[1]), dim=1)
+    results = []
+    for i, f in enumerate(files):
+        if i in out.unreadable:
+            results.append(Prediction(str(f), (), out.unreadable[i]))
+            continue
+        top = tuple((int(c), model.name_of(int(c)), float(p)) for c, p in zip(ids[i], values[i]))
+        results.append(Prediction(str(f), top))
+    return results
+
+
+def write_csv(path: Path, results: list[Prediction], k: int) -> None:
+    """One row per file: file, status, reason, then id, name and probability of each of the top k."""
+    header = ["file", "status", "reason"] + [f"{c}_{r}" for r in range(1, k + 1) for c in ("id", "species", "prob")]
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for r in results:
+            cells = [x for c, name, p in r.top for x in (c, name, f"{p:.6f}")]
+            row = [r.file, "unreadable" if r.error else "ok", r.error or ""] + cells
+            writer.writerow(row + [""] * (len(header) - len(row)))  # an unreadable file: empty prediction cells
+
+
+def format_line(r: Prediction) -> str:
+    if r.error:
+        return f"{r.file}: unreadable ({r.error})"
+    return f"{r.file}: " + ", ".join(f"{name} {p:.3f}" for _, name, p in r.top)
+
+
+def main(argv: list[str] | None = None) -> list[Prediction]:
+    p = argparse.ArgumentParser(prog="python -m finetune.predict", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", type=Path, help="a checkpoint (birds_model.pt)")
+    p.add_argument("inputs", type=Path, nargs="+", help="image files and/or folders of images")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--csv", type=Path, help="also write one row per file here")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.top_k < 1:
+        p.error("--top-k must be at least 1")
+    try:
+        model, files = Classifier.load(args.model), expand(args.inputs)
+    except (ValueError, DataError) as err:
+        sys.exit(f"error: {err}")
+    progress = not args.no_progress and any(path.is_dir() for path in args.inputs)
+    results = predict_files(model, files, args.top_k, progress)
+    for r in results:
+        print(format_line(r))
+    if args.csv:
+        write_csv(args.csv, results, min(args.top_k, model.net_cfg.num_classes))
+    return results
+
+
+if __name__ == "__main__":
+    main()

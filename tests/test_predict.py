@@ -1,0 +1,129 @@
+"""Around a trained model: species names in the checkpoint, ``python -m finetune.predict`` (top-k with
+probabilities, a CSV row per file), opt-in training logs, and quiet command lines. Random-init networks
+and generated images only."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import finetune.__main__ as finetune_cli
+import solution
+from finetune.checkpoint import Classifier
+from finetune.config import preset
+from finetune.predict import main as predict_main
+from finetune.train import fine_tune
+from probe.backbone import NetConfig, build_net
+from probe.preprocess import data_config
+from probe.synthetic import make_synthetic, write_grader_layout
+
+SIZE = 64
+TINY = preset("fast", image_size=SIZE, batch_size=8, limit_train_batches=2)
+NAMES = ("Acadian Flycatcher", "Blue Jay", "Common Raven")
+# What Lightning and torch print by themselves about choices this design makes on purpose.
+NOISE = ("Tip:", "GPU available", "TPU available", "does not have many workers", "validation_step",
+         "val_dataloader", "LeafSpec", "deprecated", "limit_train_batches", "Trainer.fit", "in eval mode",
+         "distributed_sampler", "litlogger")
+
+
+def _model(path: Path, names=NAMES) -> Path:
+    torch.manual_seed(0)
+    cfg = NetConfig("mobilenet_v2", len(names), 14)
+    Classifier(build_net(cfg).eval(), cfg, data_config("mobilenet_v2", SIZE), True, names).save(path)
+    return path
+
+
+def test_class_names_travel_from_the_data_into_the_checkpoint(tmp_path):
+    images = replace(make_synthetic(num_classes=3, per_class=4, size=48, seed=0), class_names=NAMES)
+    result = fine_tune(images, TINY, "none", progress=False, accelerator="cpu", devices=1)
+    assert result.classifier.class_names == NAMES
+    result.classifier.save(tmp_path / "m.pt")
+    loaded = Classifier.load(tmp_path / "m.pt")
+    assert loaded.class_names == NAMES and loaded.name_of(1) == "Blue Jay"
+
+
+def test_a_checkpoint_without_names_or_new_fields_still_loads(tmp_path):
+    ckpt = torch.load(_model(tmp_path / "new.pt"), weights_only=True)
+    old = {**ckpt, "format": "birds-lpft/1", "net": {k: ckpt["net"][k] for k in ("backbone", "num_classes", "split",
+                                                                               "dropout")}}
+    del old["class_names"]
+    torch.save(old, tmp_path / "old.pt")
+    loaded = Classifier.load(tmp_path / "old.pt")
+    assert loaded.class_names is None and loaded.name_of(2) == "2"
+    assert loaded.net_cfg == NetConfig("mobilenet_v2", 3, 14)
+
+
+def _mixed_folder(root: Path) -> Path:
+    folder = root / "photos"
+    images = make_synthetic(num_classes=3, per_class=2, size=48, seed=5)
+    write_grader_layout(root, "x", images)
+    (root / "x" / "images").rename(folder)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    (folder / ".hidden.jpg").write_bytes(images.sources[0])
+    (folder / "inner").mkdir()
+    return folder
+
+
+def test_predict_on_a_mixed_folder_agrees_with_classify(tmp_path, capsys):
+    model, folder = _model(tmp_path / "m.pt"), _mixed_folder(tmp_path)
+    out_csv = tmp_path / "preds.csv"
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        results = predict_main([str(model), str(folder), "--top-k", "2", "--csv", str(out_csv), "--no-progress"])
+    printed = capsys.readouterr().out
+    files = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".") and p.is_file())
+    assert [Path(r.file).name for r in results] == files and len(files) == 7
+    rows = list(csv.DictReader(out_csv.open()))
+    assert [Path(r["file"]).name for r in rows] == files  # one row per file
+    with pytest.warns(UserWarning):
+        graded = solution.classify(str(model), str(folder))
+    for row, r in zip(rows, results):
+        name = Path(r.file).name
+        if name == "broken.jpg":
+            assert row["status"] == "unreadable" and "broken.jpg" in row["reason"] and row["id_1"] == ""
+            assert f"{r.file}: unreadable" in printed
+            continue
+        assert row["status"] == "ok" and row["reason"] == ""
+        probs = [float(row["prob_1"]), float(row["prob_2"])]
+        assert probs == sorted(probs, reverse=True) and sum(probs) <= 1.0 + 1e-6
+        assert int(row["id_1"]) == graded[name] and row["species_1"] == NAMES[graded[name]]
+        assert f"{r.file}: {NAMES[graded[name]]} " in printed
+
+
+def test_predict_single_files_and_bad_model(tmp_path, capsys):
+    model, folder = _model(tmp_path / "m.pt"), _mixed_folder(tmp_path)
+    one = sorted(folder.glob("0*.jpg"))[0]
+    (result,) = predict_main([str(model), str(one), "--top-k", "10", "--no-progress"])
+    assert len(result.top) == 3 and abs(sum(p for _, _, p in result.top) - 1.0) < 1e-5  # k capped at K classes
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(SystemExit, match="junk.pt: cannot read this checkpoint"):
+        predict_main([str(tmp_path / "junk.pt"), str(one)])
+
+
+def test_log_dir_writes_only_there(tmp_path, watched):
+    before = watched()
+    log_dir = watched.dirs["cwd"] / "logs"
+    finetune_cli.main(["--random-init", "--preset", "fast", "--image-size", str(SIZE), "--no-progress",
+                       "--log-dir", str(log_dir)])
+    written = sorted(str(p.relative_to(log_dir)) for p in log_dir.rglob("*") if p.is_file())
+    assert any(w.startswith("csv/") and w.endswith("metrics.csv") for w in written), written
+    after = {k: v for k, v in watched().items() if not k.startswith(str(log_dir))}
+    assert {k for k in after if k not in before} == set() and "train_loss" in next(log_dir.rglob("metrics.csv")).read_text()
+
+
+def test_cli_output_is_free_of_framework_noise(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "finetune", "--random-init", "--preset", "fast", "--image-size",
+                           str(SIZE), "--no-progress"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout + proc.stderr
+    assert [n for n in NOISE if n in text] == []
+    for stage in ("centre view:", "view 1/1:", "fine-tune:", "test accuracy:"):  # one line per stage stays
+        assert stage in proc.stdout
