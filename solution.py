@@ -2,16 +2,21 @@
 
 ``python tools/build_submission.py`` turns this module and the project modules it uses into the single
 self-contained ``classification.py`` that is uploaded next to ``birds_model.pt``.
+
+``classify`` needs neither Lightning nor scikit-learn, so they are imported only when ``train_classifier``
+runs (the function-level imports below, made without the temp-dir probe file that importing Lightning
+would otherwise create; see ``probe.sandbox``).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
+from pathlib import Path
 
-from probe.data import labelled_from_gt, list_image_files
+from probe.data import labelled_from_gt, list_image_files, read_class_names
+from probe.sandbox import no_tempdir_probe
 from finetune.checkpoint import Classifier
-from finetune.config import preset
-from finetune.train import fine_tune
 
 
 def train_classifier(train_gt: dict, train_img_dir: str, fast_train: bool = True) -> Classifier:
@@ -26,7 +31,14 @@ def train_classifier(train_gt: dict, train_img_dir: str, fast_train: bool = True
     Returns:
         The trained :class:`Classifier`; ``model.save("birds_model.pt")`` writes the checkpoint.
     """
+    with no_tempdir_probe():  # training only: see the module docstring
+        from finetune.config import preset
+        from finetune.train import fine_tune
+
     images = labelled_from_gt(train_gt, train_img_dir, where="train_gt")
+    # The grader layout keeps classes.txt at the data root, two levels above train/images.
+    images = replace(images, class_names=read_class_names(Path(train_img_dir).parent.parent / "classes.txt",
+                                                          images.num_classes))
     cfg = preset("fast" if fast_train else "full")
     weights = "if-cached" if fast_train else "required"
     result = fine_tune(images, cfg, weights, allow_download=not fast_train, accelerator="cpu", devices=1)

@@ -1,16 +1,25 @@
 """Build the grader upload from the project's own modules: one ``classification.py`` + ``birds_model.pt``.
 
-The single file is the concatenation of the project modules that ``solution.py`` uses, in dependency
-order, with their intra-project imports removed; nothing is copied by hand. The build refuses a module
-whose top-level names clash with another's, and any import of a package the grader does not have.
-
     python tools/build_submission.py --model birds_model.pt --out submission/
+
+The single file is the project modules that ``solution.py`` uses, in an order derived from their imports
+(a topological sort), with their intra-project imports removed; nothing is kept by hand. Two parts:
+
+- the modules ``solution.py`` imports at its top (and theirs): what ``classify`` needs, run on import;
+- the modules it imports inside a function (training: Lightning, scikit-learn): kept as source text and
+  defined on the first call of ``train_classifier``, so ``import classification`` and ``classify`` never
+  import Lightning (whose import probes the temp dir with a file) nor scikit-learn.
+
+The build refuses a top-level name defined by two modules, a relative import, a project import inside a
+function anywhere but ``solution.py``, a training-only package in the first part, and any package the
+grader does not have.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import graphlib
 import shutil
 import sys
 from pathlib import Path
@@ -18,16 +27,19 @@ from pathlib import Path
 from finetune.checkpoint import Classifier
 
 ROOT = Path(__file__).resolve().parent.parent
-# Dependency order: each module uses only the ones above it.
-MODULES = (
-    "probe/data.py", "probe/backbone.py", "probe/weights.py", "probe/features.py", "probe/linear.py",
-    "probe/timing.py", "probe/pipeline.py", "finetune/config.py", "finetune/predict.py",
-    "finetune/checkpoint.py", "finetune/cache.py", "finetune/module.py", "finetune/train.py", "solution.py",
-)
-PROJECT_PACKAGES = {"probe", "finetune", "solution"}
+ENTRY = "solution"
+PROJECT_PACKAGES = {"probe", "finetune", "solution", "tools"}
 # What the grader has (GRADER.md), plus the standard library.
 GRADER_PACKAGES = {"torch", "torchvision", "lightning", "pytorch_lightning", "sklearn", "numpy", "PIL", "tqdm",
                    "timm", "albumentations", "cv2"}
+TRAINING_ONLY = {"lightning", "pytorch_lightning", "sklearn"}  # never imported by `import classification`
+SECTION = "_TRAINING_SOURCE"
+
+
+def module_file(name: str) -> Path:
+    """'probe.data' -> probe/data.py (or probe/data/__init__.py for a package)."""
+    path = ROOT.joinpath(*name.split("."))
+    return path.with_suffix(".py") if path.with_suffix(".py").is_file() else path / "__init__.py"
 
 
 def _top(node: ast.stmt) -> str | None:
@@ -37,6 +49,58 @@ def _top(node: ast.stmt) -> str | None:
     if isinstance(node, ast.Import):
         return node.names[0].name.split(".")[0]
     return None
+
+
+def _imported_module(node: ast.stmt) -> str:
+    return node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
+
+
+def _is_main_guard(node: ast.stmt) -> bool:
+    return isinstance(node, ast.If) and "__main__" in ast.unparse(node.test) and "__name__" in ast.unparse(node.test)
+
+
+def nested_project_imports(tree: ast.Module) -> list[ast.stmt]:
+    """Project imports below the module level (inside functions), main guards excepted."""
+    found = []
+    for node in tree.body:
+        if _is_main_guard(node) or _top(node) is not None:
+            continue
+        found += [n for n in ast.walk(node) if _top(n) in PROJECT_PACKAGES]
+    return found
+
+
+def dependencies(name: str) -> tuple[list[str], list[str]]:
+    """(modules imported at the top, modules imported inside functions) of project module ``name``."""
+    tree = ast.parse(module_file(name).read_text())
+    top = [_imported_module(n) for n in tree.body if _top(n) in PROJECT_PACKAGES]
+    nested = [_imported_module(n) for n in nested_project_imports(tree)]
+    if nested and name != ENTRY:
+        raise SystemExit(f"build: {name} imports {nested} inside a function; only {ENTRY}.py may (training only).")
+    return top, nested
+
+
+def closure(roots: list[str]) -> dict[str, list[str]]:
+    """{module: its top-level project imports} for ``roots`` and everything they import, transitively."""
+    graph, todo = {}, list(roots)
+    while todo:
+        name = todo.pop()
+        if name not in graph:
+            graph[name] = dependencies(name)[0]
+            todo += graph[name]
+    return graph
+
+
+def module_order() -> tuple[list[str], list[str]]:
+    """(eager modules, training modules), each in dependency order, the entry last among the eager ones."""
+    top, nested = dependencies(ENTRY)
+    eager = closure(top)
+    training = {k: v for k, v in closure(nested).items() if k not in eager}
+
+    def order(graph: dict[str, list[str]]) -> list[str]:
+        sorter = graphlib.TopologicalSorter({k: [d for d in graph[k] if d in graph] for k in sorted(graph)})
+        return list(sorter.static_order())
+
+    return order(eager) + [ENTRY], order(training)
 
 
 def _defined_names(tree: ast.Module) -> set[str]:
@@ -50,50 +114,92 @@ def _defined_names(tree: ast.Module) -> set[str]:
     return names
 
 
-def _is_main_guard(node: ast.stmt) -> bool:
-    return isinstance(node, ast.If) and "__main__" in ast.unparse(node.test) and "__name__" in ast.unparse(node.test)
-
-
-def module_body(path: Path, seen: dict[str, str]) -> tuple[list[str], str]:
+def module_body(name: str, seen: dict[str, str], training: bool) -> tuple[list[str], str]:
     """(external import lines, body source) of one module, checking names and imports."""
-    source = path.read_text()
+    path = module_file(name)
+    source, rel = path.read_text(), path.relative_to(ROOT).as_posix()
     tree = ast.parse(source)
-    rel = path.relative_to(ROOT).as_posix()
-    for name in _defined_names(tree):
-        if name in seen:
-            raise SystemExit(f"build: {rel} defines {name!r}, already defined by {seen[name]}; rename one.")
-        seen[name] = rel
+    for defined in _defined_names(tree):
+        if defined in seen:
+            raise SystemExit(f"build: {rel} defines {defined!r}, already defined by {seen[defined]}; rename one.")
+        seen[defined] = rel
     lines, imports, drop = source.splitlines(), [], set()
     for i, node in enumerate(tree.body):
         top = _top(node)
-        span = range(node.lineno - 1, node.end_lineno)
         is_docstring = i == 0 and isinstance(node, ast.Expr) and isinstance(getattr(node, "value", None), ast.Constant)
         if top is not None or _is_main_guard(node) or is_docstring:
-            drop.update(span)
+            drop.update(range(node.lineno - 1, node.end_lineno))
+        if top == ".":
+            raise SystemExit(f"build: {rel} uses a relative import; use an absolute one.")
         if top is None or top == "__future__" or top in PROJECT_PACKAGES:
-            if top == ".":
-                raise SystemExit(f"build: {rel} uses a relative import; use an absolute one.")
             continue
         if top not in GRADER_PACKAGES and top not in sys.stdlib_module_names:
             raise SystemExit(f"build: {rel} imports {top!r}, which the grader does not have.")
+        if top in TRAINING_ONLY and not training:
+            raise SystemExit(f"build: {rel} imports {top!r} but classify needs it; import it only for training.")
         imports.append(ast.unparse(node))
+    _load_training_instead(tree, lines, drop)
     body = "\n".join(line for n, line in enumerate(lines) if n not in drop).strip()
     return imports, f"# {'-' * 20} {rel} {'-' * 20}\n{body}\n"
 
 
+def _load_training_instead(tree: ast.Module, lines: list[str], drop: set[int]) -> None:
+    """Replace the first project import inside each function with a call that defines the training section."""
+    done_blocks = set()
+    for node in nested_project_imports(tree):
+        block = id(_enclosing_block(tree, node))
+        drop.update(range(node.lineno - 1, node.end_lineno))
+        if block not in done_blocks:
+            done_blocks.add(block)
+            indent = lines[node.lineno - 1][: node.col_offset]
+            lines[node.lineno - 1] = f"{indent}_import_training()"
+            drop.discard(node.lineno - 1)
+
+
+def _enclosing_block(tree: ast.Module, target: ast.stmt) -> ast.AST:
+    for node in ast.walk(tree):
+        for field in ("body", "orelse", "finalbody"):
+            if target in getattr(node, field, []):
+                return node
+    return tree
+
+
+LOADER = f'''
+
+def _import_training() -> None:
+    """Define the training code (Lightning, scikit-learn) in this module, once, on the first training call.
+
+    It is kept as text so that importing this file and ``classify`` never import Lightning (whose import
+    probes the temp dir with a file) nor scikit-learn; the project itself imports it inside the function.
+    """
+    if {SECTION} is not None:
+        source = {SECTION}
+        globals()["{SECTION}"] = None
+        exec(compile(source, __file__ + " (training section)", "exec"), globals())
+'''
+
+
 def build_source() -> str:
     """The text of the self-contained ``classification.py``."""
+    eager, training = module_order()
     seen: dict[str, str] = {}
-    imports: list[str] = []
-    bodies = []
-    for rel in MODULES:
-        mod_imports, body = module_body(ROOT / rel, seen)
-        imports += [i for i in mod_imports if i not in imports]
-        bodies.append(body)
+    parts = {"eager": ([], []), "training": ([], [])}
+    for part, names in (("training", training), ("eager", eager)):
+        imports, bodies = parts[part]
+        for name in names:
+            mod_imports, body = module_body(name, seen, training=part == "training")
+            imports += [i for i in mod_imports if i not in imports]
+            bodies.append(body)
+    section = "\n".join(parts["training"][0]) + "\n\n\n" + "\n\n".join(parts["training"][1])
+    if "'''" in section or section.endswith("\\"):
+        raise SystemExit("build: the training modules contain ''' (or end with a backslash); the section is r'''...'''.")
     header = ('"""Bird-species classifier for the grader: train_classifier() and classify().\n\n'
               "Generated by tools/build_submission.py from the birds-lpft project's modules; edit those, not this.\n"
               '"""\n\nfrom __future__ import annotations\n\n')
-    return header + "\n".join(imports) + "\n\n\n" + "\n\n".join(bodies)
+    eager_bodies = parts["eager"][1]
+    return (header + "\n".join(parts["eager"][0]) + "\n\n\n" + "\n\n".join(eager_bodies[:-1])
+            + f"\n\n# {'-' * 20} training section {'-' * 20}\n{SECTION} = r'''\n{section}'''\n" + LOADER
+            + "\n\n" + eager_bodies[-1])
 
 
 def main(argv: list[str] | None = None) -> None:
