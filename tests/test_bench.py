@@ -1,4 +1,4 @@
-"""The benchmark (``python -m finetune.bench``): one tiny end-to-end run on a generated grader layout that
+"""The benchmark (``python -m tools.bench``): one tiny end-to-end run on a generated grader layout that
 checks the report, the figures in results.json, the PNGs and that nothing lands outside REPORT_DIR; and the
 small pure helpers. Random-init networks and generated images only."""
 
@@ -17,13 +17,14 @@ from conftest import snapshot
 import torch
 from PIL import Image
 
-import finetune.bench as bench
+import tools.bench as bench
+import tools.bench_report as bench_report
 from probe.synthetic import make_synthetic, write_grader_layout
 
 SPECIES = ("Acadian_Flycatcher", "American_Goldfinch", "Baltimore_Oriole")
-PNGS = ("learning_curves.png", "per_class_accuracy.png", "confusion_matrix.png")
+PNGS = ("learning_curves.png", "per_class_accuracy.png", "confusion_matrix.png", "top_losses.png")
 TINY = ["--random-init", "--preset", "fast", "--image-size", "64", "--epochs", "1", "--compute-batches", "1",
-        "--no-progress"]
+        "--no-progress", "--compare"]  # no preset beside the pipeline (the end-to-end test adds one)
 
 
 def _grader_layout(root: Path, with_test: bool = True) -> Path:
@@ -45,11 +46,12 @@ def test_bench_end_to_end_writes_only_the_report(tmp_path, watched, capsys):
     data, report = _grader_layout(tmp_path / "data"), tmp_path / "report"
     before, data_before = watched(), snapshot(data)
 
-    bench.main([str(data), "--out", str(report), *TINY, "--baseline", "--baseline-epochs", "1",
+    bench.main([str(data), "--out", str(report), *TINY, "v1", "--baseline", "--baseline-epochs", "1",
                 "--baseline-image-size", "64"])
 
     printed = capsys.readouterr().out
-    assert all(s in printed for s in ("LP-FT pipeline", "baseline (online FT)", "classify", "peak RSS MiB"))
+    assert all(s in printed for s in ("LP-FT pipeline (fast)", "LP-FT pipeline (v1)", "baseline (online FT)",
+                                      "classify", "peak RSS MiB"))
     assert watched() == before and snapshot(data) == data_before
     assert "MPLCONFIGDIR" not in os.environ
     assert {p.name for p in report.iterdir()} == {"report.md", "results.json", bench.CHECKPOINT, *PNGS}
@@ -59,8 +61,9 @@ def test_bench_end_to_end_writes_only_the_report(tmp_path, watched, capsys):
     results = json.loads((report / "results.json").read_text())
     _check_results(results, report)
     text = (report / "report.md").read_text()
-    assert "| LP-FT pipeline |" in text and "| classify |" in text
+    assert "| LP-FT pipeline (fast) |" in text and "| LP-FT pipeline (v1) |" in text and "| classify |" in text
     assert '"torch"' in text and "precision" in text and "![confusion_matrix.png]" in text
+    assert "## Most-confused species (test)" in text and "![top_losses.png]" in text
 
 
 def _check_results(results: dict, report: Path) -> None:
@@ -84,6 +87,12 @@ def _check_results(results: dict, report: Path) -> None:
     assert results["classes"] == [s.replace("_", " ") for s in SPECIES]
     assert np.asarray(results["confusion_matrix"]).sum() == 12
     assert results["config"]["pipeline"]["image_size"] == 64 and results["environment"]["torch"] == torch.__version__
+    v1 = results["compare"]["v1"]  # the previous recipe, measured in the same run, same split and size
+    assert _is_accuracy(v1["val_accuracy"]) and _is_accuracy(v1["test_accuracy"]) and v1["config"]["image_size"] == 64
+    assert v1["config"]["train_precision"] == "fp32" and "checkpoint" not in v1
+    wrong = sum(p != y for p, y in zip(pipeline["test_predictions"], pipeline["test_labels"]))
+    assert len(results["top_losses"]) == min(wrong, 16)
+    assert sum(pair["count"] for pair in results["most_confused"]) <= wrong
 
 
 def test_bench_without_test_split_skips_classify(tmp_path, watched, capsys):
@@ -103,18 +112,12 @@ def test_bench_without_test_split_skips_classify(tmp_path, watched, capsys):
 # --------------------------------------------------------------------------- helpers
 
 
-def test_class_names_from_classes_txt_or_ids(tmp_path):
-    assert bench.class_names(tmp_path, 3) == ["0", "1", "2"]
-    (tmp_path / "classes.txt").write_text("1 Blue_Jay\n\n0 Common Raven\nnot a line\n7 Out_Of_Range\n")
-    assert bench.class_names(tmp_path, 3) == ["Common Raven", "Blue Jay", "2"]
-
-
 def test_class_breakdown_per_class_and_confusion():
-    out = bench.class_breakdown({"test_labels": [0, 0, 1, 1, 1], "test_predictions": [0, 1, 1, 1, 0]}, 3)
+    out = bench_report.class_breakdown({"test_labels": [0, 0, 1, 1, 1], "test_predictions": [0, 1, 1, 1, 0]}, 3)
     assert out["confusion_matrix"] == [[1, 1, 0], [1, 2, 0], [0, 0, 0]]
     assert out["per_class_test_accuracy"][:2] == [0.5, pytest.approx(2 / 3)]
     assert out["per_class_test_accuracy"][2] is None  # no test image of class 2
-    assert bench.class_breakdown({"test_predictions": None}, 3) == {"per_class_test_accuracy": None,
+    assert bench_report.class_breakdown({"test_predictions": None}, 3) == {"per_class_test_accuracy": None,
                                                                     "confusion_matrix": None}
 
 
@@ -126,11 +129,11 @@ def test_table_shows_n_a_and_skips_steps_not_run():
         "probe": {**step, "images_per_s": 10.0}, "baseline": None, "classify": None,
         "pipeline": {**step, "train_images_per_s": 123.4},
     }
-    rows = bench.table_rows(results)
-    assert [r[0] for r in rows] == ["compute: full", "compute: trunk", "linear probe", "LP-FT pipeline"]
+    rows = bench_report.table_rows(results)
+    assert [r[0] for r in rows] == ["compute: full", "compute: trunk", "linear probe", "LP-FT pipeline (full)"]
     assert rows[-1][1:] == ["0.5000", "n/a", "1.00", "2.00", "123", "300"]
-    assert bench.markdown_table(rows).count("\n") == len(rows) + 1
-    assert len(set(map(len, bench.text_table(rows).splitlines()))) == 1  # aligned columns
+    assert bench_report.markdown_table(rows).count("\n") == len(rows) + 1
+    assert len(set(map(len, bench_report.text_table(rows).splitlines()))) == 1  # aligned columns
 
 
 def test_scratch_files_live_in_the_report_dir_and_are_removed(tmp_path, monkeypatch):
@@ -146,6 +149,19 @@ def test_scratch_files_live_in_the_report_dir_and_are_removed(tmp_path, monkeypa
 def test_importing_the_bench_imports_neither_lightning_nor_matplotlib():
     # The parent of a CLI run must not import them before main() sets MPLCONFIGDIR: `import lightning`
     # imports matplotlib.pyplot (through torchmetrics), which writes ~/.config and ~/.cache/matplotlib.
-    code = "import sys, finetune.bench; print(sorted(m for m in ('lightning', 'matplotlib') if m in sys.modules))"
+    code = "import sys, tools.bench; print(sorted(m for m in ('lightning', 'matplotlib') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_most_confused_pairs_and_top_losses():
+    names = ["a", "b", "c"]
+    matrix = [[5, 2, 0], [1, 4, 3], [0, 0, 6]]
+    pairs = bench_report.most_confused(matrix, names, top=2)
+    assert [(p["true"], p["predicted"], p["count"], p["of_true"]) for p in pairs] == [("b", "c", 3, 8), ("a", "b", 2, 7)]
+    pipeline = {"test_predictions": [0, 1, 2, 1], "test_labels": [0, 2, 2, 0], "test_names": ["w", "x", "y", "z"],
+                "test_p_predicted": [0.9, 0.6, 0.8, 0.95], "test_p_true": [0.9, 0.3, 0.8, 0.01]}
+    losses = bench_report.top_losses(pipeline, names)
+    assert [(l["file"], l["true"], l["predicted"]) for l in losses] == [("z", "a", "b"), ("x", "c", "b")]
+    assert losses[0]["p_predicted"] == 0.95 and losses[0]["p_true"] == 0.01
+    assert bench_report.top_losses({"test_predictions": None}, names) == []
