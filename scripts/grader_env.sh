@@ -6,7 +6,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh >/dev/null
-PY=${GRADER_PYTHON:-$(command -v python3.12 || command -v python3)}
+# The first Python 3.12 that really runs (a pyenv shim for a version that is not active exits 127), else python3.
+PY=${GRADER_PYTHON:-}
+for candidate in python3.12 "$HOME"/.pyenv/versions/3.12*/bin/python3.12 python3; do
+    [ -n "$PY" ] && break
+    if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c "" 2>/dev/null; then PY=$candidate; fi
+done
 if [ ! -x .venv-grader/bin/python ]; then
     "$PY" -m venv .venv-grader
     .venv-grader/bin/python -m pip install -q torch==2.4.1 torchvision==0.19.1 lightning==2.4.0 \

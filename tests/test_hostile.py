@@ -5,10 +5,8 @@ file it cannot use, and no checkpoint file can crash or trick the loader. Tiny g
 from __future__ import annotations
 
 import io
-import os
 import struct
 import warnings
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -22,31 +20,10 @@ from probe.backbone import NetConfig, build_net
 from probe.data import DataError
 from probe.images import MAX_ASPECT, ImageDataset, open_rgb
 from probe.preprocess import EvalTransform, TrainTransform, data_config
+from tools.hostile_folder import encode, hostile_folder, mistyped_exif, png_claiming
 
 SIZE = 64
 CFG = data_config("mobilenet_v2", SIZE)
-
-
-def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kwargs)
-    return buf.getvalue()
-
-
-def mistyped_exif(orientation: int = 6) -> bytes:
-    """An EXIF block whose ImageWidth is stored as ASCII (Pillow cannot even write that) plus an orientation:
-    what some phones and Windows' rotate write. ``ImageOps.exif_transpose`` raises on it."""
-    entries = [(0x0100, 2, 6, 38), (0x0112, 3, 1, orientation)]  # (tag, type, count, value/offset), sorted
-    ifd = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHII", *e) for e in entries) + struct.pack("<I", 0)
-    return b"Exif\x00\x00" + b"II*\x00" + struct.pack("<I", 8) + ifd + b"forty\x00"  # data at 8 + 30 = 38
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A 1x1 PNG whose header claims ``width`` x ``height`` (valid CRC): a decompression bomb's header."""
-    data = bytearray(encode(Image.new("L", (1, 1)), "PNG"))
-    data[16:24] = struct.pack(">II", width, height)
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
-    return bytes(data)
 
 
 # --------------------------------------------------------------------------- EXIF
@@ -124,41 +101,6 @@ def test_a_non_jpeg_decompression_bomb_is_refused_before_decoding():
 
 
 # --------------------------------------------------------------------------- a folder of everything
-
-
-def hostile_folder(root: Path) -> tuple[Path, set[str]]:
-    """Every kind of file a test folder might hold; returns it and the names expected to be unreadable."""
-    folder = root / "images"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    rgb = Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
-    good_jpeg = encode(rgb, "JPEG")
-    files = {
-        "bad_exif.jpg": encode(rgb, "JPEG", exif=mistyped_exif(6)),
-        "strip.png": encode(Image.new("RGB", (40000, 1), (1, 2, 3)), "PNG"),
-        "tall.png": encode(Image.new("L", (1, 30000), 7), "PNG"),
-        "truncated.jpg": good_jpeg[: len(good_jpeg) // 2],
-        "zero.jpg": b"",
-        "text.jpg": b"this is not an image\n",
-        "rgba.png": encode(rgb.convert("RGBA"), "PNG"),
-        "deep.png": encode(Image.fromarray((rng.random((20, 30)) * 65535).astype(np.uint16)), "PNG"),
-        "cmyk.jpg": encode(rgb.convert("CMYK"), "JPEG"),
-        "anim.gif": encode(rgb.convert("P"), "GIF"),
-        "photo.webp": encode(rgb, "WEBP"),
-        "dot.png": encode(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG"),
-        "bomb.png": png_claiming(30000, 30000),
-        "naïve name, with comma & spaces.jpg": good_jpeg,
-        "no_extension": good_jpeg,
-    }
-    for name, data in files.items():
-        (folder / name).write_bytes(data)
-    (folder / "link.jpg").symlink_to(folder / "bad_exif.jpg")
-    (folder / "dangling.jpg").symlink_to(folder / "gone.jpg")
-    os.mkfifo(folder / "pipe.jpg")  # opening it would block forever
-    (folder / ".hidden.jpg").write_bytes(good_jpeg)
-    (folder / "subfolder").mkdir()
-    unreadable = {"truncated.jpg", "zero.jpg", "text.jpg", "bomb.png", "dangling.jpg", "pipe.jpg"}
-    return folder, unreadable
 
 
 def tiny_model(path: Path, k: int = 4) -> Path:

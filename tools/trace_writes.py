@@ -1,0 +1,110 @@
+"""Trace ``import classification`` + ``classify`` at the syscall level and list every file they write.
+
+    python tools/trace_writes.py IMAGE_DIR [--submission submission/] [--python PY] [--limit-as 6GiB]
+
+Comparing folders before and after misses a file created and deleted at once (a temp-dir probe, a
+semaphore in /dev/shm); ``strace -f`` does not. The child runs in a fresh copy of the two built files with
+fresh HOME and TMPDIR, CUDA hidden, optionally under an address-space limit (``ulimit -v``), and
+PYTHONDONTWRITEBYTECODE=1 (a ``__pycache__`` next to the uploaded file would be the importing
+interpreter's write, before any of its code runs). Prints each create, truncate, open-for-writing, rename,
+delete or mkdir, how many files got a label, the time and the peak memory. Exit status 1 on any write or
+any file without an integer label.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from probe.data import list_image_files
+
+CHILD = r"""
+import json, os, sys, time
+t = time.perf_counter()
+import classification
+imported = time.perf_counter() - t
+t = time.perf_counter()
+pred = classification.classify(os.path.abspath("birds_model.pt"), sys.argv[1])
+seconds = time.perf_counter() - t
+with open("/proc/self/status") as f:
+    peak = next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+print("TRACE_RESULT " + json.dumps({"labels": pred, "import_s": imported, "classify_s": seconds, "peak_mib": peak,
+                                    "lightning": "lightning" in sys.modules, "sklearn": "sklearn" in sys.modules}))
+"""
+SYSCALLS = "openat,open,creat,mkdir,mkdirat,rename,renameat,renameat2,unlink,unlinkat,truncate,ftruncate,link,symlink"
+WRITING = re.compile(r"O_CREAT|O_TRUNC|O_WRONLY|O_RDWR|\b(creat|mkdir|mkdirat|rename\w*|unlink\w*|truncate|link|symlink)\(")
+
+
+def writes(trace: str) -> list[str]:
+    """The trace lines that create, truncate, open for writing, rename, delete or make something."""
+    found = []
+    for line in trace.splitlines():
+        if WRITING.search(line) and '"/dev/null"' not in line and "= -1" not in line:
+            found.append(line.strip())
+    return found
+
+
+def run(python: str, submission: Path, images: Path, limit_as: str | None) -> tuple[dict, list[str]]:
+    with tempfile.TemporaryDirectory(prefix="trace_writes_") as tmp:
+        work, home, temp = (Path(tmp) / n for n in ("work", "home", "temp"))
+        for d in (work, home, temp):
+            d.mkdir()
+        for name in ("classification.py", "birds_model.pt"):
+            shutil.copy2(submission / name, work / name)
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
+        env.update(HOME=str(home), TMPDIR=str(temp), CUDA_VISIBLE_DEVICES="", PYTHONDONTWRITEBYTECODE="1",
+                   PYTHONNOUSERSITE="1")
+        trace_file = Path(tmp) / "trace.txt"
+        inner = ["strace", "-f", "-qq", "-e", f"trace={SYSCALLS}", "-o", str(trace_file), python, "-c", CHILD,
+                 str(images.resolve())]
+        cmd = ["bash", "-c", f'ulimit -v {limit_as} && exec "$@"', "_", *inner] if limit_as else inner
+        proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("TRACE_RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
+            raise SystemExit(f"trace_writes: the child failed (exit {proc.returncode})")
+        return json.loads(line.split(" ", 1)[1]), writes(trace_file.read_text())
+
+
+def kib(text: str) -> str:
+    """'6GiB' -> ulimit -v's KiB."""
+    m = re.fullmatch(r"(\d+)\s*([KMG])i?B?", text.strip(), re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"write a size like 6GiB, not {text!r}")
+    return str(int(m.group(1)) * 1024 ** "KMG".index(m.group(2).upper()))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("images", type=Path, help="the folder to classify")
+    p.add_argument("--submission", type=Path, default=Path("submission"), help="folder with the two built files")
+    p.add_argument("--python", default=sys.executable, help="interpreter of the grader-like environment")
+    p.add_argument("--limit-as", type=kib, help="address-space limit of the child, e.g. 6GiB")
+    args = p.parse_args(argv)
+    if shutil.which("strace") is None:
+        raise SystemExit("trace_writes: strace is not installed (apt-get install strace)")
+    python = str(Path(args.python).absolute()) if os.sep in args.python else args.python
+    out, found = run(python, args.submission, args.images, args.limit_as)
+    expected = {f.name for f in list_image_files(args.images)}
+    unlabelled = sorted(expected - {k for k, v in out["labels"].items() if type(v) is int})
+    print(f"import classification: {out['import_s']:.1f}s (imports lightning: {out['lightning']}, "
+          f"scikit-learn: {out['sklearn']})")
+    print(f"classify: {len(out['labels'])} of {len(expected)} files labelled in {out['classify_s']:.1f}s "
+          f"({len(out['labels']) / max(out['classify_s'], 1e-9):.1f} files/s), peak RSS {out['peak_mib']:.0f} MiB"
+          + (f", address space limited to {int(args.limit_as) // 1024} MiB" if args.limit_as else ""))
+    print(f"files without an integer label: {unlabelled or 'none'}")
+    print(f"write-type syscalls (strace -f): {len(found)}")
+    for line in found:
+        print("  " + line)
+    sys.exit(1 if found or unlabelled else 0)
+
+
+if __name__ == "__main__":
+    main()
