@@ -9,7 +9,6 @@ cannot fit stops at once with the figure and the ways out instead of being kille
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Sequence
 
@@ -120,11 +119,6 @@ def check_budget(nbytes: int, budget: int | None, *, images: int, views: int, im
         f"{budget / 2**30:.2f} GiB. Use fewer views (--views), a smaller input (--image-size), more ranks "
         "on more machines (each holds only its shard), or raise --cache-budget if the memory is there."
     )
-
-
-def local_ranks() -> int:
-    """Ranks of this run on this machine (Lightning sets LOCAL_WORLD_SIZE for its launchers), else 1."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 class CachedViews(Dataset):

@@ -9,6 +9,7 @@ it, and cannot make the loader allocate what its config claims.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -61,10 +62,17 @@ class Classifier(nn.Module):
         """(N,) predicted class ids, in order."""
         return self.predict_logits(sources, names, precision=precision, progress=progress).logits.argmax(1).numpy()
 
+    def evaluate(self, images: LabelledImages, *, precision: str = "auto", progress: bool = False) -> dict:
+        """Probabilities (N, K), predictions (N,) and accuracy on a labelled set: the one evaluation the CLIs,
+        tools and benchmark share."""
+        probs = torch.softmax(self.predict_logits(images.sources, images.names, precision=precision,
+                                                  progress=progress).logits, dim=1).numpy()
+        predicted = probs.argmax(1)
+        return {"probabilities": probs, "predictions": predicted, "accuracy": float(np.mean(predicted == images.labels))}
+
     def score(self, images: LabelledImages, *, precision: str = "auto", progress: bool = False) -> float:
-        """Accuracy on a labelled set: the one evaluation the CLI, tools and benchmark share."""
-        predicted = self.predict(images.sources, images.names, precision=precision, progress=progress)
-        return float(np.mean(predicted == images.labels))
+        """Accuracy on a labelled set (see :meth:`evaluate`)."""
+        return self.evaluate(images, precision=precision, progress=progress)["accuracy"]
 
     def checkpoint(self) -> dict:
         """A plain dict (tensors, str, numbers, lists), loadable with ``weights_only=True``."""
@@ -158,8 +166,9 @@ def _data_config(ckpt: dict, path) -> DataConfig:
              f"image_size <= {MAX_IMAGE_SIZE}")
     for key in ("mean", "std"):
         v = data[key]
-        _require(isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)
-                 and (key == "mean" or all(x > 0 for x in v)), path, f"{key} must be 3 numbers (std > 0)")
+        _require(isinstance(v, (list, tuple)) and len(v) == 3
+                 and all(isinstance(x, (int, float)) and math.isfinite(x) for x in v)
+                 and (key == "mean" or all(x > 0 for x in v)), path, f"{key} must be 3 finite numbers (std > 0)")
     _require(isinstance(data["interpolation"], str) and data["interpolation"] in {m.value for m in InterpolationMode},
              path, "unknown interpolation")
     return DataConfig(size, resize, tuple(float(x) for x in data["mean"]), tuple(float(x) for x in data["std"]),

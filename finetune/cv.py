@@ -16,18 +16,18 @@ from __future__ import annotations
 
 import argparse
 import ast
-import copy
 import json
+import re
 import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from sklearn.model_selection import StratifiedKFold
 
-from probe.backbone import BirdNet, NetConfig, make_pool
+from probe.backbone import BirdNet, NetConfig, build_net
 from probe.preprocess import data_config
 from probe.data import DataError, LabelledImages, load_split_dir
 from probe.features import autocast
@@ -39,21 +39,24 @@ from finetune.datamodule import pooled_from_trunk
 from finetune.train import process_state_kept, train_tail
 
 
-
 def parse_candidate(spec: str) -> tuple[str, FinetuneConfig]:
-    """'PRESET[:field=value,...]' -> (spec, config); values are Python literals, else strings."""
+    """'PRESET[:field=value,...]' -> (spec, config); values are Python literals (tuples too), else strings,
+    and must have the type of the field's default."""
     name, _, rest = spec.partition(":")
-    types = {f.name for f in fields(FinetuneConfig)}
-    overrides = {}
-    for item in filter(None, rest.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep or key not in types:
+    base, overrides = preset(name), {}
+    for item in filter(None, re.split(r",(?=\s*\w+\s*=)", rest)):  # commas inside (0.2, 1.0) stay
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not hasattr(base, key):
             raise ValueError(f"{spec!r}: {item!r} is not field=value with a FinetuneConfig field")
         try:
             overrides[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             overrides[key] = value
-    return spec, preset(name, **overrides)
+        default = getattr(base, key)
+        if default is not None and not isinstance(overrides[key], type(default)) and \
+                not (isinstance(default, float) and type(overrides[key]) is int):
+            raise ValueError(f"{spec!r}: {key} must be a {type(default).__name__}, got {overrides[key]!r}")
+    return spec, replace(base, **overrides)
 
 
 def stratified_folds(labels: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -86,7 +89,8 @@ def build_cache(images: LabelledImages, cfg: FinetuneConfig, views: int, weights
 
 @torch.inference_mode()
 def held_out_logits(net: BirdNet, cache: TrunkCache, rows: np.ndarray, cfg: FinetuneConfig) -> tuple[torch.Tensor, ...]:
-    """(centre, mirror) logits of cached rows, in ``classify``'s precision; flip TTA averages the two."""
+    """(centre, mirror) logits of cached rows, in ``classify``'s precision; flip TTA averages the two, as
+    ``finetune.inference.flip_averaged`` does with the images themselves."""
     net.eval()
     out = {"centre": [], "mirror": []}
     for i in range(0, len(rows), 64):
@@ -116,12 +120,14 @@ def run_fold(cache: TrunkCache, images: LabelledImages, cfg: FinetuneConfig, tra
 
 
 def candidate_net(base: BirdNet, cfg: FinetuneConfig) -> BirdNet:
-    """The cache's network (its trunk made the cache; pretrained tail) with the candidate's pooling, dropout
-    and ensemble members, each a copy of the pretrained tail."""
-    net = copy.deepcopy(base)
-    net.pool, net.dropout = make_pool(cfg.pooling), torch.nn.Dropout(cfg.dropout)
-    net.extra = torch.nn.ModuleList(copy.deepcopy(net.member(0)) for _ in range(cfg.members - 1))
-    return net
+    """A network with the candidate's pooling, dropout and ensemble members, whose trunk is the one that made
+    the cache and whose every tail starts as the cache network's (pretrained) tail."""
+    net = build_net(NetConfig(cfg.backbone, base.head.out_features, cfg.trunk_split, cfg.dropout, cfg.pooling,
+                              cfg.members))
+    net.trunk.load_state_dict(base.trunk.state_dict())
+    for i in range(net.members):
+        net.member(i).tail.load_state_dict(base.tail.state_dict())
+    return net.eval()
 
 
 def score_candidate(spec: str, cfg: FinetuneConfig, cache: TrunkCache, images: LabelledImages, folds,

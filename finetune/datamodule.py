@@ -24,8 +24,7 @@ from probe.preprocess import DataConfig
 from probe.data import LabelledImages, stratified_split
 from probe.linear import FittedProbe, fit_probe, init_head_from_probe
 from probe.timing import Stopwatch
-from finetune.cache import (CachedViews, augmented_activations, bytes_per_view, centre_activations, check_budget,
-                            local_ranks)
+from finetune.cache import CachedViews, augmented_activations, bytes_per_view, centre_activations, check_budget
 from finetune.config import FinetuneConfig
 
 
@@ -88,7 +87,7 @@ class TrunkCacheData(L.LightningDataModule):
         self.fitted: FittedProbe | None = None
         self.shards: list[list[int]] = []
         self.samples_per_epoch: int | None = None
-        self.cache_bytes, self.setup_seconds, self.head_digests = 0, 0.0, []
+        self.cache_bytes, self.setup_seconds, self.head_digests, self.pin_memory = 0, 0.0, [], False
         self.member = 0  # the ensemble member the next fit trains: its own data order
 
     def setup(self, stage: str) -> None:
@@ -96,14 +95,14 @@ class TrunkCacheData(L.LightningDataModule):
             return
         start, trainer = time.perf_counter(), self.trainer
         rank, world = trainer.global_rank, trainer.world_size
-        labels = self.images.labels
-        fit_idx, val_idx = stage_two_split(labels, self.cfg)
+        fit_idx, val_idx = stage_two_split(self.images.labels, self.cfg)
         shard = np.arange(len(self.images))[rank::world]
         shard_fit = np.intersect1d(shard, fit_idx)
-        self._check_budget(len(shard), len(shard_fit))
         device = trainer.strategy.root_device
-        self.net.to(device)
-        kwargs = dict(progress=self.progress, device=device, out_device=self._cache_device(device), echo=True)
+        self.net.to(device).eval()  # extraction and the probe see the eval network; training mode is set again
+        #                              in LPFTModule.on_train_start
+        cache_device = self._cache_device(device, len(shard), len(shard_fit), trainer.num_devices)
+        kwargs = dict(progress=self.progress, device=device, out_device=cache_device, echo=True)
         with self.sw("centre view"):
             centre = centre_activations(self.net, self.images.subset(shard), self.data_cfg, self.cfg, **kwargs)
         with self.sw("probe"):
@@ -112,17 +111,19 @@ class TrunkCacheData(L.LightningDataModule):
             views = augmented_activations(self.net, self.images.subset(shard_fit), self.data_cfg, self.cfg,
                                           rank=rank, **kwargs)
         self._datasets(trainer, centre, views, shard, shard_fit, val_idx)
-        self.shards = shards_by_rank(trainer, shard, len(centre))
+        self.shards = shards_by_rank(trainer, shard)
+        self.pin_memory = device.type == "cuda" and cache_device.type == "cpu"
         self.setup_seconds = time.perf_counter() - start
 
-    def _check_budget(self, n_images: int, n_fit: int) -> None:
-        stacks = n_images + n_fit * self.cfg.views  # every image's centre view + the fit images' views
-        check_budget(stacks * bytes_per_view(self.net, self.cfg), self.cache_budget, images=n_images,
-                     views=self.cfg.views + 1, image_size=self.cfg.image_size, ranks_here=local_ranks())
-
-    def _cache_device(self, device: torch.device) -> torch.device:
-        """Keep the cache in an accelerator's memory (no copies per batch); on the CPU otherwise."""
-        return device if device.type != "cpu" else torch.device("cpu")
+    def _cache_device(self, device: torch.device, n_images: int, n_fit: int, ranks_here: int) -> torch.device:
+        """Where the cache goes: an accelerator's memory when it takes at most half of what is free there
+        (no copy per batch; the rest is for training), else this machine's RAM, within the budget."""
+        nbytes = (n_images + n_fit * self.cfg.views) * bytes_per_view(self.net, self.cfg)  # centres + views
+        if device.type == "cuda" and nbytes <= 0.5 * torch.cuda.mem_get_info(device)[0]:
+            return device
+        check_budget(nbytes, self.cache_budget, images=n_images, views=self.cfg.views + 1,
+                     image_size=self.cfg.image_size, ranks_here=ranks_here)
+        return torch.device("cpu")
 
     def _stage_one(self, trainer: L.Trainer, centre: torch.Tensor, shard: np.ndarray, fit_idx: np.ndarray) -> None:
         """Pooled features of every fit image (gathered from all ranks), one probe fit on rank 0, broadcast."""
@@ -149,33 +150,40 @@ class TrunkCacheData(L.LightningDataModule):
         fit_centre = centre if len(fit_rows) == len(centre) else centre[torch.as_tensor(fit_rows)]
         self.train_set = CachedViews([fit_centre, *views], labels[shard_fit])
         val_rows = np.flatnonzero(np.isin(shard, val_idx))
-        if len(val_rows):
+        sizes = gather_rows(trainer, torch.tensor([[len(self.train_set), len(val_rows)]])).tolist()
+        if min(v for _, v in sizes) > 0:  # a rank without validation images would leave the others waiting
             self.val_set = CachedViews([centre[torch.as_tensor(val_rows)]], labels[shard[val_rows]])
         self.cache_bytes = self.train_set.nbytes + (self.val_set.nbytes if self.val_set else 0)
-        sizes = gather_rows(trainer, torch.tensor([len(self.train_set)])).tolist()
         # DDP needs the same number of steps on every rank: each draws as many samples as the smallest shard.
-        self.samples_per_epoch = None if trainer.world_size == 1 else min(sizes)
+        self.samples_per_epoch = None if trainer.world_size == 1 else min(t for t, _ in sizes)
 
     def train_dataloader(self) -> DataLoader:
-        return cached_loader(self.train_set, self.cfg, self.trainer.global_rank, self.samples_per_epoch, self.member)
+        return cached_loader(self.train_set, self.cfg, self.trainer.global_rank, self.samples_per_epoch, self.member,
+                             self.pin_memory)
 
     def val_dataloader(self) -> DataLoader | list:
-        return DataLoader(self.val_set, batch_size=64) if self.val_set is not None else []
+        return val_loader_of(self.val_set) if self.val_set is not None else []
 
 
-def cached_loader(train_set: CachedViews, cfg: FinetuneConfig, rank: int = 0,
-                  samples_per_epoch: int | None = None, member: int = 0) -> DataLoader:
+def cached_loader(train_set: CachedViews, cfg: FinetuneConfig, rank: int = 0, samples_per_epoch: int | None = None,
+                  member: int = 0, pin_memory: bool = False) -> DataLoader:
     """Shuffled batches of cached views, seeded per rank and ensemble member; ``samples_per_epoch`` caps an
-    epoch (None: all)."""
+    epoch (None: all); ``pin_memory`` when a CPU cache feeds an accelerator."""
     generator = torch.Generator().manual_seed(cfg.seed + rank + 1000 * member)
     sampler = RandomSampler(train_set, num_samples=samples_per_epoch, generator=generator)
-    return DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, generator=generator)
+    # The loader draws from the same generator too (a base seed per epoch, before the sampler's shuffle), as
+    # DataLoader(shuffle=True, generator=...) does: one process draws exactly the batches the v1 recipe did.
+    return DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, generator=generator,
+                      pin_memory=pin_memory)
 
 
-def shards_by_rank(trainer: L.Trainer, shard: np.ndarray, extracted: int) -> list[list[int]]:
-    """Each rank's extracted image indices, as the ranks themselves report them (rank, index) pairs."""
-    if extracted != len(shard):
-        raise RuntimeError(f"rank {trainer.global_rank} extracted {extracted} images for a shard of {len(shard)}")
+def val_loader_of(val_set: CachedViews) -> DataLoader:
+    """Cached validation views in order, in batches of 64 (no gradients: larger batches than training)."""
+    return DataLoader(val_set, batch_size=64)
+
+
+def shards_by_rank(trainer: L.Trainer, shard: np.ndarray) -> list[list[int]]:
+    """Each rank's extracted image indices, as the ranks themselves report them ((rank, index) pairs)."""
     pairs = torch.stack([torch.full((len(shard),), trainer.global_rank), torch.as_tensor(shard)], 1)
     pairs = gather_rows(trainer, pairs).numpy()
     return [sorted(pairs[pairs[:, 0] == r, 1].tolist()) for r in range(trainer.world_size)]

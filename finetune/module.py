@@ -149,6 +149,9 @@ class LPFTModule(L.LightningModule):
     def forward(self, acts: torch.Tensor) -> torch.Tensor:
         return self.member(acts)
 
+    def on_train_start(self) -> None:
+        self.train()  # the data module's setup ran the probe in eval mode inside fit(); dropout back on, BN pinned
+
     def _log(self, stage: str, loss: torch.Tensor, acc: torch.Tensor, n: int) -> None:
         self.log_dict({f"{stage}_loss": loss, f"{stage}_acc": acc}, on_step=False, on_epoch=True, prog_bar=True,
                       batch_size=n, sync_dist=stage == "val")  # validation accuracy agrees on every rank
@@ -185,9 +188,9 @@ class LPFTModule(L.LightningModule):
 
     def param_groups(self) -> list[dict]:
         """AdamW groups: the tail at ``lr_tail``, pooling and head at ``lr_head``; no decay on 1-d parameters."""
-        groups, m = [], self.member
-        for modules, lr in (((m.tail,), self.cfg.lr_tail), ((m.pool, m.head), self.cfg.lr_head)):
-            params = [p for m in modules for p in m.parameters() if p.requires_grad]
+        groups, member = [], self.member
+        for modules, lr in (((member.tail,), self.cfg.lr_tail), ((member.pool, member.head), self.cfg.lr_head)):
+            params = [p for module in modules for p in module.parameters() if p.requires_grad]
             decay = [p for p in params if p.ndim > 1]  # conv and linear weights; not biases, BatchNorm or GeM's p
             no_decay = [p for p in params if p.ndim <= 1]
             groups += [{"params": decay, "lr": lr, "weight_decay": self.cfg.weight_decay},

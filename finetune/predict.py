@@ -40,6 +40,8 @@ def expand(inputs: list[Path]) -> list[Path]:
 
 def predict_files(model: Classifier, files: list[Path], k: int, progress: bool = False) -> list[Prediction]:
     """Top-k species of every file, through ``Classifier.predict_logits`` (``classify``'s path)."""
+    if not files:
+        return []
     out = model.predict_logits(files, [str(f) for f in files], progress=progress)
     probs = torch.softmax(out.logits, dim=1)
     values, ids = probs.topk(min(k, probs.shape[1]), dim=1)

@@ -19,7 +19,6 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from probe.backbone import BirdNet, NetConfig
 from probe.preprocess import data_config
@@ -31,14 +30,14 @@ from probe.weights import pretrained_net
 from finetune.checkpoint import Classifier
 from finetune.config import FinetuneConfig
 from finetune.cache import CachedViews
-from finetune.datamodule import TrunkCacheData, cached_loader
+from finetune.datamodule import TrunkCacheData, cached_loader, val_loader_of
 from finetune.module import LPFTModule, TrunkFreeze, WeightAverage
 
-# Lightning's messages about choices this design makes on purpose: in-process loading (no workers),
-# BatchNorm pinned in eval mode, our own sharding instead of a DistributedSampler, no logger.
-KNOWN_WARNINGS = (".*does not have many workers.*", ".*module\\(s\\) in eval mode.*",
-                  ".*distributed_sampler.*", ".*no logger.*", ".*LightningModule.log.*",
-                  ".*LeafSpec.*", ".*no `val_dataloader`.*", ".*log_every_n_steps.*")  # Lightning's own use of a torch API that newer torch deprecates
+# Lightning's warnings about choices this design makes on purpose: in-process loading (no workers),
+# BatchNorm pinned in eval mode, metrics logged per epoch (with --log-dir); and Lightning >= 2.5's own use of
+# a torch API that torch >= 2.9 deprecates (LeafSpec), which no configuration of ours can avoid.
+KNOWN_WARNINGS = (".*does not have many workers.*", ".*module\\(s\\) in eval mode.*", ".*log_every_n_steps.*",
+                  ".*LeafSpec.*")
 # Lightning's informational lines (accelerator summary, tips); they go to these loggers at INFO.
 LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
 
@@ -63,10 +62,12 @@ class FinetuneResult:
 
 @contextmanager
 def process_state_kept():
-    """Undo what training changes process-wide: the random generators, torch's deterministic mode and the
-    environment (Lightning's ``seed_everything`` sets PL_GLOBAL_SEED and PL_SEED_WORKERS)."""
+    """Undo what training changes process-wide: the random generators, torch's deterministic mode, its
+    thread count and cuDNN flags (Lightning's launchers set them), and the environment variables Lightning
+    sets (``seed_everything``'s PL_GLOBAL_SEED and PL_SEED_WORKERS, the DDP launcher's)."""
     rng = random.getstate(), np.random.get_state(), torch.get_rng_state()
     deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    threads, cudnn = torch.get_num_threads(), (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
     environ = dict(os.environ)
     try:
         yield
@@ -75,8 +76,11 @@ def process_state_kept():
         np.random.set_state(rng[1])
         torch.set_rng_state(rng[2])
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
-        os.environ.clear()
-        os.environ.update(environ)
+        torch.set_num_threads(threads)
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = cudnn
+        for key in set(os.environ) - set(environ):
+            del os.environ[key]
+        os.environ.update({k: v for k, v in environ.items() if os.environ.get(k) != v})
 
 
 @contextmanager
@@ -149,6 +153,19 @@ def fit_module(module: LPFTModule, trainer: L.Trainer, verbose: bool = False, **
     return time.perf_counter() - start
 
 
+@torch.inference_mode()
+def cached_accuracy(net: BirdNet, views: CachedViews, trainer: L.Trainer | None = None) -> float:
+    """Accuracy of ``net`` (every member: their averaged logits) on cached trunk activations; under DDP
+    each rank scores its shard and the counts are summed."""
+    net.eval()
+    device = next(net.parameters()).device
+    correct = sum(int((net.forward_from_trunk(a.to(device)).argmax(1).cpu() == y).sum()) for a, y in val_loader_of(views))
+    counts = torch.tensor([correct, len(views)], dtype=torch.float64)
+    if trainer is not None and trainer.world_size > 1:
+        counts = trainer.strategy.reduce(counts.to(trainer.strategy.root_device), reduce_op="sum").cpu()
+    return float(counts[0] / counts[1])
+
+
 def train_tail(net: BirdNet, train_set: CachedViews, val_set: CachedViews | None, cfg: FinetuneConfig,
                progress: bool = True, member: int = 0, **trainer_kwargs) -> LPFTModule:
     """Fit one member's tail + head on prepared cached views in this process; the best validation weights
@@ -158,10 +175,12 @@ def train_tail(net: BirdNet, train_set: CachedViews, val_set: CachedViews | None
     through :class:`~finetune.datamodule.TrunkCacheData`, which also extracts the cache and fits the probe.
     """
     module = LPFTModule(net, cfg, member)
-    trainer = make_trainer(cfg, progress, validate=val_set is not None, **trainer_kwargs)
-    val_loader = DataLoader(val_set, batch_size=64) if val_set is not None else None
-    loader = cached_loader(train_set, cfg, member=member)
-    fit_module(module, trainer, train_dataloaders=loader, val_dataloaders=val_loader)
+    with process_state_kept():
+        trainer = make_trainer(cfg, progress, validate=val_set is not None, **trainer_kwargs)
+        # [] rather than None: no validation, and no Lightning warning that validation_step has no loader
+        val_loader = val_loader_of(val_set) if val_set is not None else []
+        fit_module(module, trainer, train_dataloaders=cached_loader(train_set, cfg, member=member),
+                   val_dataloaders=val_loader)
     return module
 
 
@@ -193,7 +212,7 @@ def fine_tune(train: LabelledImages, cfg: FinetuneConfig, weights: str = "requir
                                    **trainer_kwargs)
             seconds += fit_module(modules[-1], trainer, verbose, datamodule=data)
         sw.seconds["fine-tune"] = seconds - data.setup_seconds
-    val_acc = modules[-1].best_val_accuracy if data.val_set is not None else None
+    val_acc = cached_accuracy(net, data.val_set, trainer) if data.val_set is not None else None  # all members
     classifier = Classifier(net.cpu(), net_cfg, data_cfg, cfg.tta_flip, train.class_names).eval()
     return FinetuneResult(classifier, cfg, data.fitted, val_acc, [row for m in modules for row in m.history],
                           data.cache_bytes, len(train), sum(m.samples_seen for m in modules), data.shards,

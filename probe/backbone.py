@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -68,7 +68,8 @@ class GeM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float().clamp(min=self.eps)  # fp32 even under bf16 autocast: x^p spans several decades
-        return x.pow(self.p).mean(dim=(2, 3)).pow(1.0 / self.p)
+        top = x.amax(dim=(2, 3), keepdim=True)  # scaled by the maximum, x^p never overflows, whatever p becomes
+        return (x / top).pow(self.p).mean(dim=(2, 3)).pow(1.0 / self.p) * top.flatten(1)
 
 
 def make_pool(pooling: str) -> nn.Module:
@@ -106,13 +107,15 @@ class Member(nn.Module):
 class BirdNet(nn.Module):
     """Backbone blocks split into a frozen ``trunk`` and a trainable ``tail``, then pool, dropout, ``head``.
 
-    Names follow timm: ``forward_features`` (B, 3, H, W) -> unpooled maps (B, F, h, w); ``forward_head``
-    pools and classifies them -> (B, K) logits (or (B, F) pooled features with ``pre_logits``). Training
-    on cached trunk activations enters half-way: ``forward_tail`` (B, C, h', w') -> (B, F, h, w).
+    Names follow timm, per member: ``forward_features(x, m)`` (B, 3, H, W) -> member m's unpooled maps
+    (B, F, h, w); ``forward_head(maps, m)`` pools and classifies them -> (B, K) logits (or (B, F) pooled
+    features with ``pre_logits``). Training on cached trunk activations enters half-way: ``forward_tail(a, m)``
+    (B, C, h', w') -> (B, F, h, w).
 
     An ensemble (``members`` > 1) adds copies of tail, pooling, dropout and head in ``extra``, each trained
-    on its own; the trunk runs once and ``forward`` averages the members' logits. Member 0 is the net's own
-    ``tail``/``pool``/``dropout``/``head``, so a single model's state dict has no ensemble keys.
+    on its own; the trunk runs once and ``forward`` averages the members' logits (for one member it is
+    ``forward_head(forward_features(x))``). Member 0 is the net's own ``tail``/``pool``/``dropout``/``head``,
+    so a single model's state dict has no ensemble keys and older checkpoints still load.
     """
 
     def __init__(self, blocks: nn.Sequential, width: int, num_classes: int, split: int, dropout: float = 0.0,
@@ -134,20 +137,21 @@ class BirdNet(nn.Module):
         return 1 + len(self.extra)
 
     def member(self, i: int) -> Member:
-        """Member ``i``'s modules (the same objects the net holds: training one trains the net)."""
+        """Member ``i``'s modules: the very objects the net holds, so training them trains the net. (Member 0's
+        wrapper is made on each call, a few microseconds: registering it would duplicate the state dict.)"""
         return Member(self.tail, self.pool, self.dropout, self.head) if i == 0 else self.extra[i - 1]
 
     def forward_trunk(self, x: torch.Tensor) -> torch.Tensor:
         return self.trunk(x)
 
-    def forward_tail(self, a: torch.Tensor) -> torch.Tensor:
-        return self.member(0).forward_tail(a)
+    def forward_tail(self, a: torch.Tensor, member: int = 0) -> torch.Tensor:
+        return self.member(member).forward_tail(a)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_tail(self.forward_trunk(x))
+    def forward_features(self, x: torch.Tensor, member: int = 0) -> torch.Tensor:
+        return self.forward_tail(self.forward_trunk(x), member)
 
-    def forward_head(self, maps: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.member(0).forward_head(maps, pre_logits)
+    def forward_head(self, maps: torch.Tensor, member: int = 0, pre_logits: bool = False) -> torch.Tensor:
+        return self.member(member).forward_head(maps, pre_logits)
 
     def forward_from_trunk(self, a: torch.Tensor) -> torch.Tensor:
         """Trunk activations (B, C, h', w') -> logits (B, K), averaged over the members."""

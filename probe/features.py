@@ -12,7 +12,6 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 
-
 def bf16_supported(device: torch.device | str = "cpu") -> bool:
     """Whether ``device`` runs bfloat16 natively: a CPU with AVX512-BF16 / AMX (~2x faster convolutions there),
     or a CUDA GPU of compute capability 8.0 or newer."""
@@ -68,24 +67,19 @@ class ExtractStats:
     def images_per_s(self) -> float:
         return self.images / max(self.seconds, 1e-9)
 
+    def line(self, desc: str) -> str:
+        return f"{desc}: {self.images} images in {self.seconds:.1f}s ({self.images_per_s:.1f} img/s)"
+
 
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int = 0) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
 
 
 @torch.inference_mode()
-def extract(
-    fn: Callable[[torch.Tensor], torch.Tensor],
-    loader: DataLoader,
-    *,
-    precision: str = "fp32",
-    out_dtype: torch.dtype = torch.float32,
-    desc: str = "features",
-    progress: bool = True,
-    device: torch.device | str = "cpu",
-    out_device: torch.device | str = "cpu",
-    echo: bool | None = None,
-) -> tuple[torch.Tensor, ExtractStats]:
+def extract(fn: Callable[[torch.Tensor], torch.Tensor], loader: DataLoader, *, precision: str = "fp32",
+            out_dtype: torch.dtype = torch.float32, desc: str = "features", progress: bool = True,
+            device: torch.device | str = "cpu", out_device: torch.device | str = "cpu",
+            echo: bool | None = None) -> tuple[torch.Tensor, ExtractStats]:
     """Run ``fn`` over every batch of ``loader`` and stack the outputs in RAM, in dataset order.
 
     Inputs go in channels-last, which is ~1.7x faster for MobileNet-style convolutions on a CPU.
@@ -98,7 +92,7 @@ def extract(
     Returns:
         (outputs of shape (N, ...) in ``out_dtype``, throughput stats)
     """
-    n, out, start = len(loader.dataset), None, time.perf_counter()
+    n, out, done, start = len(loader.dataset), None, 0, time.perf_counter()
     with progress_bar(progress, total=n, desc=desc, unit="img", leave=False) as bar:
         for x, index in loader:
             x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
@@ -107,8 +101,12 @@ def extract(
             if out is None:  # preallocate once: no list of chunks and no second copy from torch.cat
                 out = torch.empty((n, *y.shape[1:]), dtype=out_dtype, device=out_device)
             out[index.to(out.device)] = y.to(out.device, out_dtype)
+            done += len(x)
             bar.update(len(x))
+    if done != n:
+        raise RuntimeError(f"{desc}: the loader gave {done} of {n} images")
     stats = ExtractStats(n, time.perf_counter() - start)
     if progress if echo is None else echo:
-        print(f"{desc}: {stats.images} images in {stats.seconds:.1f}s ({stats.images_per_s:.1f} img/s)")
-    return out.contiguous(), stats
+        print(stats.line(desc))
+    # no images: nothing ran, so the output's shape is unknown
+    return (out.contiguous() if out is not None else torch.empty(0, dtype=out_dtype, device=out_device)), stats

@@ -23,9 +23,10 @@ from torch.utils.data import Dataset
 
 from probe.data import DataError, Source
 
-# Beyond this aspect ratio only the middle of the long side can reach the network (the centre crop, or a
-# random crop of ratio 3/4..4/3), so the rest is cut before resizing: a 40000x1 strip would otherwise be
-# resized to 14.6M x 366 pixels. No photo is this elongated, so ordinary images are never touched.
+# Beyond this aspect ratio the long side is cut to the middle before resizing: a 40000x1 strip would
+# otherwise be resized to 14.6M x 366 pixels. The centre crop only ever sees the middle; a training crop
+# (ratio 3/4..4/3) could have come from the ends, which are lost, but no bird photo is this elongated
+# (birds50-a's most is 2.5:1), so ordinary images are never touched.
 MAX_ASPECT = 4.0
 # EXIF orientation -> the transpose that undoes it (the table of PIL.ImageOps.exif_transpose).
 _ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
@@ -50,14 +51,17 @@ def open_rgb(source: Source, name: str | None = None, *, min_side: int | None = 
     Raises:
         DataError: the file is missing, not a regular file, too large or not a decodable image.
     """
-    label = name or str(source if isinstance(source, Path) else "<bytes>")
+    label = name or ("<bytes>" if isinstance(source, bytes) else str(source))
     try:
         with _opened(source, label) as img:
             if min_side is not None:
                 _draft(img, min_side)
             _check_pixels(img, label)
             img.load()
-            return _to_rgb(_bounded_aspect(_exif_transposed(img, label)))
+            upright = _orientation(img, label)  # read before _reduced, whose copy has no EXIF
+            img = _reduced(img, min_side) if min_side is not None else img
+            img = img.transpose(upright) if upright is not None else img
+            return _to_rgb(_bounded_aspect(img))
     except DataError:
         raise
     except Exception as err:  # decoders raise OSError, ValueError, TypeError, struct.error, MemoryError, ...
@@ -96,6 +100,15 @@ def _draft(img: Image.Image, min_side: int) -> None:
         img.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
 
 
+def _reduced(img: Image.Image, min_side: int) -> Image.Image:
+    """A non-JPEG at least twice the needed size, shrunk by an integer box filter (what ``draft`` does for a
+    JPEG) before the mode conversions, which hold several full-size copies at once."""
+    factor = min(img.size) // max(1, min_side)
+    if img.format == "JPEG" or factor < 2 or img.mode not in ("L", "LA", "RGB", "RGBA", "I", "F", "P", "1"):
+        return img
+    return img.convert("RGBA" if img.mode in ("P", "LA") else "L" if img.mode == "1" else img.mode).reduce(factor)
+
+
 def _check_pixels(img: Image.Image, label: str) -> None:
     """Refuse what would still be a decompression bomb after drafting (Pillow's own error threshold)."""
     limit = Image.MAX_IMAGE_PIXELS
@@ -104,21 +117,19 @@ def _check_pixels(img: Image.Image, label: str) -> None:
                         f"for a {img.format} file; downscale it or save it as JPEG.")
 
 
-def _exif_transposed(img: Image.Image, label: str) -> Image.Image:
-    """The image turned upright by its EXIF orientation tag.
+def _orientation(img: Image.Image, label: str) -> Image.Transpose | None:
+    """The transpose that turns the image upright by its EXIF orientation tag, or None.
 
-    Only the orientation is read and the pixels transposed, unlike ``ImageOps.exif_transpose``, which
-    also rewrites the EXIF block and raises on a mistyped tag in it. An unreadable EXIF block leaves
-    the pixels as stored, with a warning.
+    Only the orientation is read, unlike ``ImageOps.exif_transpose``, which also rewrites the EXIF block and
+    raises on a mistyped tag in it. An unreadable EXIF block leaves the pixels as stored, with a warning.
     """
     try:
         orientation = img.getexif().get(_EXIF_ORIENTATION_TAG)
     except Exception as err:  # noqa: BLE001 - any malformed EXIF: the pixels themselves are still good
         warnings.warn(f"{label}: unreadable EXIF ({type(err).__name__}: {err}); using the image as stored.",
                       stacklevel=3)
-        return img
-    method = _ORIENTATION.get(orientation) if isinstance(orientation, int) else None
-    return img.transpose(method) if method is not None else img
+        return None
+    return _ORIENTATION.get(orientation) if isinstance(orientation, int) else None
 
 
 def _bounded_aspect(img: Image.Image) -> Image.Image:

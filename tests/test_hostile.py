@@ -68,11 +68,16 @@ def test_extreme_aspect_ratios_are_cut_before_resizing(size):
 
 
 def test_ordinary_photos_are_untouched():
+    """birds50-a-sized photos (shorter side up to 500 px, ratio up to 2.5) decode exactly as Pillow alone does."""
     rng = np.random.default_rng(0)
-    for size in [(500, 375), (375, 500), (333, 500), (500, 125)]:  # up to 4:1 passes through
+    for size in [(500, 375), (375, 500), (333, 500), (500, 125), (500, 200)]:  # up to 4:1 passes through
         img = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
-        data = encode(img, "PNG")
-        assert np.array_equal(np.asarray(open_rgb(data, "x.png", min_side=366)), np.asarray(img))
+        for fmt in ("PNG", "JPEG"):
+            data = encode(img, fmt)
+            with Image.open(io.BytesIO(data)) as plain:
+                expected = np.asarray(plain.convert("RGB"))
+            for need in (366, 439, 675):  # eval at 320 and 384 px, a training crop at 320 px
+                assert np.array_equal(np.asarray(open_rgb(data, "x", min_side=need)), expected), (size, fmt, need)
 
 
 def test_200_megapixel_jpeg_is_drafted_not_refused(tmp_path):

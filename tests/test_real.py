@@ -57,3 +57,22 @@ def test_real_probe_separates_six_species(real_cache):
     # chance is 1/6; a probe on real ImageNet features separates six species from ten photos each
     assert result.test_accuracy is not None and result.test_accuracy >= 0.6, result.test_accuracy
     assert np.isfinite(result.fitted.probe.clf_.coef_).all()
+
+
+@needs_birds
+def test_birds50a_images_decode_exactly_as_before():
+    """open_rgb's new guards (draft, aspect cut, EXIF read without rewriting) leave every 7th birds50-a image
+    bit-identical to the previous decoding (Pillow's exif_transpose, then RGB), at the sizes the presets
+    ask for: none of them is large or elongated enough to trigger a guard."""
+    from PIL import Image, ImageOps
+
+    from probe.images import _to_rgb, open_rgb
+
+    files = sorted((BIRDS / "train" / "images").iterdir())[::7] + sorted((BIRDS / "test" / "images").iterdir())[::7]
+    assert len(files) > 400
+    for path in files:
+        with Image.open(path) as img:
+            img.load()
+            before = np.asarray(_to_rgb(ImageOps.exif_transpose(img)))
+        for need in (366, 439, 675):
+            assert np.array_equal(np.asarray(open_rgb(path, min_side=need)), before), (path.name, need)

@@ -13,6 +13,7 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -106,10 +107,40 @@ def test_train_classifier_leaves_the_process_as_it_found_it(tmp_path):
         assert after[key] == before[key], key
 
 
+class MemberStates(L.Callback):
+    """Every member's weights at the start and at the end of each fit."""
+
+    def __init__(self):
+        self.fits: list[dict] = []
+
+    def _states(self, net) -> list[dict[str, torch.Tensor]]:
+        return [{k: v.detach().clone() for k, v in net.member(i).state_dict().items()} for i in range(net.members)]
+
+    def on_train_start(self, trainer, pl_module):
+        self.fits.append({"member": pl_module.member_index, "start": self._states(pl_module.net)})
+
+    def on_train_end(self, trainer, pl_module):
+        self.fits[-1]["end"] = self._states(pl_module.net)
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_members_are_trained_one_by_one_from_the_same_probe():
     images = make_synthetic(num_classes=3, per_class=6, size=48, seed=3)
-    result = fine_tune(images, replace(TINY, members=2), "none", progress=False, accelerator="cpu", devices=1)
+    spy = MemberStates()
+    result = fine_tune(images, replace(TINY, members=2), "none", progress=False, callbacks=[spy],
+                       accelerator="cpu", devices=1)
     net = result.classifier.net
-    assert net.members == 2 and len(result.history) == 2
-    assert not torch.equal(net.head.weight, net.extra[0].head.weight)  # each trained on its own data order
+    assert net.members == 2 and len(result.history) == 2 and [f["member"] for f in spy.fits] == [0, 1]
+    first, second = spy.fits
+    assert _same(first["start"][0], first["start"][1])  # both start as the pretrained tail + the probe head
+    assert not _same(first["end"][0], first["start"][0]) and _same(first["end"][1], first["start"][1])
+    assert not _same(second["end"][1], second["start"][1]) and _same(second["end"][0], second["start"][0])
     assert result.trained_samples == 2 * 2 * TINY.batch_size
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():  # the ensemble's logits are the mean of its members'
+        a = net.forward_trunk(x)
+        expected = (net.member(0)(a) + net.member(1)(a)) / 2
+        torch.testing.assert_close(net(x), expected)

@@ -11,7 +11,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import torch
 
 import solution
 from probe.data import read_gt, stratified_split
@@ -80,14 +79,12 @@ def pipeline_step(data_dir: Path, cfg: FinetuneConfig, weights: str, progress: b
 def test_outputs(model, test, precision: str, progress: bool) -> dict:
     """Test predictions, the probabilities of the predicted and of the true class, accuracy and seconds."""
     start = time.perf_counter()
-    probs = torch.softmax(model.predict_logits(test.sources, test.names, precision=precision,
-                                               progress=progress).logits, dim=1).numpy()
-    seconds = time.perf_counter() - start
-    predicted = probs.argmax(1)
-    return {"test_seconds": seconds, "test_predictions": predicted.tolist(), "test_labels": test.labels.tolist(),
-            "test_names": list(test.names), "test_p_predicted": probs.max(1).tolist(),
-            "test_p_true": probs[np.arange(len(probs)), test.labels].tolist(),
-            "test_accuracy": float(np.mean(predicted == test.labels))}
+    out = model.evaluate(test, precision=precision, progress=progress)
+    seconds, probs = time.perf_counter() - start, out["probabilities"]
+    return {"test_seconds": seconds, "test_predictions": out["predictions"].tolist(),
+            "test_labels": test.labels.tolist(), "test_names": list(test.names),
+            "test_p_predicted": probs.max(1).tolist(), "test_p_true": probs[np.arange(len(probs)), test.labels].tolist(),
+            "test_accuracy": out["accuracy"]}
 
 
 def classify_step(model_path: Path, split_dir: Path) -> dict:

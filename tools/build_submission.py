@@ -42,13 +42,22 @@ def module_file(name: str) -> Path:
     return path.with_suffix(".py") if path.with_suffix(".py").is_file() else path / "__init__.py"
 
 
-def _top(node: ast.stmt) -> str | None:
-    """The top-level package a statement imports from, or None for a non-import."""
+def _tops(node: ast.AST) -> list[str]:
+    """The top-level packages an import statement imports from ('.' for a relative one); [] for others."""
     if isinstance(node, ast.ImportFrom):
-        return (node.module or "").split(".")[0] if node.level == 0 else "."
+        return [(node.module or "").split(".")[0] if node.level == 0 else "."]
     if isinstance(node, ast.Import):
-        return node.names[0].name.split(".")[0]
-    return None
+        return [alias.name.split(".")[0] for alias in node.names]
+    return []
+
+
+def _top(node: ast.AST) -> str | None:
+    """The one top-level package an import statement imports from (mixing a project package with another in
+    one ``import`` is refused), or None for a non-import."""
+    tops = _tops(node)
+    if len(set(tops) & PROJECT_PACKAGES) and len(set(tops)) > 1:
+        raise SystemExit(f"build: line {node.lineno} imports {tops} in one statement; split it.")
+    return tops[0] if tops else None
 
 
 def _imported_module(node: ast.stmt) -> str:
@@ -103,15 +112,23 @@ def module_order() -> tuple[list[str], list[str]]:
     return order(eager) + [ENTRY], order(training)
 
 
-def _defined_names(tree: ast.Module) -> set[str]:
-    names = set()
+def _bindings(tree: ast.Module, rel: str) -> dict[str, str]:
+    """{top-level name: what binds it}: a definition of this module, or an import (the same import in two
+    modules binds the same thing and is no clash)."""
+    found = {}
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
-            names.add(node.name)
+            found[node.name] = f"defined in {rel}"
         elif isinstance(node, (ast.Assign, ast.AnnAssign)):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            names |= {t.id for t in targets if isinstance(t, ast.Name)}
-    return names
+            for t in targets:
+                names = t.elts if isinstance(t, ast.Tuple) else [t]
+                found.update({n.id: f"defined in {rel}" for n in names if isinstance(n, ast.Name)})
+        elif isinstance(node, ast.Import) and _top(node) not in PROJECT_PACKAGES:
+            found.update({(a.asname or a.name.split(".")[0]): f"import {a.name}" for a in node.names})
+        elif isinstance(node, ast.ImportFrom) and _top(node) not in PROJECT_PACKAGES | {"__future__"}:
+            found.update({(a.asname or a.name): f"from {node.module} import {a.name}" for a in node.names})
+    return found
 
 
 def module_body(name: str, seen: dict[str, str], training: bool) -> tuple[list[str], str]:
@@ -119,10 +136,14 @@ def module_body(name: str, seen: dict[str, str], training: bool) -> tuple[list[s
     path = module_file(name)
     source, rel = path.read_text(), path.relative_to(ROOT).as_posix()
     tree = ast.parse(source)
-    for defined in _defined_names(tree):
-        if defined in seen:
-            raise SystemExit(f"build: {rel} defines {defined!r}, already defined by {seen[defined]}; rename one.")
-        seen[defined] = rel
+    for bound, binding in _bindings(tree, rel).items():
+        if seen.setdefault(bound, binding) != binding:
+            raise SystemExit(f"build: {rel} binds {bound!r} ({binding}), already bound by another module "
+                             f"({seen[bound]}); rename one.")
+    if not training:  # classify's part: not even a function may import a training-only package
+        for node in ast.walk(tree):
+            if set(_tops(node)) & TRAINING_ONLY:
+                raise SystemExit(f"build: {rel}:{node.lineno} imports {_tops(node)}; classify must not need it.")
     lines, imports, drop = source.splitlines(), [], set()
     for i, node in enumerate(tree.body):
         top = _top(node)
@@ -133,8 +154,9 @@ def module_body(name: str, seen: dict[str, str], training: bool) -> tuple[list[s
             raise SystemExit(f"build: {rel} uses a relative import; use an absolute one.")
         if top is None or top == "__future__" or top in PROJECT_PACKAGES:
             continue
-        if top not in GRADER_PACKAGES and top not in sys.stdlib_module_names:
-            raise SystemExit(f"build: {rel} imports {top!r}, which the grader does not have.")
+        for package in _tops(node):
+            if package not in GRADER_PACKAGES and package not in sys.stdlib_module_names:
+                raise SystemExit(f"build: {rel} imports {package!r}, which the grader does not have.")
         if top in TRAINING_ONLY and not training:
             raise SystemExit(f"build: {rel} imports {top!r} but classify needs it; import it only for training.")
         imports.append(ast.unparse(node))
@@ -173,6 +195,7 @@ def _import_training() -> None:
     probes the temp dir with a file) nor scikit-learn; the project itself imports it inside the function.
     """
     if {SECTION} is not None:
+        # compile() inherits this file's `from __future__ import annotations`, as the modules had it themselves
         source, name = {SECTION}, __file__ + " (training section)"
         globals()["{SECTION}"] = None
         linecache.cache[name] = (len(source), None, source.splitlines(True), name)  # tracebacks show its lines

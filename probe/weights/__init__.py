@@ -74,8 +74,6 @@ def has_pretrained(backbone: str) -> bool:
         return False
 
 
-
-
 def pretrained_net(cfg: NetConfig, weights: str = "required", *, allow_download: bool = False) -> BirdNet:
     """A :class:`BirdNet` with pretrained backbone weights, in eval mode.
 
@@ -89,8 +87,8 @@ def pretrained_net(cfg: NetConfig, weights: str = "required", *, allow_download:
     if weights == "required":
         state = load_pretrained(cfg.backbone, allow_download=allow_download)
     elif weights == "if-cached":
-        if has_pretrained(cfg.backbone):
-            state = load_pretrained(cfg.backbone)
-        else:
+        try:
+            state = load_pretrained(cfg.backbone)  # never downloads: missing or wrong is a WeightsError
+        except WeightsError:
             warnings.warn(f"pretrained {cfg.backbone} weights not cached: training from random init", stacklevel=2)
     return build_net(cfg, state).eval()

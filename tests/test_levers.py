@@ -1,0 +1,169 @@
+"""The accuracy levers and the cross-validation that chooses among them: folds, one trunk cache per trunk
+setting, bf16 against fp32 tails, EMA, mixup/cutmix, GeM. Random-init networks and generated images only."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import calibrate_batchnorm
+from torch import nn
+
+import finetune.cache as finetune_cache
+import finetune.cv as cv
+from finetune.config import PRESETS, preset
+from finetune.module import WeightAverage, mix_batch
+from probe.backbone import GeM, NetConfig, build_net
+from probe.synthetic import make_synthetic, write_grader_layout
+
+SIZE = 32
+
+
+# --------------------------------------------------------------------------- cross-validation
+
+
+def test_folds_are_stratified_disjoint_covering_and_seeded():
+    labels = np.repeat(np.arange(4), [10, 11, 12, 13])
+    folds = cv.stratified_folds(labels, 5, seed=3)
+    held = [va for _, va in folds]
+    assert len(folds) == 5 and sorted(np.concatenate(held).tolist()) == list(range(len(labels)))
+    for tr, va in folds:
+        assert not set(tr) & set(va) and len(tr) + len(va) == len(labels)
+        for k, n in zip(range(4), (10, 11, 12, 13)):  # every class in every fold, in proportion
+            assert abs(np.sum(labels[va] == k) - n / 5) <= 1
+    again = cv.stratified_folds(labels, 5, seed=3)
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(folds, again))
+    assert not all(np.array_equal(a[1], b[1]) for a, b in zip(folds, cv.stratified_folds(labels, 5, seed=4)))
+
+
+def test_cache_is_built_once_per_trunk_setting(tmp_path, monkeypatch, capsys):
+    write_grader_layout(tmp_path, "train", make_synthetic(num_classes=3, per_class=6, size=40, seed=0))
+    calls = []
+    real = finetune_cache.trunk_activations
+
+    def counted(net, images, transform, cfg, desc, *args, **kwargs):
+        calls.append((cfg.image_size, desc, len(images)))
+        return real(net, images, transform, cfg, desc, *args, **kwargs)
+
+    monkeypatch.setattr(finetune_cache, "trunk_activations", counted)
+    base = f"fast:image_size={SIZE},limit_train_batches=1,batch_size=8"
+    rows = cv.main([str(tmp_path), "--random-init", "--folds", "2", "--out", str(tmp_path / "cv.json"),
+                    "--candidates", f"{base},views=2", f"{base},views=1,ema_decay=0.9", f"{base},members=2",
+                    f"fast:image_size=48,limit_train_batches=1,batch_size=8"])
+    # one cache for the three 32 px candidates (centre, mirror, 2 views), one for the 48 px one (1 view)
+    assert sorted(calls) == sorted([(SIZE, "centre view", 18), (SIZE, "mirrored centre", 18),
+                                    (SIZE, "view 1/2", 18), (SIZE, "view 2/2", 18),
+                                    (48, "centre view", 18), (48, "mirrored centre", 18), (48, "view 1/1", 18)])
+    assert [len(r["folds"]) for r in rows] == [2, 2, 2, 2]
+    for r in rows:
+        assert all(0.0 <= a <= 1.0 for a in r["folds"]) and r["mean"] == pytest.approx(np.mean(r["folds"]))
+        assert r["se"] == pytest.approx(np.std(r["folds"], ddof=1) / np.sqrt(2))
+    assert json.loads((tmp_path / "cv.json").read_text())[2]["config"]["members"] == 2
+    assert "+-" in capsys.readouterr().out
+
+
+def test_candidates_parse_with_types_checked():
+    spec, cfg = cv.parse_candidate("full:crop_scale=(0.2, 1.0),ema_decay=0.998,mix=cutmix,members=2")
+    assert cfg == replace(PRESETS["full"], crop_scale=(0.2, 1.0), ema_decay=0.998, mix="cutmix", members=2)
+    for bad in ("full:epochs=2.5", "full:nope=1", "full:mix=3", "nothere"):
+        with pytest.raises(ValueError):
+            cv.parse_candidate(bad)
+
+
+# --------------------------------------------------------------------------- bf16 tail
+
+
+def test_bf16_and_fp32_tails_agree_on_a_fixed_batch():
+    """bf16 keeps 8 mantissa bits (relative rounding 2^-9 per operation); through the tail's ~15 layers that
+    compounds to a few tenths of a percent of the logits' scale. 3% relative error and 0.99 gradient cosine
+    leave room for that and still catch a wrong cast (fp16 overflow, a dropped normalisation), which is off
+    by orders of magnitude."""
+    torch.manual_seed(0)
+    net = calibrate_batchnorm(build_net(NetConfig("mobilenet_v2", 5, 14)), torch.randn(16, 3, 64, 64)).eval()
+    member = net.member(0)
+    acts = net.forward_trunk(torch.randn(16, 3, 64, 64)).detach()
+    y = torch.arange(16) % 5
+    results = {}
+    for name, enabled in (("fp32", False), ("bf16", True)):
+        net.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            logits = member(acts)
+            loss = F.cross_entropy(logits.float(), y)
+        loss.backward()
+        results[name] = (logits.float().detach(), member.head.weight.grad.clone(), loss.item())
+    (a, ga, la), (b, gb, lb) = results["fp32"], results["bf16"]
+    assert b.dtype == torch.float32 and (a - b).norm() / a.norm() < 0.03
+    assert F.cosine_similarity(ga.flatten(), gb.flatten(), dim=0) > 0.99 and abs(la - lb) / la < 0.03
+
+
+def test_presets_train_in_bf16_where_native_and_v1_stays_fp32():
+    assert PRESETS["v1"].train_precision == "fp32" and PRESETS["full"].train_precision == "auto"
+
+
+# --------------------------------------------------------------------------- EMA
+
+
+class _Module(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.member = nn.Linear(2, 1)
+
+
+def test_weight_average_is_the_exponential_moving_average():
+    decay, module = 0.5, _Module()
+    callback = WeightAverage(decay)
+    callback.on_fit_start(None, module)
+    values = [torch.full((1, 2), v) for v in (1.0, 3.0, 5.0, 9.0)]
+    expected = module.member.weight.detach().clone()
+    for n, v in enumerate(values):
+        with torch.no_grad():
+            module.member.weight.copy_(v)
+        callback.on_train_batch_end(None, module, None, None, n)
+        d = min(decay, (1 + n) / (10 + n))  # the warm-up: the first weights are forgotten fast
+        expected = v.clone() if n == 0 else d * expected + (1 - d) * v  # AveragedModel copies on its first update
+        torch.testing.assert_close(callback.average.module.weight, expected)
+    callback.on_train_end(None, module)  # the average replaces the trained weights
+    torch.testing.assert_close(module.member.weight.detach(), expected)
+
+
+# --------------------------------------------------------------------------- mixing
+
+
+@pytest.mark.parametrize("mode", ["mixup", "cutmix"])
+def test_mix_batch(mode):
+    rng = np.random.default_rng(0)
+    acts, y = torch.randn(8, 4, 6, 6), torch.arange(8)
+    mixed, ya, yb, share = mix_batch(acts, y, mode, 1.0, rng)
+    assert torch.equal(ya, y) and sorted(yb.tolist()) == list(range(8)) and 0.5 <= share <= 1.0
+    partner = acts[yb]
+    if mode == "mixup":
+        torch.testing.assert_close(mixed, share * acts + (1 - share) * partner)
+    else:
+        from_partner = (mixed == partner) & (mixed != acts)
+        kept = (mixed == acts).all(dim=1)  # (B, h, w): the positions kept from the image itself
+        assert share == pytest.approx(kept[0].float().mean().item(), abs=1e-6)
+        assert from_partner.any() or share == 1.0
+    same, *_ = mix_batch(acts, y, mode, 0.0, rng)  # alpha 0: nothing mixed
+    assert torch.equal(same, acts)
+
+
+# --------------------------------------------------------------------------- GeM
+
+
+def test_gem_pooling_spans_average_to_max():
+    x = torch.rand(2, 3, 5, 5) * 6
+    gem = GeM(p=1.0)
+    torch.testing.assert_close(gem(x), x.mean(dim=(2, 3)))
+    with torch.no_grad():
+        gem.p.fill_(60.0)  # 6^60 would overflow fp32 unscaled
+    top = x.amax(dim=(2, 3))
+    # the mean of 25 values of (x / max)^60 is at least 1/25 (the max itself) and at most 1
+    assert torch.isfinite(gem(x)).all() and (gem(x) <= top + 1e-5).all() and (gem(x) >= top * 25 ** (-1 / 60)).all()
+    assert gem(x).shape == (2, 3) and gem.p.requires_grad
+    net = build_net(NetConfig("mobilenet_v2", 3, 14, pooling="gem"))
+    assert isinstance(net.pool, GeM) and net(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+    assert preset("full", pooling="gem").pooling == "gem"
