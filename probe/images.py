@@ -28,6 +28,9 @@ from probe.data import DataError, Source
 # (ratio 3/4..4/3) could have come from the ends, which are lost, but no bird photo is this elongated
 # (birds50-a's most is 2.5:1), so ordinary images are never touched.
 MAX_ASPECT = 4.0
+# A large image is decoded (JPEG draft) or shrunk (reduce) to no less than this many times the side the
+# resize needs, so the resize keeps antialiasing from real pixels.
+OVERSAMPLE = 2
 # EXIF orientation -> the transpose that undoes it (the table of PIL.ImageOps.exif_transpose).
 _ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
                 4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
@@ -39,9 +42,9 @@ def open_rgb(source: Source, name: str | None = None, *, min_side: int | None = 
     """Open an image as 8-bit RGB with its EXIF orientation applied.
 
     Handles grayscale, palette, alpha (composited on white), CMYK, 16-bit and float images in any format
-    Pillow reads. A JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) whose shorter side is still
-    at least ``min_side``, which bounds the memory of a 200-megapixel photo and is faster; other formats
-    above Pillow's decompression-bomb limit are refused.
+    Pillow reads. A JPEG at least 4x larger than needed is decoded at the smallest DCT scale (1/2, 1/4, 1/8)
+    that keeps twice ``min_side``, which bounds the memory of a 200-megapixel photo and is faster; other
+    formats above Pillow's decompression-bomb limit are refused.
 
     Args:
         source: a path or the encoded bytes.
@@ -93,17 +96,20 @@ def _opened(source: Source, label: str) -> Iterator[Image.Image]:
 
 
 def _draft(img: Image.Image, min_side: int) -> None:
-    """Let a JPEG decode at a reduced scale that keeps the shorter side >= ``min_side`` (a no-op otherwise)."""
+    """Let a JPEG at least 4x larger than needed decode at a reduced DCT scale (1/2, 1/4 or 1/8) that keeps
+    at least twice the needed side: the resize that follows still has 2x to antialias from, and every
+    image under 4x the need decodes exactly as before (birds50-a's 500 px photos at any preset)."""
     w, h = img.size
-    scale = min_side / max(1, min(w, h))
-    if img.format == "JPEG" and scale < 0.5:  # draft only ever scales by 1/2, 1/4 or 1/8
+    scale = OVERSAMPLE * min_side / max(1, min(w, h))
+    if img.format == "JPEG" and scale <= 0.5:
         img.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
 
 
 def _reduced(img: Image.Image, min_side: int) -> Image.Image:
-    """A non-JPEG at least twice the needed size, shrunk by an integer box filter (what ``draft`` does for a
-    JPEG) before the mode conversions, which hold several full-size copies at once."""
-    factor = min(img.size) // max(1, min_side)
+    """A non-JPEG at least 4x larger than needed, shrunk by an integer box filter to at least twice the
+    needed side (what ``draft`` does for a JPEG), before the mode conversions, which hold several
+    full-size copies at once."""
+    factor = min(img.size) // max(1, OVERSAMPLE * min_side)
     if img.format == "JPEG" or factor < 2 or img.mode not in ("L", "LA", "RGB", "RGBA", "I", "F", "P", "1"):
         return img
     return img.convert("RGBA" if img.mode in ("P", "LA") else "L" if img.mode == "1" else img.mode).reduce(factor)
