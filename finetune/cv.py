@@ -89,22 +89,24 @@ def build_cache(images: LabelledImages, cfg: FinetuneConfig, views: int, weights
 
 @torch.inference_mode()
 def held_out_logits(net: BirdNet, cache: TrunkCache, rows: np.ndarray, cfg: FinetuneConfig) -> tuple[torch.Tensor, ...]:
-    """(centre, mirror) logits of cached rows, in ``classify``'s precision; flip TTA averages the two, as
-    ``finetune.inference.flip_averaged`` does with the images themselves."""
+    """(centre, mirror) logits of cached rows per member, (members, N, K), in ``classify``'s precision; their
+    mean over members is what ``BirdNet.forward_from_trunk`` returns, and flip TTA averages centre and
+    mirror, as ``finetune.inference.flip_averaged`` does with the images themselves."""
     net.eval()
     out = {"centre": [], "mirror": []}
     for i in range(0, len(rows), 64):
         batch = torch.as_tensor(rows[i:i + 64])
         with autocast(cfg.precision):
             for name, stack in (("centre", cache.centre), ("mirror", cache.mirror)):
-                out[name].append(net.forward_from_trunk(stack[batch]).float())
-    return torch.cat(out["centre"]), torch.cat(out["mirror"])
+                a = stack[batch]
+                out[name].append(torch.stack([net.member(m)(a).float() for m in range(net.members)]))
+    return torch.cat(out["centre"], dim=1), torch.cat(out["mirror"], dim=1)
 
 
 def run_fold(cache: TrunkCache, images: LabelledImages, cfg: FinetuneConfig, train_idx: np.ndarray,
-             val_idx: np.ndarray, progress: bool) -> tuple[float, float]:
-    """Stage one and the tail on the fold's training images, then the held-out accuracy with ``cfg.tta_flip``
-    and, for comparison, with the other setting."""
+             val_idx: np.ndarray, progress: bool) -> tuple[float, float, float]:
+    """Stage one and the tail on the fold's training images, then the held-out accuracy with ``cfg.tta_flip``,
+    for comparison with the other setting, and of the first member alone."""
     net = candidate_net(cache.net, cfg)
     labels = images.labels
     features = pooled_from_trunk(net, cache.centre[torch.as_tensor(train_idx)]).numpy()
@@ -114,9 +116,15 @@ def run_fold(cache: TrunkCache, images: LabelledImages, cfg: FinetuneConfig, tra
         init_head_from_probe(net.member(member).head, probe)
         train_tail(net, train_set, None, cfg, progress, member, accelerator="cpu", devices=1)
     centre, mirror = held_out_logits(net, cache, val_idx, cfg)
-    with_tta = float(((centre + mirror).argmax(1).numpy() == labels[val_idx]).mean())
-    without = float((centre.argmax(1).numpy() == labels[val_idx]).mean())
-    return (with_tta, without) if cfg.tta_flip else (without, with_tta)
+
+    def accuracy(logits: torch.Tensor) -> float:
+        return float((logits.argmax(1).numpy() == labels[val_idx]).mean())
+
+    with_tta, without = accuracy(centre.mean(0) + mirror.mean(0)), accuracy(centre.mean(0))
+    # Member 0 is trained exactly as a one-member candidate is, so an ensemble's fold also scores that
+    # recipe, with this candidate's TTA setting, at no extra cost.
+    first = accuracy(centre[0] + mirror[0] if cfg.tta_flip else centre[0])
+    return ((with_tta, without) if cfg.tta_flip else (without, with_tta)) + (first,)
 
 
 def candidate_net(base: BirdNet, cfg: FinetuneConfig) -> BirdNet:
@@ -133,20 +141,29 @@ def candidate_net(base: BirdNet, cfg: FinetuneConfig) -> BirdNet:
 def score_candidate(spec: str, cfg: FinetuneConfig, cache: TrunkCache, images: LabelledImages, folds,
                     progress: bool) -> dict:
     """Fold accuracies, their mean and standard error, and the seconds the candidate's folds took."""
-    start, accs, other = time.perf_counter(), [], []
+    start, accs, other, first = time.perf_counter(), [], [], []
     with process_state_kept():
         for k, (tr, va) in enumerate(folds):
             torch.manual_seed(cfg.seed)  # each fold starts from the same state, whatever ran before
-            acc, acc_other = run_fold(cache, images, cfg, tr, va, progress)
+            acc, acc_other, acc_first = run_fold(cache, images, cfg, tr, va, progress)
             accs.append(acc)
             other.append(acc_other)
+            first.append(acc_first)
+            alone = f", member 1 alone: {acc_first:.4f}" if cfg.members > 1 else ""
             print(f"  {spec} fold {k + 1}/{len(folds)}: {acc:.4f} (flip TTA {'off' if cfg.tta_flip else 'on'}: "
-                  f"{acc_other:.4f})", flush=True)
+                  f"{acc_other:.4f}{alone})", flush=True)
+    row = {"candidate": spec, **mean_se(accs), "mean_other_tta": float(np.mean(other)),
+           "seconds": time.perf_counter() - start, "cache_seconds": cache.seconds, "config": _jsonable(asdict(cfg))}
+    if cfg.members > 1:
+        row["first_member"] = mean_se(first)
+    return row
+
+
+def mean_se(accs: list[float]) -> dict:
+    """Fold accuracies, their mean and standard error (of the mean)."""
     a = np.array(accs)
     se = float(a.std(ddof=1) / np.sqrt(len(a))) if len(a) > 1 else float("nan")
-    return {"candidate": spec, "folds": accs, "mean": float(a.mean()), "se": se,
-            "mean_other_tta": float(np.mean(other)), "seconds": time.perf_counter() - start,
-            "cache_seconds": cache.seconds, "config": _jsonable(asdict(cfg))}
+    return {"folds": list(accs), "mean": float(a.mean()), "se": se}
 
 
 def _jsonable(value):
@@ -181,7 +198,10 @@ def cross_validate(images: LabelledImages, candidates: list[tuple[str, FinetuneC
 
 def format_row(row: dict) -> str:
     folds = " ".join(f"{a:.4f}" for a in row["folds"])
-    return f"{row['candidate']:<40} {row['mean']:.4f} +- {row['se']:.4f}  [{folds}]  {row['seconds']:.0f}s"
+    line = f"{row['candidate']:<40} {row['mean']:.4f} +- {row['se']:.4f}  [{folds}]  {row['seconds']:.0f}s"
+    if "first_member" in row:
+        line += f"  (member 1 alone: {row['first_member']['mean']:.4f} +- {row['first_member']['se']:.4f})"
+    return line
 
 
 def markdown(rows: list[dict], k: int, seed: int) -> str:

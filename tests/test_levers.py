@@ -63,6 +63,8 @@ def test_cache_is_built_once_per_trunk_setting(tmp_path, monkeypatch, capsys):
         assert all(0.0 <= a <= 1.0 for a in r["folds"]) and r["mean"] == pytest.approx(np.mean(r["folds"]))
         assert r["se"] == pytest.approx(np.std(r["folds"], ddof=1) / np.sqrt(2))
     assert json.loads((tmp_path / "cv.json").read_text())[2]["config"]["members"] == 2
+    # an ensemble's folds also score its first member alone; one-member candidates have no such entry
+    assert len(rows[2]["first_member"]["folds"]) == 2 and "first_member" not in rows[0]
     assert "+-" in capsys.readouterr().out
 
 
