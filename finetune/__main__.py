@@ -79,13 +79,21 @@ def main(argv: list[str] | None = None) -> None:
     print(f"time: {sw.report()}, {result.stopwatch.report()}; peak RSS {peak_rss_mb():.0f} MiB")
 
 
+def report_shards(shards: list[list[int]], images: int, verbose: bool) -> None:
+    """Each rank's share of the extraction, and whether together they are every image exactly once."""
+    for rank, shard in enumerate(shards):
+        head = ", ".join(map(str, shard[:3])) + (f", ... {shard[-1]}" if len(shard) > 3 else "")
+        print(f"rank {rank}: extracted {len(shard)} of {images} images" + (f" (indices {head})" if verbose else ""))
+    every = sorted(i for shard in shards for i in shard) == list(range(images))
+    print(f"shards: {'every image exactly once' if every else 'OVERLAP OR GAP: the ranks did not split the images'}")
+
+
 def report(result: FinetuneResult, verbose: bool) -> None:
     cfg, fitted = result.cfg, result.fitted
     if verbose:
         print(f"config: {cfg}")
     if len(result.shards) > 1:
-        for rank, shard in enumerate(result.shards):
-            print(f"rank {rank}: extracted {len(shard)} of {result.cache_images} images {shard if verbose else ''}")
+        report_shards(result.shards, result.cache_images, verbose)
     probe_val = "n/a" if fitted.val_accuracy is None else f"{fitted.val_accuracy:.4f}"
     print(f"stage one: C {fitted.C:g}, probe validation accuracy {probe_val}; probe head digest per rank: "
           f"{' '.join(result.head_digests)}")
