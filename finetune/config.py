@@ -89,7 +89,8 @@ PRESETS: dict[str, FinetuneConfig] = {
     "v1": FinetuneConfig(train_precision="fp32"),
     # Chosen by 5-fold CV on birds50-a's training images (python -m finetune.cv; README "Choosing the recipe"):
     # GeM pooling had the best mean of the candidates that fit the budget (0.901 +- 0.007 against v1's
-    # 0.896 +- 0.005, same folds); bf16 for the tail (2x faster, same accuracy within its SE).
+    # 0.896 +- 0.005, same folds). The bf16-mixed tail scored the same within its SE; it is no faster with average
+    # pooling and about 12% faster with GeM on this CPU (python -m tools.tail_speed).
     "full": FinetuneConfig(pooling="gem"),
     # The grader's smoke run: the same pipeline on a small input, one view, one short epoch.
     "fast": FinetuneConfig(image_size=160, views=1, epochs=1, limit_train_batches=8, probe=ProbeFit(Cs=(0.01,)),

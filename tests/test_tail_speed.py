@@ -1,0 +1,13 @@
+"""The tail-speed tool measures every setting and writes nothing."""
+
+from __future__ import annotations
+
+import tools.tail_speed as tail_speed
+
+
+def test_tail_speed_reports_every_setting(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    means = tail_speed.main(["--steps", "1", "--rounds", "1", "--image-size", "32"])
+    assert sorted(means) == ["avg bf16", "avg fp32", "gem bf16", "gem fp32"]
+    assert all(v > 0 for v in means.values())
+    assert "mean views/s" in capsys.readouterr().out and not list(tmp_path.iterdir())

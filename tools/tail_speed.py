@@ -1,0 +1,67 @@
+"""``python -m tools.tail_speed [--steps 40] [--rounds 2]``: tail training speed, fp32 against bf16 autocast.
+
+Times the step that stage two repeats (the tail and head of ``BirdNet`` on cached trunk activations:
+forward, cross-entropy, backward, AdamW), for average and GeM pooling, fp32 and bf16-mixed, alternating
+in one run so a noisy machine treats every setting alike. Random weights and activations: the speed is the
+shape's. Prints cached views/s per setting and round, then the means; writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from finetune.config import PRESETS
+from probe.backbone import NetConfig, build_net
+
+SETTINGS = [(pool, bf16) for pool in ("avg", "gem") for bf16 in (False, True)]
+
+
+def views_per_second(pool: str, bf16: bool, image_size: int, steps: int, batch: int = 32) -> float:
+    """Training steps of a fresh tail + head on random trunk activations, in cached views per second."""
+    torch.manual_seed(0)
+    cfg = PRESETS["full"]
+    # eval mode: BatchNorm pinned, as in training
+    net = build_net(NetConfig(cfg.backbone, 50, cfg.trunk_split, 0.0, pool, 1)).eval()
+    acts = net.forward_trunk(torch.randn(batch, 3, image_size, image_size)).detach()
+    y = torch.randint(0, 50, (batch,))
+    member = net.member(0)
+    opt = torch.optim.AdamW(member.parameters(), lr=1e-4)
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(member(acts).float(), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    for _ in range(min(3, steps)):  # warm-up: allocator and oneDNN kernels
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * batch / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--image-size", type=int, default=PRESETS["full"].image_size)
+    args = p.parse_args(argv)
+    rates: dict[str, list[float]] = {}
+    for r in range(args.rounds):
+        for pool, bf16 in SETTINGS:
+            name = f"{pool} {'bf16' if bf16 else 'fp32'}"
+            rates.setdefault(name, []).append(views_per_second(pool, bf16, args.image_size, args.steps))
+            print(f"round {r + 1} {name}: {rates[name][-1]:.0f} views/s", flush=True)
+    means = {k: sum(v) / len(v) for k, v in rates.items()}
+    print("mean views/s: " + ", ".join(f"{k} {v:.0f}" for k, v in means.items()))
+    return means
+
+
+if __name__ == "__main__":
+    main()
