@@ -35,9 +35,10 @@ from finetune.module import LPFTModule, TrunkFreeze, WeightAverage
 
 # Lightning's warnings about choices this design makes on purpose: in-process loading (no workers),
 # BatchNorm pinned in eval mode, metrics logged per epoch (with --log-dir); and Lightning >= 2.5's own use of
-# a torch API that torch >= 2.9 deprecates (LeafSpec), which no configuration of ours can avoid.
+# torch APIs that newer torch deprecates (LeafSpec; torch.distributed.nn's all_gather, which Lightning's
+# all_gather calls under DDP), which no configuration of ours can avoid.
 KNOWN_WARNINGS = (".*does not have many workers.*", ".*module\\(s\\) in eval mode.*", ".*log_every_n_steps.*",
-                  ".*LeafSpec.*")
+                  ".*LeafSpec.*", ".*all_gather is deprecated.*")
 # Lightning's informational lines (accelerator summary, tips); they go to these loggers at INFO.
 LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
 
