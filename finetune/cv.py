@@ -89,17 +89,16 @@ def build_cache(images: LabelledImages, cfg: FinetuneConfig, views: int, weights
 
 @torch.inference_mode()
 def held_out_logits(net: BirdNet, cache: TrunkCache, rows: np.ndarray, cfg: FinetuneConfig) -> tuple[torch.Tensor, ...]:
-    """(centre, mirror) logits of cached rows per member, (members, N, K), in ``classify``'s precision; their
-    mean over members is what ``BirdNet.forward_from_trunk`` returns, and flip TTA averages centre and
-    mirror, as ``finetune.inference.flip_averaged`` does with the images themselves."""
+    """(centre, mirror) logits of cached rows per member (``BirdNet.member_logits``: (members, N, K)), in
+    ``classify``'s precision; their mean over members is what ``BirdNet.forward_from_trunk`` returns, and flip
+    TTA averages centre and mirror, as ``finetune.inference.flip_averaged`` does with the images themselves."""
     net.eval()
     out = {"centre": [], "mirror": []}
     for i in range(0, len(rows), 64):
         batch = torch.as_tensor(rows[i:i + 64])
         with autocast(cfg.precision):
             for name, stack in (("centre", cache.centre), ("mirror", cache.mirror)):
-                a = stack[batch]
-                out[name].append(torch.stack([net.member(m)(a).float() for m in range(net.members)]))
+                out[name].append(net.member_logits(stack[batch]))
     return torch.cat(out["centre"], dim=1), torch.cat(out["mirror"], dim=1)
 
 

@@ -153,10 +153,13 @@ class BirdNet(nn.Module):
     def forward_head(self, maps: torch.Tensor, member: int = 0, pre_logits: bool = False) -> torch.Tensor:
         return self.member(member).forward_head(maps, pre_logits)
 
+    def member_logits(self, a: torch.Tensor) -> torch.Tensor:
+        """Trunk activations (B, C, h', w') -> every member's logits, (members, B, K) in fp32."""
+        return torch.stack([self.member(i)(a).float() for i in range(self.members)])
+
     def forward_from_trunk(self, a: torch.Tensor) -> torch.Tensor:
         """Trunk activations (B, C, h', w') -> logits (B, K), averaged over the members."""
-        logits = [self.member(i)(a) for i in range(self.members)]
-        return logits[0] if len(logits) == 1 else torch.stack([z.float() for z in logits]).mean(0)
+        return self.member(0)(a) if self.members == 1 else self.member_logits(a).mean(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_from_trunk(self.forward_trunk(x))

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from finetune.config import PRESETS
 from probe.backbone import NetConfig, build_net
+from probe.features import autocast
 
 SETTINGS = [(pool, bf16) for pool in ("avg", "gem") for bf16 in (False, True)]
 
@@ -32,7 +33,7 @@ def views_per_second(pool: str, bf16: bool, image_size: int, steps: int, batch: 
     opt = torch.optim.AdamW(member.parameters(), lr=1e-4)
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with autocast("bf16" if bf16 else "fp32"):  # what Lightning's 'bf16-mixed' does on a CPU
             loss = F.cross_entropy(member(acts).float(), y)
         opt.zero_grad()
         loss.backward()
