@@ -513,7 +513,7 @@ def test_cli_on_grader_layout_writes_only_out(tmp_path, watched, capsys):
 def test_fast_preset_is_the_grader_smoke_run():
     fast, full = PRESETS["fast"], PRESETS["full"]
     assert fast.epochs == 1 and fast.views == 1 and fast.image_size < full.image_size
-    assert (fast.backbone, fast.trunk_split) == (full.backbone, full.trunk_split)
+    assert fast.backbone == full.backbone and fast.trunk_split >= full.trunk_split  # no more tail than shipped
     assert preset("fast", image_size=SIZE) == replace(fast, image_size=SIZE)
     with pytest.raises(ValueError, match="unknown preset"):
         preset("fastest")
