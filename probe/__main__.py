@@ -26,6 +26,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=ProbeConfig.seed)
     p.add_argument("--allow-download", action="store_true", help="let torchvision download missing weights")
     p.add_argument("--random-init", action="store_true", help="no pretrained weights (a smoke run)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
     return p.parse_args(argv)
 
 
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
         with sw("read data"):
             train, test = load_data(args.data_dir)
         result = run_probe(train, test, cfg, "none" if args.random_init else "required",
-                           allow_download=args.allow_download)
+                           allow_download=args.allow_download, progress=not args.no_progress)
     except (DataError, WeightsError) as err:
         sys.exit(f"error: {err}")
     fitted = result.fitted

@@ -37,12 +37,13 @@ class ProbeConfig:
     seed: int = 0
 
 
-def pooled_features(net: BirdNet, images: LabelledImages, cfg: ProbeConfig, desc: str) -> torch.Tensor:
-    """(N, F) pooled backbone features of the centre view, computed in RAM."""
+def pooled_features(net: BirdNet, images: LabelledImages, cfg: ProbeConfig, desc: str,
+                    progress: bool = True) -> torch.Tensor:
+    """(N, F) pooled backbone features of the centre view, computed in RAM; ``progress``: a bar and a summary."""
     dataset = ImageDataset(images.sources, images.names, EvalTransform(data_config(cfg.backbone, cfg.image_size)))
     feats, _ = extract(
         lambda x: net.forward_head(net.forward_features(x), pre_logits=True), make_loader(dataset, cfg.batch_size),
-        precision=cfg.precision, desc=desc,
+        precision=cfg.precision, desc=desc, progress=progress,
     )
     return feats
 
@@ -56,7 +57,7 @@ class ProbeResult:
 
 def run_probe(
     train: LabelledImages, test: LabelledImages | None, cfg: ProbeConfig, weights: str = "required",
-    *, allow_download: bool = False,
+    *, allow_download: bool = False, progress: bool = True,
 ) -> ProbeResult:
     """Fit the probe: choose C on a stratified validation split, then refit on all training images."""
     sw = Stopwatch()
@@ -64,12 +65,12 @@ def run_probe(
         net = pretrained_net(NetConfig(cfg.backbone, train.num_classes, get_spec(cfg.backbone).default_split),
                              weights, allow_download=allow_download)
     with sw("train features"):
-        X = pooled_features(net, train, cfg, "train features").numpy()
+        X = pooled_features(net, train, cfg, "train features", progress).numpy()
     with sw("choose C and fit"):
         fitted = fit_probe(X, train.labels, cfg.fit, cfg.seed)
     test_acc = None
     if test is not None:
         with sw("test features"):
-            X_test = pooled_features(net, test, cfg, "test features").numpy()
+            X_test = pooled_features(net, test, cfg, "test features", progress).numpy()
         test_acc = fitted.probe.score(X_test, test.labels)
     return ProbeResult(fitted, test_acc, sw)

@@ -228,6 +228,13 @@ def test_cli_random_init_writes_nothing(watched, capsys):
     assert watched() == before
 
 
+def test_cli_no_progress_draws_no_bars(capsys):
+    probe_cli.main(["--random-init", "--no-progress"])
+    captured = capsys.readouterr()
+    assert "validation accuracy:" in captured.out
+    assert "img/s" not in captured.err + captured.out and "\r" not in captured.err
+
+
 def test_cli_reports_missing_weights_without_traceback(watched):
     before = watched()
     with pytest.raises(SystemExit) as exc:

@@ -161,7 +161,7 @@ def run_bench(opts: BenchOptions) -> dict:
     start = time.perf_counter()
     results["compute"] = compute_step(opts, cfg, train.num_classes)
     results["compute"]["wall_seconds"] = time.perf_counter() - start
-    results["probe"] = timed_child("probe_step", opts.data_dir, opts.weights)
+    results["probe"] = timed_child("probe_step", opts.data_dir, opts.weights, opts.progress)
     if opts.baseline:
         results["baseline"] = timed_child("baseline_step", opts.data_dir, opts.baseline_config(), opts.weights,
                                           opts.progress)

@@ -22,10 +22,10 @@ from finetune.train import fine_tune
 from tools.baseline import BaselineConfig, baseline_classifier, baseline_net, train_baseline
 
 
-def probe_step(data_dir: Path, weights: str) -> dict:
+def probe_step(data_dir: Path, weights: str, progress: bool) -> dict:
     """The plain linear probe with ``ProbeConfig`` defaults."""
     train, test = load_data(data_dir)
-    result = run_probe(train, test, ProbeConfig(), weights)
+    result = run_probe(train, test, ProbeConfig(), weights, progress=progress)
     stages = dict(result.stopwatch.seconds)
     seconds = sum(v for k, v in stages.items() if k != "test features")
     fitted = result.fitted
