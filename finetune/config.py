@@ -90,7 +90,8 @@ PRESETS: dict[str, FinetuneConfig] = {
     # Chosen by 5-fold CV on birds50-a's training images (python -m finetune.cv; README "Choosing the recipe"):
     # GeM pooling and the tail from block 11 on (the whole 96-channel stage trained too) scored 0.907 +- 0.005
     # against v1's 0.896 +- 0.005 and GeM alone's 0.901, same folds. Split 9 tied it (0.907) at 13% more tail
-    # time, so split 11. The bf16-mixed tail scored as fp32 within its SE and is ~12% faster with GeM here.
+    # time, so split 11. The bf16-mixed tail scored as fp32 within its SE and is ~12% faster with GeM here
+    # (measured from block 14: python -m tools.tail_speed --split 14).
     "full": FinetuneConfig(pooling="gem", split=11),
     # The grader's smoke run: the same pipeline on a small input, one view, one short epoch, and the backbone's
     # default (shorter) tail.

@@ -1,4 +1,4 @@
-"""``python -m tools.tail_speed [--steps 40] [--rounds 2]``: tail training speed, fp32 against bf16 autocast.
+"""``python -m tools.tail_speed [--steps 40] [--rounds 2] [--split N]``: tail training speed, fp32 vs bf16.
 
 Times the step that stage two repeats (the tail and head of ``BirdNet`` on cached trunk activations:
 forward, cross-entropy, backward, AdamW), for average and GeM pooling, fp32 and bf16-mixed, alternating
@@ -21,12 +21,12 @@ from probe.features import autocast
 SETTINGS = [(pool, bf16) for pool in ("avg", "gem") for bf16 in (False, True)]
 
 
-def views_per_second(pool: str, bf16: bool, image_size: int, steps: int, batch: int = 32) -> float:
+def views_per_second(pool: str, bf16: bool, image_size: int, steps: int, split: int, batch: int = 32) -> float:
     """Training steps of a fresh tail + head on random trunk activations, in cached views per second."""
     torch.manual_seed(0)
     cfg = PRESETS["full"]
     # eval mode: BatchNorm pinned, as in training
-    net = build_net(NetConfig(cfg.backbone, 50, cfg.trunk_split, 0.0, pool, 1)).eval()
+    net = build_net(NetConfig(cfg.backbone, 50, split, 0.0, pool, 1)).eval()
     acts = net.forward_trunk(torch.randn(batch, 3, image_size, image_size)).detach()
     y = torch.randint(0, 50, (batch,))
     member = net.member(0)
@@ -52,12 +52,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--image-size", type=int, default=PRESETS["full"].image_size)
+    p.add_argument("--split", type=int, default=PRESETS["full"].trunk_split, help="first trainable block")
     args = p.parse_args(argv)
     rates: dict[str, list[float]] = {}
     for r in range(args.rounds):
         for pool, bf16 in SETTINGS:
             name = f"{pool} {'bf16' if bf16 else 'fp32'}"
-            rates.setdefault(name, []).append(views_per_second(pool, bf16, args.image_size, args.steps))
+            rate = views_per_second(pool, bf16, args.image_size, args.steps, args.split)
+            rates.setdefault(name, []).append(rate)
             print(f"round {r + 1} {name}: {rates[name][-1]:.0f} views/s", flush=True)
     means = {k: sum(v) / len(v) for k, v in rates.items()}
     print("mean views/s: " + ", ".join(f"{k} {v:.0f}" for k, v in means.items()))
