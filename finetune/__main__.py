@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     if test is not None:
         with sw("test"):
             accuracy = result.classifier.score(test, precision=result.cfg.precision, progress=progress)
-        print(f"test accuracy: {accuracy:.4f} ({len(test)} images, flip TTA {'on' if cfg.tta_flip else 'off'})")
+        crops = f", crops {'+'.join(map(str, cfg.tta_crops))}" if cfg.tta_crops else ""
+        print(f"test accuracy: {accuracy:.4f} ({len(test)} images, flip TTA {'on' if cfg.tta_flip else 'off'}{crops})")
     if args.out:
         result.classifier.save(args.out)
         print(f"checkpoint written to {args.out}")

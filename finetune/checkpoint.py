@@ -29,6 +29,7 @@ READABLE_FORMATS = ("birds-lpft/1", FORMAT)  # 1: before pooling and class names
 MAX_CLASSES = 100_000
 MAX_IMAGE_SIZE = 2048
 MAX_MEMBERS = 16
+MAX_TTA_CROPS = 8
 
 
 class Classifier(nn.Module):
@@ -40,12 +41,15 @@ class Classifier(nn.Module):
         data_cfg: the preprocessing ``net`` was trained with.
         tta_flip: average the logits of each image and its mirror.
         class_names: one name per class id (None: the ids themselves).
+        tta_crops: more centre crops to average over, as shares of the shorter side
+            (``FinetuneConfig.tta_crops``).
     """
 
     def __init__(self, net: BirdNet, net_cfg: NetConfig, data_cfg: DataConfig, tta_flip: bool,
-                 class_names: Sequence[str] | None = None):
+                 class_names: Sequence[str] | None = None, tta_crops: Sequence[float] = ()):
         super().__init__()
         self.net, self.net_cfg, self.data_cfg, self.tta_flip = net, net_cfg, data_cfg, tta_flip
+        self.tta_crops = tuple(float(c) for c in tta_crops)
         self.class_names = tuple(class_names) if class_names is not None else None
 
     def name_of(self, class_id: int) -> str:
@@ -55,7 +59,7 @@ class Classifier(nn.Module):
                        progress: bool = False) -> Predictions:
         """Logits (N, K) and the unreadable files; each of those gets a warning and a guess."""
         return predict_logits(self.net, sources, names, self.data_cfg, tta_flip=self.tta_flip,
-                              precision=precision, progress=progress)
+                              tta_crops=self.tta_crops, precision=precision, progress=progress)
 
     def predict(self, sources: Sequence[Source], names: Sequence[str], *, precision: str = "auto",
                 progress: bool = False) -> np.ndarray:
@@ -83,6 +87,7 @@ class Classifier(nn.Module):
             "net": asdict(self.net_cfg),
             "data": data,
             "tta_flip": bool(self.tta_flip),
+            "tta_crops": list(self.tta_crops),
             "class_names": list(self.class_names) if self.class_names is not None else None,
             "state_dict": {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()},
         }
@@ -105,8 +110,12 @@ class Classifier(nn.Module):
                                    and all(isinstance(n, str) for n in names)),
                  path, f"'class_names' must be None or {net_cfg.num_classes} strings")
         _require(isinstance(ckpt.get("tta_flip"), bool), path, "'tta_flip' must be true or false")
+        crops = ckpt.get("tta_crops", [])  # absent from checkpoints written before multi-crop TTA
+        _require(isinstance(crops, list) and len(crops) <= MAX_TTA_CROPS
+                 and all(type(c) is float and 0.0 < c <= 1.0 for c in crops), path,
+                 f"'tta_crops' must be a list of at most {MAX_TTA_CROPS} floats in (0, 1]")
         net = _restored(net_cfg, ckpt["state_dict"], path)
-        return cls(net.eval(), net_cfg, data_cfg, ckpt["tta_flip"], names).eval()
+        return cls(net.eval(), net_cfg, data_cfg, ckpt["tta_flip"], names, crops).eval()
 
 
 def _fix(path) -> str:

@@ -38,6 +38,9 @@ class FinetuneConfig:
             (the shipped model: the schedule is fixed, so nothing needs choosing at the end).
         probe: how stage one chooses C and fits the probe that initialises the head.
         tta_flip: average the logits of the image and its mirror at prediction time.
+        tta_crops: more centre crops at prediction time, each given as the share of the shorter side it
+            covers (the standard view covers the weights' own 224/256); the logits of every view (and, with
+            ``tta_flip``, of every view's mirror) are averaged. Each costs ``classify`` one or two passes.
         precision: trunk extraction and prediction: 'auto' (bf16 where the hardware runs it natively),
             'bf16' or 'fp32'.
         train_precision: the tail's training: 'auto' (Lightning's 'bf16-mixed' where native: fp32 master
@@ -70,6 +73,7 @@ class FinetuneConfig:
     val_fraction: float = 0.0
     probe: ProbeFit = field(default_factory=ProbeFit)
     tta_flip: bool = True
+    tta_crops: tuple[float, ...] = ()
     precision: str = "auto"
     train_precision: str = "auto"
     cache_dtype: str = "float16"

@@ -6,7 +6,9 @@ candidate. A candidate is ``PRESET[:field=value,...]``, e.g. ``full``, ``v1``, `
 views of every image) is computed once per trunk setting (backbone, image size, split, augmentation,
 precision) and shared by every fold and every candidate with that setting; a candidate with fewer views
 uses the first ones. Per fold only stage one (the probe on the fold's training images) and the tail are
-fitted again, then the held-out fold is scored exactly as ``classify`` would (centre view, flip TTA).
+fitted again, then the held-out fold is scored exactly as ``classify`` would (centre view, flip TTA, and
+the candidate's ``tta_crops``). The same trained tails are also scored under every other combination of the
+cached crops, with and without flip TTA, so prediction-time choices are compared on identical models.
 
 Prints per candidate the fold accuracies, mean +- standard error and seconds; writes nothing unless
 ``--out`` (a .json or .md table) is given.
@@ -20,7 +22,8 @@ import json
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +31,7 @@ import torch
 from sklearn.model_selection import StratifiedKFold
 
 from probe.backbone import BirdNet, NetConfig, build_net
-from probe.preprocess import data_config
+from probe.preprocess import data_config, with_crop_fraction
 from probe.data import DataError, LabelledImages, load_split_dir
 from probe.features import autocast
 from probe.linear import fit_probe, init_head_from_probe
@@ -74,38 +77,71 @@ class TrunkCache:
     mirror: torch.Tensor
     views: list[torch.Tensor]
     seconds: float
+    crops: dict[float, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # TTA crop: (view, mirror)
 
 
-def build_cache(images: LabelledImages, cfg: FinetuneConfig, views: int, weights: str, progress: bool) -> TrunkCache:
-    """Centre, mirrored centre and ``views`` augmented views of every image, with the pretrained network."""
+def build_cache(images: LabelledImages, cfg: FinetuneConfig, views: int, weights: str, progress: bool,
+                crops: tuple[float, ...] = ()) -> TrunkCache:
+    """Centre, mirrored centre and ``views`` augmented views of every image, with the pretrained network, and
+    each TTA crop in ``crops`` with its mirror."""
     start = time.perf_counter()
     net = pretrained_net(NetConfig(cfg.backbone, images.num_classes, cfg.trunk_split), weights)
     data_cfg = data_config(cfg.backbone, cfg.image_size)
     centre = centre_activations(net, images, data_cfg, cfg, progress=progress)
     mirror = centre_activations(net, images, data_cfg, cfg, "mirrored centre", mirrored=True, progress=progress)
     stacks = augmented_activations(net, images, data_cfg, replace(cfg, views=views), progress=progress)
-    return TrunkCache(net, centre, mirror, stacks, time.perf_counter() - start)
+    extra = {}
+    for fraction in crops:
+        crop_cfg = with_crop_fraction(data_cfg, fraction)
+        extra[fraction] = tuple(centre_activations(net, images, crop_cfg, cfg, f"crop {fraction}{' mirrored' * m}",
+                                                   mirrored=m, progress=progress) for m in (False, True))
+    return TrunkCache(net, centre, mirror, stacks, time.perf_counter() - start, extra)
 
 
 @torch.inference_mode()
-def held_out_logits(net: BirdNet, cache: TrunkCache, rows: np.ndarray, cfg: FinetuneConfig) -> tuple[torch.Tensor, ...]:
-    """(centre, mirror) logits of cached rows per member (``BirdNet.member_logits``: (members, N, K)), in
-    ``classify``'s precision; their mean over members is what ``BirdNet.forward_from_trunk`` returns, and flip
-    TTA averages centre and mirror, as ``finetune.inference.flip_averaged`` does with the images themselves."""
+def held_out_logits(net: BirdNet, cache: TrunkCache, rows: np.ndarray, cfg: FinetuneConfig) -> dict[float, tuple]:
+    """{crop fraction: (view, mirror) logits} of cached rows per member (``BirdNet.member_logits``:
+    (members, N, K)), in ``classify``'s precision, for the standard centre view (key ``STANDARD``) and every
+    cached TTA crop. Their mean over members is what ``BirdNet.forward_from_trunk`` returns, and TTA averages
+    views and mirrors, as ``finetune.inference.tta_averaged`` does with the images themselves."""
     net.eval()
-    out = {"centre": [], "mirror": []}
+    stacks = {STANDARD: (cache.centre, cache.mirror), **cache.crops}
+    out = {key: ([], []) for key in stacks}
     for i in range(0, len(rows), 64):
         batch = torch.as_tensor(rows[i:i + 64])
         with autocast(cfg.precision):
-            for name, stack in (("centre", cache.centre), ("mirror", cache.mirror)):
-                out[name].append(net.member_logits(stack[batch]))
-    return torch.cat(out["centre"], dim=1), torch.cat(out["mirror"], dim=1)
+            for key, pair in stacks.items():
+                for acc, stack in zip(out[key], pair):
+                    acc.append(net.member_logits(stack[batch]))
+    return {key: tuple(torch.cat(parts, dim=1) for parts in pair) for key, pair in out.items()}
+
+
+STANDARD = 0.0  # held_out_logits' key of the standard centre view (whatever crop fraction the weights use)
+
+
+def tta_logits(logits: dict[float, tuple], crops: tuple[float, ...], flip: bool, member: int | None = None):
+    """(N, K) logits averaged over the standard view and ``crops`` (and their mirrors when ``flip``), over
+    every member or only ``member``."""
+    picked = [view for key in (STANDARD, *crops) for view in logits[key][:2 if flip else 1]]
+    picked = [v.mean(0) if member is None else v[member] for v in picked]
+    return torch.stack(picked).mean(0)
+
+
+def tta_schemes(crops: tuple[float, ...]) -> list[tuple[tuple[float, ...], bool]]:
+    """Every (extra crops, flip) combination of the cached crops: what each fold is also scored under."""
+    subsets = [c for r in range(len(crops) + 1) for c in combinations(sorted(crops), r)]
+    return [(c, flip) for c in subsets for flip in (False, True)]
+
+
+def scheme_name(crops: tuple[float, ...], flip: bool) -> str:
+    return "+".join(["centre", *map(str, crops)]) + (" flip" if flip else "")
 
 
 def run_fold(cache: TrunkCache, images: LabelledImages, cfg: FinetuneConfig, train_idx: np.ndarray,
-             val_idx: np.ndarray, progress: bool) -> tuple[float, float, float]:
-    """Stage one and the tail on the fold's training images, then the held-out accuracy with ``cfg.tta_flip``,
-    for comparison with the other setting, and of the first member alone."""
+             val_idx: np.ndarray, progress: bool) -> dict:
+    """Stage one and the tail on the fold's training images, then the held-out accuracy with the candidate's
+    TTA ('acc'), with flip TTA toggled ('other'), of the first member alone ('first'), and under every cached
+    TTA scheme ('schemes')."""
     net = candidate_net(cache.net, cfg)
     labels = images.labels
     features = pooled_from_trunk(net, cache.centre[torch.as_tensor(train_idx)]).numpy()
@@ -114,16 +150,16 @@ def run_fold(cache: TrunkCache, images: LabelledImages, cfg: FinetuneConfig, tra
     for member in range(cfg.members):
         init_head_from_probe(net.member(member).head, probe)
         train_tail(net, train_set, None, cfg, progress, member, accelerator="cpu", devices=1)
-    centre, mirror = held_out_logits(net, cache, val_idx, cfg)
+    logits = held_out_logits(net, cache, val_idx, cfg)
 
-    def accuracy(logits: torch.Tensor) -> float:
-        return float((logits.argmax(1).numpy() == labels[val_idx]).mean())
+    def accuracy(crops, flip, member=None) -> float:
+        return float((tta_logits(logits, crops, flip, member).argmax(1).numpy() == labels[val_idx]).mean())
 
-    with_tta, without = accuracy(centre.mean(0) + mirror.mean(0)), accuracy(centre.mean(0))
     # Member 0 is trained exactly as a one-member candidate is, so an ensemble's fold also scores that
     # recipe, with this candidate's TTA setting, at no extra cost.
-    first = accuracy(centre[0] + mirror[0] if cfg.tta_flip else centre[0])
-    return ((with_tta, without) if cfg.tta_flip else (without, with_tta)) + (first,)
+    return {"acc": accuracy(cfg.tta_crops, cfg.tta_flip), "other": accuracy(cfg.tta_crops, not cfg.tta_flip),
+            "first": accuracy(cfg.tta_crops, cfg.tta_flip, 0),
+            "schemes": {scheme_name(c, f): accuracy(c, f) for c, f in tta_schemes(tuple(cache.crops))}}
 
 
 def candidate_net(base: BirdNet, cfg: FinetuneConfig) -> BirdNet:
@@ -140,21 +176,22 @@ def candidate_net(base: BirdNet, cfg: FinetuneConfig) -> BirdNet:
 def score_candidate(spec: str, cfg: FinetuneConfig, cache: TrunkCache, images: LabelledImages, folds,
                     progress: bool) -> dict:
     """Fold accuracies, their mean and standard error, and the seconds the candidate's folds took."""
-    start, accs, other, first = time.perf_counter(), [], [], []
+    start, folds_out = time.perf_counter(), []
     with process_state_kept():
         for k, (tr, va) in enumerate(folds):
             torch.manual_seed(cfg.seed)  # each fold starts from the same state, whatever ran before
-            acc, acc_other, acc_first = run_fold(cache, images, cfg, tr, va, progress)
-            accs.append(acc)
-            other.append(acc_other)
-            first.append(acc_first)
-            alone = f", member 1 alone: {acc_first:.4f}" if cfg.members > 1 else ""
-            print(f"  {spec} fold {k + 1}/{len(folds)}: {acc:.4f} (flip TTA {'off' if cfg.tta_flip else 'on'}: "
-                  f"{acc_other:.4f}{alone})", flush=True)
-    row = {"candidate": spec, **mean_se(accs), "mean_other_tta": float(np.mean(other)),
+            out = run_fold(cache, images, cfg, tr, va, progress)
+            folds_out.append(out)
+            alone = f", member 1 alone: {out['first']:.4f}" if cfg.members > 1 else ""
+            print(f"  {spec} fold {k + 1}/{len(folds)}: {out['acc']:.4f} (flip TTA {'off' if cfg.tta_flip else 'on'}: "
+                  f"{out['other']:.4f}{alone})", flush=True)
+    row = {"candidate": spec, **mean_se([o["acc"] for o in folds_out]),
+           "mean_other_tta": float(np.mean([o["other"] for o in folds_out])),
            "seconds": time.perf_counter() - start, "cache_seconds": cache.seconds, "config": _jsonable(asdict(cfg))}
     if cfg.members > 1:
-        row["first_member"] = mean_se(first)
+        row["first_member"] = mean_se([o["first"] for o in folds_out])
+    if cache.crops:
+        row["tta"] = {name: mean_se([o["schemes"][name] for o in folds_out]) for name in folds_out[0]["schemes"]}
     return row
 
 
@@ -186,7 +223,8 @@ def cross_validate(images: LabelledImages, candidates: list[tuple[str, FinetuneC
     rows: list[dict | None] = [None] * len(candidates)
     for members in groups.values():
         first = candidates[members[0]][1]
-        cache = build_cache(images, first, max(candidates[i][1].views for i in members), weights, progress)
+        crops = tuple(sorted({c for i in members for c in candidates[i][1].tta_crops}))
+        cache = build_cache(images, first, max(candidates[i][1].views for i in members), weights, progress, crops)
         print(f"trunk cache for {[candidates[i][0] for i in members]}: {cache.seconds:.0f}s", flush=True)
         for i in members:
             rows[i] = score_candidate(*candidates[i], cache, images, folds, progress)
@@ -200,6 +238,8 @@ def format_row(row: dict) -> str:
     line = f"{row['candidate']:<40} {row['mean']:.4f} +- {row['se']:.4f}  [{folds}]  {row['seconds']:.0f}s"
     if "first_member" in row:
         line += f"  (member 1 alone: {row['first_member']['mean']:.4f} +- {row['first_member']['se']:.4f})"
+    for name, r in row.get("tta", {}).items():
+        line += f"\n    TTA {name:<28} {r['mean']:.4f} +- {r['se']:.4f}"
     return line
 
 

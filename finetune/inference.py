@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from probe.backbone import BirdNet
-from probe.preprocess import DataConfig, EvalTransform
+from probe.preprocess import DataConfig, EvalTransform, TTATransform
 from probe.data import Source
 from probe.features import extract, make_loader
 from probe.images import ImageDataset
@@ -30,6 +30,21 @@ def flip_averaged(net: BirdNet, tta_flip: bool):
     return logits
 
 
+def tta_averaged(net: BirdNet, tta_flip: bool):
+    """x (B, 3, H, W), or (B, V, 3, H, W) for V crops of each image -> logits (B, K) averaged over the crops
+    (and their mirrors when ``tta_flip``)."""
+    per_view = flip_averaged(net, tta_flip)
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 4:
+            return per_view(x)
+        b, v = x.shape[:2]
+        flat = x.reshape(b * v, *x.shape[2:]).contiguous(memory_format=torch.channels_last)
+        return per_view(flat).view(b, v, -1).mean(1)
+
+    return logits
+
+
 @dataclass
 class Predictions:
     """(N, K) logits in input order, and the files that could not be read: {position: reason}."""
@@ -39,11 +54,16 @@ class Predictions:
 
 
 def predict_logits(net: BirdNet, sources: Sequence[Source], names: Sequence[str], data_cfg: DataConfig, *,
-                   tta_flip: bool, precision: str = "auto", batch_size: int = 8,
-                   progress: bool = True) -> Predictions:
-    """Logits for the images, in order; an unreadable image gets a warning naming it and a blank-image guess."""
+                   tta_flip: bool, tta_crops: tuple[float, ...] = (), precision: str = "auto",
+                   batch_size: int = 8, progress: bool = True) -> Predictions:
+    """Logits for the images, in order; an unreadable image gets a warning naming it and a blank-image guess.
+
+    With ``tta_crops`` each image is seen at the standard crop and at each of those (see
+    ``probe.preprocess.TTATransform``); ``batch_size`` counts views, so memory does not grow with them.
+    """
     net.eval()
-    dataset = ImageDataset(sources, names, EvalTransform(data_cfg), on_error="blank")
-    logits, _ = extract(flip_averaged(net, tta_flip), make_loader(dataset, batch_size), precision=precision,
-                        desc="classify", progress=progress)
+    transform = TTATransform(data_cfg, tta_crops) if tta_crops else EvalTransform(data_cfg)
+    dataset = ImageDataset(sources, names, transform, on_error="blank")
+    loader = make_loader(dataset, max(1, batch_size // (1 + len(tta_crops))))
+    logits, _ = extract(tta_averaged(net, tta_flip), loader, precision=precision, desc="classify", progress=progress)
     return Predictions(logits, dict(dataset.failures))

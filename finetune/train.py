@@ -214,7 +214,7 @@ def fine_tune(train: LabelledImages, cfg: FinetuneConfig, weights: str = "requir
             seconds += fit_module(modules[-1], trainer, verbose, datamodule=data)
         sw.seconds["fine-tune"] = seconds - data.setup_seconds
     val_acc = cached_accuracy(net, data.val_set, trainer) if data.val_set is not None else None  # all members
-    classifier = Classifier(net.cpu(), net_cfg, data_cfg, cfg.tta_flip, train.class_names).eval()
+    classifier = Classifier(net.cpu(), net_cfg, data_cfg, cfg.tta_flip, train.class_names, cfg.tta_crops).eval()
     return FinetuneResult(classifier, cfg, data.fitted, val_acc, [row for m in modules for row in m.history],
                           data.cache_bytes, len(train), sum(m.samples_seen for m in modules), data.shards,
                           data.head_digests, trainer.is_global_zero, sw)

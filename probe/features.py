@@ -82,7 +82,7 @@ def extract(fn: Callable[[torch.Tensor], torch.Tensor], loader: DataLoader, *, p
             echo: bool | None = None) -> tuple[torch.Tensor, ExtractStats]:
     """Run ``fn`` over every batch of ``loader`` and stack the outputs in RAM, in dataset order.
 
-    Inputs go in channels-last, which is ~1.7x faster for MobileNet-style convolutions on a CPU.
+    4-D inputs go in channels-last, which is ~1.7x faster for MobileNet-style convolutions on a CPU.
 
     Args:
         device: where ``fn`` runs (its module must be there already); batches are moved to it.
@@ -95,7 +95,9 @@ def extract(fn: Callable[[torch.Tensor], torch.Tensor], loader: DataLoader, *, p
     n, out, done, start = len(loader.dataset), None, 0, time.perf_counter()
     with progress_bar(progress, total=n, desc=desc, unit="img", leave=False) as bar:
         for x, index in loader:
-            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            x = x.to(device, non_blocking=True)
+            if x.ndim == 4:  # (B, V, 3, H, W) batches of several views per image are laid out by ``fn``
+                x = x.contiguous(memory_format=torch.channels_last)
             with autocast(precision, device):
                 y = fn(x)
             if out is None:  # preallocate once: no list of chunks and no second copy from torch.cat

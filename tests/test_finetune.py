@@ -20,6 +20,7 @@ import finetune.__main__ as finetune_cli
 import finetune.train as finetune_train
 from finetune.cache import CachedViews, augmented_activations, centre_activations
 from finetune.checkpoint import Classifier
+from finetune.inference import predict_logits
 from finetune.config import PRESETS, preset
 import finetune.datamodule as finetune_data
 from finetune.datamodule import pooled_from_trunk, stage_two_split
@@ -29,7 +30,7 @@ from probe.backbone import NetConfig, build_net
 from probe.data import load_split_dir, stratified_split
 from probe.images import ImageDataset
 from probe.linear import LinearProbe, ProbeFit, fit_probe, init_head_from_probe
-from probe.preprocess import EvalTransform, data_config
+from probe.preprocess import EvalTransform, data_config, with_crop_fraction
 from probe.synthetic import make_synthetic, write_grader_layout
 
 SIZE = 64  # network input side of every test here: split 14 gives (96, 4, 4) trunk activations
@@ -342,23 +343,26 @@ def test_augmented_activations_are_seeded_and_differ_across_views():
 # --------------------------------------------------------------------------- the checkpoint
 
 
-def _classifier(k: int, split: int, image_size: int, tta_flip: bool, dropout: float = 0.3) -> Classifier:
+def _classifier(k: int, split: int, image_size: int, tta_flip: bool, dropout: float = 0.3,
+                tta_crops: tuple[float, ...] = ()) -> Classifier:
     torch.manual_seed(k * 100 + split)
     net_cfg = NetConfig("mobilenet_v2", k, split, dropout)
     net = calibrate_batchnorm(build_net(net_cfg), torch.randn(8, 3, image_size, image_size))
-    return Classifier(net, net_cfg, data_config("mobilenet_v2", image_size), tta_flip)
+    return Classifier(net, net_cfg, data_config("mobilenet_v2", image_size), tta_flip, tta_crops=tta_crops)
 
 
-@pytest.mark.parametrize("k, split, image_size, tta_flip", [(3, 14, 64, True), (7, 16, 96, False)])
-def test_checkpoint_round_trip(tmp_path, k, split, image_size, tta_flip):
-    original = _classifier(k, split, image_size, tta_flip)
+@pytest.mark.parametrize("k, split, image_size, tta_flip, tta_crops",
+                         [(3, 14, 64, True, ()), (7, 16, 96, False, (1.0,)), (4, 14, 64, True, (0.75, 1.0))])
+def test_checkpoint_round_trip(tmp_path, k, split, image_size, tta_flip, tta_crops):
+    original = _classifier(k, split, image_size, tta_flip, tta_crops=tta_crops)
     path = tmp_path / "m.pt"
     original.save(path)
 
     torch.manual_seed(12345)  # the rebuilt network's random init must not matter
     loaded = Classifier.load(path)
     assert isinstance(loaded, Classifier) and not loaded.training and not loaded.net.training
-    assert (loaded.net_cfg, loaded.data_cfg, loaded.tta_flip) == (original.net_cfg, original.data_cfg, tta_flip)
+    assert (loaded.net_cfg, loaded.data_cfg, loaded.tta_flip, loaded.tta_crops) == \
+        (original.net_cfg, original.data_cfg, tta_flip, tta_crops)
     assert len(loaded.net.trunk) == split and loaded.net.head.out_features == k
     assert loaded.data_cfg.image_size == image_size
     for name, value in original.net.state_dict().items():
@@ -373,6 +377,37 @@ def test_checkpoint_round_trip(tmp_path, k, split, image_size, tta_flip):
     a = original.predict_logits(images.sources, images.names, precision="fp32").logits
     b = loaded.predict_logits(images.sources, images.names, precision="fp32").logits
     assert a.shape == (4, k) and torch.equal(a, b)
+
+
+def test_checkpoint_without_tta_crops_loads_with_none(tmp_path):
+    """Checkpoints written before multi-crop TTA have no 'tta_crops': they predict as they always did."""
+    ckpt = _classifier(3, 14, 64, True).checkpoint()
+    del ckpt["tta_crops"]
+    torch.save(ckpt, tmp_path / "old.pt")
+    assert Classifier.load(tmp_path / "old.pt").tta_crops == ()
+
+
+@pytest.mark.parametrize("tta_flip", [True, False])
+def test_multi_crop_tta_is_the_mean_of_each_crops_logits(tta_flip):
+    """Each crop (and its mirror) is one more view whose logits are averaged; the standard view is the
+    evaluation preset's, and a crop is the same preset at another crop fraction."""
+    clf = _classifier(3, 14, 64, tta_flip, tta_crops=(0.75, 1.0))
+    images = make_synthetic(num_classes=2, per_class=3, size=90, seed=4)
+    both = clf.predict_logits(images.sources, images.names, precision="fp32").logits
+    alone = []
+    for data_cfg in (clf.data_cfg, with_crop_fraction(clf.data_cfg, 0.75), with_crop_fraction(clf.data_cfg, 1.0)):
+        alone.append(predict_logits(clf.net, images.sources, images.names, data_cfg, tta_flip=tta_flip,
+                                    precision="fp32", progress=False).logits)
+    assert torch.allclose(both, torch.stack(alone).mean(0), atol=1e-5)
+    assert not torch.allclose(alone[0], alone[2], atol=1e-3)  # the crops are different views
+
+
+def test_crop_fraction_one_keeps_the_whole_shorter_side():
+    cfg = data_config("mobilenet_v2", 64)
+    assert with_crop_fraction(cfg, cfg.crop_fraction) == cfg
+    assert with_crop_fraction(cfg, 1.0).resize_size == 64
+    with pytest.raises(ValueError, match="crop fraction"):
+        with_crop_fraction(cfg, 0.0)
 
 
 class _RunsCodeWhenUnpickled:

@@ -68,6 +68,39 @@ def test_cache_is_built_once_per_trunk_setting(tmp_path, monkeypatch, capsys):
     assert "+-" in capsys.readouterr().out
 
 
+def test_tta_crops_are_cached_once_and_every_scheme_scores_the_same_tails(tmp_path, monkeypatch):
+    write_grader_layout(tmp_path, "train", make_synthetic(num_classes=3, per_class=6, size=40, seed=0))
+    calls = []
+    real = finetune_cache.trunk_activations
+
+    def counted(net, images, transform, cfg, desc, *args, **kwargs):
+        calls.append(desc)
+        return real(net, images, transform, cfg, desc, *args, **kwargs)
+
+    monkeypatch.setattr(finetune_cache, "trunk_activations", counted)
+    base = f"fast:image_size={SIZE},limit_train_batches=1,batch_size=8"
+    rows = cv.main([str(tmp_path), "--random-init", "--folds", "2", "--candidates", base,
+                    f"{base},tta_crops=(1.0,)", f"{base},tta_crops=(0.75, 1.0),tta_flip=False"])
+    assert sorted(calls) == sorted(["centre view", "mirrored centre", "view 1/1", "crop 0.75", "crop 0.75 mirrored",
+                                    "crop 1.0", "crop 1.0 mirrored"])
+    schemes = {"centre", "centre flip", "centre+0.75", "centre+0.75 flip", "centre+1.0", "centre+1.0 flip",
+               "centre+0.75+1.0", "centre+0.75+1.0 flip"}
+    assert all(set(r["tta"]) == schemes for r in rows)
+    # the candidate's own score is its scheme's, on the same trained tails (the first two train identically)
+    for row, own in zip(rows, ("centre flip", "centre+1.0 flip", "centre+0.75+1.0")):
+        assert row["tta"][own]["folds"] == row["folds"]
+    assert rows[0]["tta"] == rows[1]["tta"]
+
+
+def test_tta_logits_average_the_chosen_views_and_members():
+    g = torch.Generator().manual_seed(0)
+    logits = {key: tuple(torch.randn(2, 5, 3, generator=g) for _ in range(2)) for key in (cv.STANDARD, 0.75, 1.0)}
+    got = cv.tta_logits(logits, (1.0,), flip=True)
+    want = (logits[cv.STANDARD][0] + logits[cv.STANDARD][1] + logits[1.0][0] + logits[1.0][1]).mean(0) / 4
+    assert torch.allclose(got, want, atol=1e-6)
+    assert torch.equal(cv.tta_logits(logits, (), flip=False, member=1), logits[cv.STANDARD][0][1])
+
+
 def test_candidates_parse_with_types_checked():
     spec, cfg = cv.parse_candidate("full:crop_scale=(0.2, 1.0),ema_decay=0.998,mix=cutmix,members=2")
     assert cfg == replace(PRESETS["full"], crop_scale=(0.2, 1.0), ema_decay=0.998, mix="cutmix", members=2)
