@@ -16,7 +16,8 @@ NOTES = """\
   baseline: training images per second of online training; pipeline: cached views per second of the
   fine-tune stage; classify: test images per second.
 - peak RSS: each step's own process (VmHWM); compute runs in the parent and is not measured.
-- val acc: the same seeded 20% per class for probe, baseline and pipelines; pipeline test accuracy uses flip TTA."""
+- val acc: the same seeded 20% per class for probe, baseline and pipelines, pipelines on the cached centre
+  view (no TTA); pipeline test accuracy uses the preset's TTA (mirror; `full` also a 3/4 crop)."""
 
 
 def table_rows(results: dict) -> list[list[str]]:
