@@ -88,15 +88,18 @@ def build_cache(images: LabelledImages, cfg: FinetuneConfig, views: int, weights
     start = time.perf_counter()
     net = pretrained_net(NetConfig(cfg.backbone, images.num_classes, cfg.trunk_split), weights)
     data_cfg = data_config(cfg.backbone, cfg.image_size)
-    centre = centre_activations(net, images, data_cfg, cfg, progress=progress)
-    mirror = centre_activations(net, images, data_cfg, cfg, "mirrored centre", mirrored=True, progress=progress)
+
+    def view_and_mirror(view_cfg, names):
+        return tuple(centre_activations(net, images, view_cfg, cfg, name, mirrored=m, progress=progress)
+                     for name, m in zip(names, (False, True)))
+
+    centre, mirror = view_and_mirror(data_cfg, ("centre view", "mirrored centre"))
     stacks = augmented_activations(net, images, data_cfg, replace(cfg, views=views), progress=progress)
-    extra = {}
-    for fraction in crops:
-        crop_cfg = with_crop_fraction(data_cfg, fraction)
-        extra[fraction] = tuple(centre_activations(net, images, crop_cfg, cfg, f"crop {fraction}{' mirrored' * m}",
-                                                   mirrored=m, progress=progress) for m in (False, True))
+    extra = {f: view_and_mirror(with_crop_fraction(data_cfg, f), (f"crop {f}", f"crop {f} mirrored")) for f in crops}
     return TrunkCache(net, centre, mirror, stacks, time.perf_counter() - start, extra)
+
+
+STANDARD = 0.0  # held_out_logits' key of the standard centre view (whatever crop fraction the weights use)
 
 
 @torch.inference_mode()
@@ -115,9 +118,6 @@ def held_out_logits(net: BirdNet, cache: TrunkCache, rows: np.ndarray, cfg: Fine
                 for acc, stack in zip(out[key], pair):
                     acc.append(net.member_logits(stack[batch]))
     return {key: tuple(torch.cat(parts, dim=1) for parts in pair) for key, pair in out.items()}
-
-
-STANDARD = 0.0  # held_out_logits' key of the standard centre view (whatever crop fraction the weights use)
 
 
 def tta_logits(logits: dict[float, tuple], crops: tuple[float, ...], flip: bool, member: int | None = None):

@@ -18,29 +18,18 @@ from probe.features import extract, make_loader
 from probe.images import ImageDataset
 
 
-def flip_averaged(net: BirdNet, tta_flip: bool):
-    """x (B, 3, H, W) -> logits (B, K), averaged with the mirrored image's when ``tta_flip``."""
-
-    def logits(x: torch.Tensor) -> torch.Tensor:
-        if not tta_flip:
-            return net(x).float()
-        both = net(torch.cat([x, torch.flip(x, dims=[3])])).float()  # one pass over (2B, 3, H, W)
-        return (both[: len(x)] + both[len(x):]) / 2
-
-    return logits
-
-
 def tta_averaged(net: BirdNet, tta_flip: bool):
     """x (B, 3, H, W), or (B, V, 3, H, W) for V crops of each image -> logits (B, K) averaged over the crops
-    (and their mirrors when ``tta_flip``)."""
-    per_view = flip_averaged(net, tta_flip)
+    (and their mirrors when ``tta_flip``), all in one pass."""
 
     def logits(x: torch.Tensor) -> torch.Tensor:
-        if x.ndim == 4:
-            return per_view(x)
-        b, v = x.shape[:2]
-        flat = x.reshape(b * v, *x.shape[2:]).contiguous(memory_format=torch.channels_last)
-        return per_view(flat).view(b, v, -1).mean(1)
+        views = x if x.ndim == 5 else x.unsqueeze(1)  # (B, V, 3, H, W)
+        b, v = views.shape[:2]
+        flat = views.flatten(0, 1)
+        if tta_flip:
+            flat = torch.cat([flat, torch.flip(flat, dims=[3])])
+        out = net(flat.contiguous(memory_format=torch.channels_last)).float()
+        return out.view(-1, b, v, out.shape[-1]).mean(dim=(0, 2))
 
     return logits
 
