@@ -17,7 +17,7 @@ NOTES = """\
   fine-tune stage; classify: test images per second.
 - peak RSS: each step's own process (VmHWM); compute runs in the parent and is not measured.
 - val acc: the same seeded 20% per class for probe, baseline and pipelines, pipelines on the cached centre
-  view (no TTA); pipeline test accuracy uses the preset's TTA (mirror; `full` also a 3/4 crop)."""
+  view (no TTA); pipeline test accuracy uses the preset's TTA (`full` and `v1`: centre + mirror)."""
 
 
 def table_rows(results: dict) -> list[list[str]]:
