@@ -4,11 +4,10 @@ Only the training images are used (the test split is never read), the same seede
 candidate. A candidate is ``PRESET[:field=value,...]``, e.g. ``full``, ``v1``, ``full:ema_decay=0.998``,
 ``full:image_size=384,views=6``. The trunk cache (centre view, its mirror for flip TTA, the augmented
 views of every image, and each TTA crop any candidate of the setting asks for, with its mirror) is computed
-once per trunk setting (backbone, image size, split, augmentation,
-precision) and shared by every fold and every candidate with that setting; a candidate with fewer views
-uses the first ones. Per fold only stage one (the probe on the fold's training images) and the tail are
-fitted again, then the held-out fold is scored exactly as ``classify`` would (centre view, flip TTA, and
-the candidate's ``tta_crops``). The same trained tails are also scored under every other combination of the
+once per trunk setting (backbone, image size, split, augmentation, precision) and shared by every fold and
+every candidate with that setting; a candidate with fewer views uses the first ones. Per fold only stage
+one (the probe on the fold's training images) and the tail are fitted again, then the held-out fold is
+scored exactly as ``classify`` would (centre view, flip TTA, and the candidate's ``tta_crops``). The same trained tails are also scored under every other combination of the
 cached crops, with and without flip TTA, so prediction-time choices are compared on identical models.
 
 Prints per candidate the fold accuracies, mean +- standard error and seconds; writes nothing unless

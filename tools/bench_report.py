@@ -17,7 +17,7 @@ NOTES = """\
   fine-tune stage; classify: test images per second.
 - peak RSS: each step's own process (VmHWM); compute runs in the parent and is not measured.
 - val acc: the same seeded 20% per class for probe, baseline and pipelines, pipelines on the cached centre
-  view (no TTA); pipeline test accuracy uses the preset's TTA (`full` and `v1`: centre + mirror)."""
+  view (no TTA); pipeline test accuracy uses each preset's own TTA (its `tta_flip` and `tta_crops`)."""
 
 
 def table_rows(results: dict) -> list[list[str]]:
