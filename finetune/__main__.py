@@ -1,7 +1,9 @@
-"""``python -m finetune [DATA_DIR] [--out birds_model.pt]``: both LP-FT stages, then test accuracy.
+"""``python -m finetune [DATA_DIR] [field=value ...] [--preset full] [--out birds_model.pt]``: both LP-FT
+stages, then test accuracy.
 
 DATA_DIR is the grader layout (train/gt.csv + train/images, optionally test/... and classes.txt). Without it,
-a small generated set is used. Prints one line per stage with its time, the validation and test accuracy
+a small generated set is used. Any FinetuneConfig field can be overridden (``lr_tail=6e-4 views=6``); every
+setting and destination is checked before any image is decoded. Prints one line per stage with its time, the validation and test accuracy
 and the peak memory. Writes nothing but ``--out`` (and ``--log-dir`` when given).
 
 Scale out with Lightning's own flags: ``--accelerator gpu --devices 4`` (one machine), ``--strategy ddp
@@ -15,28 +17,27 @@ import argparse
 import sys
 from pathlib import Path
 
-from probe.data import DataError, LabelledImages
+from probe.cli import Written, check_output_dir, check_output_file, fail, layout_inputs, run_interruptible
+from probe.data import DataError
 from probe.datasets import load_data
+from probe.settings import ConfigError
 from probe.timing import Stopwatch, peak_rss_mb
 from probe.weights import WeightsError
 from finetune.cache import CacheBudgetError, default_budget, parse_size
-from finetune.config import PRESETS, FinetuneConfig, preset
+from finetune.cli import add_settings, settings, split_positionals
+from finetune.config import FinetuneConfig
 from finetune.train import FinetuneResult, fine_tune
 
-OVERRIDES = ("image_size", "views", "epochs", "split", "pooling", "val_fraction", "seed", "precision",
-             "train_precision", "lr_head", "lr_tail", "batch_size", "dropout", "mix", "mix_alpha", "ema_decay", "members")
+PROG = "python -m finetune"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m finetune", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("data_dir", nargs="?", type=Path, help="grader-layout folder (default: a generated set)")
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, FinetuneConfig]:
+    """The arguments and the run's config, every flag and destination checked (exit 2 on the first bad one)."""
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("args", nargs="*", metavar="[DATA_DIR] [field=value ...]",
+                   help="grader-layout folder (default: a generated set), then FinetuneConfig overrides")
     p.add_argument("--out", type=Path, help="write the checkpoint here (e.g. birds_model.pt)")
-    p.add_argument("--preset", default="full", choices=sorted(PRESETS))
-    for name in OVERRIDES:
-        kind = int if name == "split" else type(getattr(FinetuneConfig(), name))
-        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None,
-                       help=f"override (full preset: {getattr(PRESETS['full'], name)})")
+    add_settings(p)
     p.add_argument("--allow-download", action="store_true", help="let torchvision download missing weights")
     p.add_argument("--random-init", action="store_true", help="no pretrained weights (a smoke run)")
     p.add_argument("--accelerator", default="cpu", help="Lightning's: cpu, gpu, auto, ...")
@@ -49,12 +50,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--log-dir", type=Path, help="write Lightning's CSV (and TensorBoard) training logs here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--verbose", action="store_true", help="also Lightning's own messages and the full config")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    paths, overrides = split_positionals(args.args)
+    if len(paths) > 1:
+        fail(PROG, f"one DATA_DIR at most, got {paths}; overrides are field=value")
+    args.data_dir = Path(paths[0]) if paths else None
+    try:
+        cfg = settings(args.preset, overrides, args)
+    except ConfigError as err:
+        fail(PROG, str(err))
+    if args.num_nodes < 1:
+        fail(PROG, f"--num-nodes must be at least 1, got {args.num_nodes}")
+    check_output_file(PROG, "--out", args.out, layout_inputs(args.data_dir))
+    check_output_dir(PROG, "--log-dir", args.log_dir)
+    return args, cfg
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    cfg = preset(args.preset, **{k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None})
+    args, cfg = parse_args(argv)
+    run_interruptible(lambda written: run(args, cfg, written), PROG)
+
+
+def run(args: argparse.Namespace, cfg: FinetuneConfig, written: Written) -> None:
     sw, progress = Stopwatch(), not args.no_progress
     budget = args.cache_budget if args.cache_budget is not None else default_budget()
     try:
@@ -76,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"test accuracy: {accuracy:.4f} ({len(test)} images, flip TTA {'on' if cfg.tta_flip else 'off'}{crops})")
     if args.out:
         result.classifier.save(args.out)
+        written.add(args.out)
         print(f"checkpoint written to {args.out}")
     print(f"time: {sw.report()}, {result.stopwatch.report()}; peak RSS {peak_rss_mb():.0f} MiB")
 

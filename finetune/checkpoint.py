@@ -22,6 +22,7 @@ from torchvision.transforms import InterpolationMode
 from probe.backbone import BACKBONES, BirdNet, NetConfig, build_net
 from probe.preprocess import DataConfig
 from probe.data import LabelledImages, Source
+from probe.outputs import atomic_write
 from finetune.inference import Predictions, predict_logits
 
 FORMAT = "birds-lpft/2"
@@ -93,7 +94,10 @@ class Classifier(nn.Module):
         }
 
     def save(self, path: str | os.PathLike) -> None:
-        torch.save(self.checkpoint(), path)
+        """Write the checkpoint atomically (``probe.outputs.atomic_write``): an interrupted or failed save leaves
+        the file that was there before, and two saves racing to one path leave one of the two models whole."""
+        with atomic_write(path) as f:
+            torch.save(self.checkpoint(), f)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Classifier":

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from probe.backbone import get_spec
+from probe.backbone import BACKBONES, get_spec
 from probe.linear import ProbeFit
+from finetune.checkpoint import MAX_IMAGE_SIZE, MAX_MEMBERS, MAX_TTA_CROPS
+from probe.settings import ConfigError, check_choice, check_int, check_number, require
+
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,55 @@ class FinetuneConfig:
     extract_batch_size: int = 16
     seed: int = 0
 
+    def __post_init__(self):
+        check_choice("backbone", self.backbone, sorted(BACKBONES))
+        check_int("image_size", self.image_size, get_spec(self.backbone).min_image_size, MAX_IMAGE_SIZE)
+        if self.split is not None:  # its upper end (the block count) is checked when the network is built
+            check_int("split", self.split, 0)
+        self._check_training()
+        self._check_views()
+        require(isinstance(self.probe, ProbeFit), "probe", "must be a ProbeFit")
+        check_choice("precision", self.precision, PRECISIONS)
+        check_choice("train_precision", self.train_precision, PRECISIONS)
+        check_choice("cache_dtype", self.cache_dtype, ("float16", "bfloat16", "float32"))
+        check_int("extract_batch_size", self.extract_batch_size, 1)
+        check_int("seed", self.seed, 0, 2**32 - 1)  # numpy's generators take seeds below 2**32
+
+    def _check_training(self) -> None:
+        check_choice("pooling", self.pooling, ("avg", "gem"))
+        check_number("dropout", self.dropout, 0, 1, high_open=True)
+        check_int("epochs", self.epochs, 1)
+        check_int("batch_size", self.batch_size, 1)
+        check_number("lr_head", self.lr_head, 0, 10, low_open=True)
+        check_number("lr_tail", self.lr_tail, 0, 10, low_open=True)
+        check_number("weight_decay", self.weight_decay, 0, 10)
+        check_number("warmup_fraction", self.warmup_fraction, 0, 1, high_open=True)
+        check_number("label_smoothing", self.label_smoothing, 0, 1, high_open=True)
+        check_choice("mix", self.mix, ("none", "mixup", "cutmix"))
+        check_number("mix_alpha", self.mix_alpha, 0, 100, low_open=True)
+        check_number("ema_decay", self.ema_decay, 0, 1, high_open=True)
+        check_int("members", self.members, 1, MAX_MEMBERS)
+        check_number("val_fraction", self.val_fraction, 0, 1, high_open=True)
+        limit = self.limit_train_batches
+        if type(limit) is int:
+            check_int("limit_train_batches", limit, 1)
+        else:
+            check_number("limit_train_batches", limit, 0, 1, low_open=True)
+
+    def _check_views(self) -> None:
+        check_int("views", self.views, 0)
+        scale = self.crop_scale
+        require(isinstance(scale, tuple) and len(scale) == 2 and all(isinstance(v, (int, float)) for v in scale)
+                and 0 < scale[0] <= scale[1] <= 1, "crop_scale", f"must be (low, high) with 0 < low <= high <= 1; "
+                f"got {scale!r}")
+        check_number("jitter", self.jitter, 0, 1)
+        require(isinstance(self.tta_flip, bool), "tta_flip", f"must be True or False; got {self.tta_flip!r}")
+        crops = self.tta_crops
+        require(isinstance(crops, tuple) and len(crops) <= MAX_TTA_CROPS, "tta_crops",
+                f"must be a tuple of at most {MAX_TTA_CROPS} shares of the shorter side; got {crops!r}")
+        for crop in crops:
+            check_number("tta_crops", crop, 0, 1, low_open=True)
+
     @property
     def trunk_split(self) -> int:
         """The first trainable block: ``split``, else the backbone's own default."""
@@ -108,8 +161,11 @@ PRESETS: dict[str, FinetuneConfig] = {
 
 
 def preset(name: str, **overrides) -> FinetuneConfig:
-    """A named preset with some fields replaced."""
-    try:
-        return replace(PRESETS[name], **overrides)
-    except KeyError:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+    """A named preset with some fields replaced.
+
+    Raises:
+        ConfigError: an unknown preset, or a replaced field out of its range.
+    """
+    if name not in PRESETS:
+        raise ConfigError("preset", f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return replace(PRESETS[name], **overrides)

@@ -17,9 +17,7 @@ Prints per candidate the fold accuracies, mean +- standard error and seconds; wr
 from __future__ import annotations
 
 import argparse
-import ast
 import json
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -31,35 +29,24 @@ import torch
 from sklearn.model_selection import StratifiedKFold
 
 from probe.backbone import BirdNet, NetConfig, build_net
+from probe.cli import Written, check_output_file, fail, layout_inputs, run_interruptible
 from probe.preprocess import data_config, with_crop_fraction
 from probe.data import DataError, LabelledImages, load_split_dir
 from probe.features import autocast
 from probe.linear import fit_probe, init_head_from_probe
+from probe.outputs import write_text
+from probe.settings import ConfigError
 from probe.weights import WeightsError, pretrained_net
 from finetune.cache import CachedViews, augmented_activations, centre_activations
-from finetune.config import FinetuneConfig, preset
+from finetune.cli import candidate
+from finetune.config import FinetuneConfig
 from finetune.datamodule import pooled_from_trunk
 from finetune.train import process_state_kept, train_tail
 
 
 def parse_candidate(spec: str) -> tuple[str, FinetuneConfig]:
-    """'PRESET[:field=value,...]' -> (spec, config); values are Python literals (tuples too), else strings,
-    and must have the type of the field's default."""
-    name, _, rest = spec.partition(":")
-    base, overrides = preset(name), {}
-    for item in filter(None, re.split(r",(?=\s*\w+\s*=)", rest)):  # commas inside (0.2, 1.0) stay
-        key, sep, value = (part.strip() for part in item.partition("="))
-        if not sep or not hasattr(base, key):
-            raise ValueError(f"{spec!r}: {item!r} is not field=value with a FinetuneConfig field")
-        try:
-            overrides[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            overrides[key] = value
-        default = getattr(base, key)
-        if default is not None and not isinstance(overrides[key], type(default)) and \
-                not (isinstance(default, float) and type(overrides[key]) is int):
-            raise ValueError(f"{spec!r}: {key} must be a {type(default).__name__}, got {overrides[key]!r}")
-    return spec, replace(base, **overrides)
+    """'PRESET[:field=value,...]' -> (spec, config), every value checked (``finetune.cli.candidate``)."""
+    return spec, candidate(spec)
 
 
 def stratified_folds(labels: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -254,9 +241,12 @@ def markdown(rows: list[dict], k: int, seed: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(prog="python -m finetune.cv", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+PROG = "python -m finetune.cv"
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[tuple[str, FinetuneConfig]]]:
+    """The arguments and the parsed candidates, every one and the ``--out`` destination checked (exit 2)."""
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data_dir", type=Path, help="grader layout; only train/ is read")
     p.add_argument("--candidates", nargs="+", default=["v1", "full"], help="PRESET[:field=value,...] each")
     p.add_argument("--folds", type=int, default=5)
@@ -267,16 +257,37 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
     try:
         candidates = [parse_candidate(s) for s in args.candidates]
+    except ConfigError as err:
+        fail(PROG, f"--candidates: {err}")
+    if args.folds < 2:
+        fail(PROG, f"--folds must be at least 2, got {args.folds}")
+    if args.out is not None and args.out.suffix not in (".json", ".md"):
+        fail(PROG, f"--out {args.out}: the table is written as .json or .md; name the file so")
+    check_output_file(PROG, "--out", args.out, layout_inputs(args.data_dir))
+    return args, candidates
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args, candidates = parse_args(argv)
+    return run_interruptible(lambda written: run(args, candidates, written), PROG)
+
+
+def run(args: argparse.Namespace, candidates: list[tuple[str, FinetuneConfig]], written: Written) -> list[dict]:
+    try:
         images = load_split_dir(args.data_dir, "train")
+        if args.folds > np.bincount(images.labels).min():
+            fail(PROG, f"--folds {args.folds}: the smallest class has {np.bincount(images.labels).min()} images; "
+                       "use at most that many folds")
         folds = stratified_folds(images.labels, args.folds, args.seed)
         rows = cross_validate(images, candidates, folds, weights="none" if args.random_init else "required",
                               progress=args.progress)
-    except (DataError, WeightsError, ValueError) as err:
+    except (DataError, WeightsError) as err:
         sys.exit(f"error: {err}")
     print("\n" + "\n".join(format_row(r) for r in rows))
     if args.out:
         text = json.dumps(rows, indent=2) if args.out.suffix == ".json" else markdown(rows, args.folds, args.seed)
-        args.out.write_text(text)
+        write_text(args.out, text)
+        written.add(args.out)
     return rows
 
 

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
+from probe.cli import Written, check_output_file, fail, printable, run_interruptible
 from probe.data import DataError, list_image_files
+from probe.outputs import atomic_write
 from finetune.checkpoint import Classifier
 
 
@@ -56,9 +58,13 @@ def predict_files(model: Classifier, files: list[Path], k: int, progress: bool =
 
 
 def write_csv(path: Path, results: list[Prediction], k: int) -> None:
-    """One row per file: file, status, reason, then id, name and probability of each of the top k."""
+    """One row per file: file, status, reason, then id, name and probability of each of the top k.
+
+    Written atomically; a file name with bytes that are not UTF-8 is written as those very bytes
+    (``surrogateescape``), so each row still names its file exactly.
+    """
     header = ["file", "status", "reason"] + [f"{c}_{r}" for r in range(1, k + 1) for c in ("id", "species", "prob")]
-    with path.open("w", newline="", encoding="utf-8") as f:
+    with atomic_write(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         for r in results:
@@ -68,13 +74,23 @@ def write_csv(path: Path, results: list[Prediction], k: int) -> None:
 
 
 def format_line(r: Prediction) -> str:
+    name = printable(r.file)
     if r.error:
-        return f"{r.file}: unreadable ({r.error})"
-    return f"{r.file}: " + ", ".join(f"{name} {p:.3f}" for _, name, p in r.top)
+        return f"{name}: unreadable ({printable(r.error)})"
+    return f"{name}: " + ", ".join(f"{species} {p:.3f}" for _, species, p in r.top)
+
+
+PROG = "python -m finetune.predict"
 
 
 def main(argv: list[str] | None = None) -> list[Prediction]:
-    p = argparse.ArgumentParser(prog="python -m finetune.predict", description=__doc__,
+    args = parse_args(argv)
+    return run_interruptible(lambda written: run(args, written), PROG)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The arguments, ``--top-k`` and the ``--csv`` destination checked (exit 2) before any image is read."""
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", type=Path, help="a checkpoint (birds_model.pt)")
     p.add_argument("inputs", type=Path, nargs="+", help="image files and/or folders of images")
@@ -83,7 +99,12 @@ def main(argv: list[str] | None = None) -> list[Prediction]:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.top_k < 1:
-        p.error("--top-k must be at least 1")
+        fail(PROG, f"--top-k must be at least 1, got {args.top_k}")
+    check_output_file(PROG, "--csv", args.csv, [args.model, *args.inputs])
+    return args
+
+
+def run(args: argparse.Namespace, written: Written) -> list[Prediction]:
     try:
         model, files = Classifier.load(args.model), expand(args.inputs)
     except (ValueError, DataError) as err:
@@ -94,6 +115,7 @@ def main(argv: list[str] | None = None) -> list[Prediction]:
         print(format_line(r))
     if args.csv:
         write_csv(args.csv, results, min(args.top_k, model.net_cfg.num_classes))
+        written.add(args.csv)
     return results
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
+import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -64,15 +66,19 @@ class FinetuneResult:
 @contextmanager
 def process_state_kept():
     """Undo what training changes process-wide: the random generators, torch's deterministic mode, its
-    thread count and cuDNN flags (Lightning's launchers set them), and the environment variables Lightning
-    sets (``seed_everything``'s PL_GLOBAL_SEED and PL_SEED_WORKERS, the DDP launcher's)."""
+    thread count and cuDNN flags (Lightning's launchers set them), the environment variables Lightning
+    sets (``seed_everything``'s PL_GLOBAL_SEED and PL_SEED_WORKERS, the DDP launcher's), and the SIGINT
+    handler (Lightning ignores Ctrl-C once it has seen one)."""
     rng = random.getstate(), np.random.get_state(), torch.get_rng_state()
     deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     threads, cudnn = torch.get_num_threads(), (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
     environ = dict(os.environ)
+    sigint = signal.getsignal(signal.SIGINT)
     try:
         yield
     finally:
+        if sigint is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, sigint)
         random.setstate(rng[0])
         np.random.set_state(rng[1])
         torch.set_rng_state(rng[2])
@@ -147,7 +153,14 @@ def fit_module(module: LPFTModule, trainer: L.Trainer, verbose: bool = False, **
     start = time.perf_counter()
     module.train()  # Lightning >= 2.2 keeps the mode it is given; ours pins BatchNorm and enables dropout
     with quiet_lightning(verbose):
-        trainer.fit(module, **fit_kwargs)
+        try:
+            trainer.fit(module, **fit_kwargs)
+        except SystemExit:
+            if trainer.interrupted:  # Lightning >= 2.2 turns Ctrl-C into sys.exit(1): it would quit a notebook
+                raise KeyboardInterrupt from None
+            raise
+    if trainer.interrupted:  # older Lightning returns from fit() after Ctrl-C as if it had finished
+        raise KeyboardInterrupt
     if module.best_state is not None:
         module.net.load_state_dict(module.best_state)
     module.net.eval()

@@ -26,6 +26,8 @@ class BackboneSpec:
         blocks: picks the sequence of feature blocks out of the model (split into trunk and tail).
         width: reads the pooled feature width from the model (never hard-coded).
         default_split: index of the first trainable block when fine-tuning.
+        min_image_size: the smallest input side the network takes: its total stride, so the last block
+            still sees one pixel.
     """
 
     build: Callable[[], nn.Module]
@@ -34,6 +36,7 @@ class BackboneSpec:
     blocks: Callable[[nn.Module], nn.Sequential]
     width: Callable[[nn.Module], int]
     default_split: int
+    min_image_size: int = 32
 
 
 BACKBONES: dict[str, BackboneSpec] = {

@@ -16,6 +16,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from probe.data import stratified_split
+from probe.settings import check_number, require
 
 
 class LinearProbe:
@@ -93,6 +94,12 @@ class ProbeFit:
 
     val_fraction: float = 0.2
     Cs: tuple[float, ...] = (0.002, 0.005, 0.01, 0.02, 0.05)
+
+    def __post_init__(self):
+        check_number("probe.val_fraction", self.val_fraction, 0, 1, low_open=True, high_open=True)
+        require(isinstance(self.Cs, tuple) and len(self.Cs) >= 1, "probe.Cs", f"must be a non-empty tuple; got {self.Cs!r}")
+        for C in self.Cs:
+            check_number("probe.Cs", C, 0, 1e6, low_open=True)
 
 
 @dataclass

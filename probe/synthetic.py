@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from probe.data import LabelledImages
+from probe.outputs import write_bytes, write_text
 
 _SHAPES = ("ellipse", "rectangle", "triangle", "cross")
 
@@ -57,7 +58,7 @@ def write_grader_layout(root: Path, split: str, images: LabelledImages) -> Path:
     image_dir = root / split / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
     for name, source in zip(images.names, images.sources):
-        (image_dir / name).write_bytes(source if isinstance(source, bytes) else Path(source).read_bytes())
+        write_bytes(image_dir / name, source if isinstance(source, bytes) else Path(source).read_bytes())
     rows = "".join(f"{n},{int(y)}\n" for n, y in zip(images.names, images.labels))
-    (root / split / "gt.csv").write_text("filename,class_id\n" + rows)
+    write_text(root / split / "gt.csv", "filename,class_id\n" + rows)
     return root / split

@@ -35,19 +35,23 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
 from probe.backbone import NetConfig
+from probe.cli import Written, check_output_dir, fail, run_interruptible
 from probe.data import DataError, read_class_names
 from probe.datasets import load_data
 from probe.features import bf16_supported, extract, make_loader, resolve_precision
 from probe.pipeline import ProbeConfig
+from probe.outputs import write_text
+from probe.settings import ConfigError, overridden, split_overrides
 from probe.timing import peak_rss_mb, proc_status_mb
 from probe.weights import WeightsError, pretrained_net
+from finetune.cli import add_settings, alias_changes
 from finetune.config import PRESETS, FinetuneConfig, preset
 from tools.baseline import BaselineConfig
 from tools.bench_plots import write_plots
@@ -55,7 +59,6 @@ from tools.bench_report import class_breakdown, most_confused, report_markdown, 
 
 CHECKPOINT = "birds_model.pt"
 COMPUTE_BATCH = 16  # probe.features.extract's batch size: small batches are fastest on a CPU
-OVERRIDES = ("image_size", "epochs", "views")
 STEPS = "tools.bench_steps"
 
 
@@ -67,7 +70,7 @@ class BenchOptions:
         data_dir: grader layout: ``train/``, optionally ``test/`` and ``classes.txt``.
         out: the report folder, the only place anything is written.
         preset: ``finetune.config`` preset of the pipeline step (run with ``val_fraction=0.2``).
-        overrides: ``(field, value)`` pairs replacing preset fields (image_size, epochs, views).
+        overrides: ``(field, value)`` pairs replacing preset fields (``field=value`` on the command line).
         compare: more presets run as pipeline steps beside it (same split, same overrides).
         baseline: run step 3, the slow online fine-tune.
         baseline_epochs: its fixed number of epochs.
@@ -80,7 +83,7 @@ class BenchOptions:
     data_dir: Path
     out: Path
     preset: str = "full"
-    overrides: tuple[tuple[str, int], ...] = ()
+    overrides: tuple[tuple[str, object], ...] = ()
     compare: tuple[str, ...] = ("v1",)
     baseline: bool = False
     baseline_epochs: int = 6
@@ -94,7 +97,7 @@ class BenchOptions:
         return "none" if self.random_init else "required"
 
     def pipeline_config(self, name: str | None = None) -> FinetuneConfig:
-        return preset(name or self.preset, val_fraction=0.2, **dict(self.overrides))
+        return overridden(preset(name or self.preset), {"val_fraction": 0.2, **dict(self.overrides)})
 
     def baseline_config(self) -> BaselineConfig:
         return BaselineConfig(epochs=self.baseline_epochs, image_size=self.baseline_image_size)
@@ -264,38 +267,51 @@ def scratch_in(folder: Path) -> Iterator[Path]:
 def write_report(opts: BenchOptions, results: dict) -> None:
     """Print the table and write results.json, the plots and report.md into ``opts.out``."""
     print("\n" + text_table(table_rows(results)))
-    (opts.out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    write_text(opts.out / "results.json", json.dumps(results, indent=2) + "\n")
     plots = write_plots(results, opts.out, opts.data_dir / "test" / "images")
-    (opts.out / "report.md").write_text(report_markdown(str(opts.data_dir), results, plots), encoding="utf-8")
+    write_text(opts.out / "report.md", report_markdown(str(opts.data_dir), results, plots))
     print(f"report written to {opts.out / 'report.md'}")
 
 
 # --------------------------------------------------------------------------- command line
 
 
+PROG = "python -m tools.bench"
+
+
 def parse_args(argv: list[str] | None) -> BenchOptions:
-    """Command-line arguments -> :class:`BenchOptions`."""
-    p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Command-line arguments -> :class:`BenchOptions`, every setting and the report folder checked (exit 2)."""
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data_dir", type=Path, help="grader-layout folder (train/, optionally test/ and classes.txt)")
+    p.add_argument("overrides", nargs="*", metavar="field=value", help="FinetuneConfig overrides of every pipeline")
     p.add_argument("--out", type=Path, required=True, help="report folder: the only place anything is written")
     p.add_argument("--baseline", action="store_true", help="also run the slow online fine-tune baseline")
     p.add_argument("--baseline-epochs", type=int, default=BenchOptions.baseline_epochs)
     p.add_argument("--baseline-image-size", type=int, default=BenchOptions.baseline_image_size)
     p.add_argument("--random-init", action="store_true", help="no pretrained weights (a smoke run)")
-    p.add_argument("--preset", default=BenchOptions.preset, choices=sorted(PRESETS))
+    add_settings(p)
     p.add_argument("--compare", nargs="*", default=list(BenchOptions.compare), choices=sorted(PRESETS),
                    help="presets measured beside --preset (default: v1); give none to skip")
-    for name in OVERRIDES:
-        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help="override the presets' value")
     p.add_argument("--compute-batches", type=int, default=BenchOptions.compute_batches,
                    help="timed batches of 16 per compute-limit measurement")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    overrides = tuple((k, getattr(a, k)) for k in OVERRIDES if getattr(a, k) is not None)
     compare = tuple(c for c in a.compare if c != a.preset)
-    return BenchOptions(a.data_dir, a.out, a.preset, overrides, compare, a.baseline, a.baseline_epochs,
+    opts = BenchOptions(a.data_dir, a.out, a.preset, (), compare, a.baseline, a.baseline_epochs,
                         a.baseline_image_size, a.random_init, a.compute_batches, not a.no_progress)
+    try:
+        changes = {**split_overrides(a.overrides), **alias_changes(a)}
+        opts = replace(opts, overrides=tuple(changes.items()))
+        for name in (a.preset, *compare):
+            opts.pipeline_config(name)  # raises on a bad override, before any work
+        opts.baseline_config()
+    except ConfigError as err:
+        fail(PROG, str(err))
+    for flag, value in (("--baseline-epochs", a.baseline_epochs), ("--compute-batches", a.compute_batches)):
+        if value < 1:
+            fail(PROG, f"{flag} must be at least 1, got {value}")
+    check_output_dir(PROG, "--out", a.out)
+    return opts
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -305,12 +321,17 @@ def main(argv: list[str] | None = None) -> dict:
         the results written to ``results.json``.
     """
     opts = parse_args(argv)
+    return run_interruptible(lambda written: run(opts, written), PROG)
+
+
+def run(opts: BenchOptions, written: Written) -> dict:
     opts.out.mkdir(parents=True, exist_ok=True)
     with scratch_in(opts.out):
         try:
             results = run_bench(opts)
         except (DataError, WeightsError) as err:
             sys.exit(f"error: {err}")
+        written.add(opts.out / CHECKPOINT)
         write_report(opts, results)
     return results
 

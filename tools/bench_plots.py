@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from probe.images import open_rgb
+from probe.outputs import atomic_write
 
 THUMB = 160  # contact-sheet thumbnail side, pixels
 
@@ -23,6 +24,12 @@ def agg_figure() -> type:
     from matplotlib.figure import Figure
 
     return Figure
+
+
+def save_figure(fig, path: Path, dpi: int) -> None:
+    """``fig.savefig`` as a PNG, atomically (``probe.outputs``)."""
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=dpi)
 
 
 def plot_learning_curves(Figure, results: dict, path: Path) -> None:
@@ -43,7 +50,7 @@ def plot_learning_curves(Figure, results: dict, path: Path) -> None:
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
 
 
 def plot_per_class(Figure, per_class: list[float | None], names: list[str], path: Path) -> None:
@@ -56,7 +63,7 @@ def plot_per_class(Figure, per_class: list[float | None], names: list[str], path
     mean = float(np.mean([a for a, _ in scored])) if scored else float("nan")
     ax.set(xlim=(0, 1), xlabel="test accuracy", title=f"LP-FT test accuracy per class (mean {mean:.3f})")
     ax.grid(axis="x", alpha=0.3)
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
 
 
 def plot_confusion(Figure, matrix: list[list[int]], names: list[str], path: Path) -> None:
@@ -76,7 +83,7 @@ def plot_confusion(Figure, matrix: list[list[int]], names: list[str], path: Path
                 ax.text(j, i, int(count), ha="center", va="center", fontsize=8,
                         color="white" if rates[i, j] > 0.5 else "black")
     fig.colorbar(image, ax=ax, shrink=0.6, label="share of the true class")
-    fig.savefig(path, dpi=120)  # 1680 x 1440 px: 50 names in 6 pt stay legible
+    save_figure(fig, path, dpi=120)  # 1680 x 1440 px: 50 names in 6 pt stay legible
 
 
 def plot_top_losses(Figure, losses: list[dict], image_dir: Path, path: Path, columns: int = 4) -> None:
@@ -96,7 +103,7 @@ def plot_top_losses(Figure, losses: list[dict], image_dir: Path, path: Path, col
     if not losses:
         axes[0].text(0.5, 0.5, "no test mistakes", ha="center", va="center")
     fig.suptitle("Most confidently wrong test images", fontsize=11)
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
 
 
 def write_plots(results: dict, out: Path, test_image_dir: Path | None) -> list[str]:

