@@ -152,6 +152,25 @@ def test_ctrl_c_during_training_exits_130_and_keeps_the_old_model(saved, tmp_pat
     assert path.read_bytes() == before and _leftovers(path.parent) == []
 
 
+def test_ctrl_c_inside_the_api_propagates_as_keyboard_interrupt_with_state_restored():
+    import lightning as L
+
+    from finetune.config import preset
+    from finetune.train import fine_tune
+
+    class CtrlC(L.Callback):
+        def on_train_batch_start(self, *args):
+            raise KeyboardInterrupt
+
+    handler, rng = signal.getsignal(signal.SIGINT), torch.get_rng_state()
+    images = make_synthetic(num_classes=3, per_class=4, size=48, seed=0)
+    with pytest.raises(KeyboardInterrupt):  # not Lightning's SystemExit(1), which would quit a notebook
+        fine_tune(images, preset("fast", image_size=SIZE), "none", progress=False, accelerator="cpu", devices=1,
+                  callbacks=[CtrlC()])
+    assert signal.getsignal(signal.SIGINT) is handler  # Lightning ignores SIGINT after one; ours is back
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
 # --------------------------------------------------------------------------- checked before any work
 
 
