@@ -1,12 +1,11 @@
 """Data layer: the grader's layout (``gt.csv`` + an image folder) read into a checked, sorted labelled set.
 
 Every bad input raises :class:`DataError` naming the file and the fix, so nothing is silently dropped.
-Decoding the images themselves is :mod:`probe.images`.
+Parsing the untrusted labels is :mod:`probe.labels`; decoding the images themselves is :mod:`probe.images`.
 """
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -15,55 +14,11 @@ from typing import Union
 
 import numpy as np
 
+# GT_HEADER, DataError, check_labels and read_gt are re-exported: callers import the data layer from here.
+from probe.labels import GT_HEADER, DataError, check_labels, parse_label, read_gt
+
 # An image source is a file on disk or encoded bytes held in RAM (the generated demo set).
 Source = Union[Path, bytes]
-GT_HEADER = ("filename", "class_id")
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file and says how to fix it."""
-
-
-def read_gt(csv_path: str | os.PathLike) -> dict[str, int]:
-    """Read a grader ``gt.csv`` (header ``filename,class_id``) into ``{filename: int}``.
-
-    Raises:
-        DataError: missing file, wrong header, a short row, a duplicate or a non-integer label.
-    """
-    path = Path(csv_path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file; pass the gt.csv of the grader layout (filename,class_id).")
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.reader(f))
-    if not rows or tuple(c.strip() for c in rows[0]) != GT_HEADER:
-        raise DataError(f"{path}: the first line must be the header 'filename,class_id'; add it.")
-    gt: dict[str, int] = {}
-    for line_no, row in enumerate(rows[1:], start=2):
-        if not row or not "".join(row).strip():
-            continue
-        if len(row) != 2:
-            raise DataError(f"{path}:{line_no}: expected 'filename,class_id', got {row!r}; fix that row.")
-        name, label = row[0].strip(), row[1].strip()
-        if name in gt:
-            raise DataError(f"{path}:{line_no}: {name!r} is listed twice; keep one row per image.")
-        gt[name] = _parse_label(label, f"{path}:{line_no}")
-    return gt
-
-
-def _parse_label(value: object, where: str) -> int:
-    """An integer class id from an int or an integer-looking string, else a DataError naming ``where``."""
-    if isinstance(value, (bool, np.bool_)):
-        raise DataError(f"{where}: label {value!r} is a boolean; labels must be integers 0..K-1.")
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            pass
-    raise DataError(f"{where}: label {value!r} is not an integer; labels must be integers 0..K-1.")
-
-
 @dataclass(frozen=True)
 class LabelledImages:
     """A labelled image set in a fixed, sorted order.
@@ -133,25 +88,9 @@ def labelled_from_gt(gt: Mapping[str, object], img_dir: str | os.PathLike, where
             f"{where}: {len(missing)} listed image(s) missing from {img_dir}: {shown}; "
             "add the files or remove their rows from gt.csv."
         )
-    labels = np.array([_parse_label(gt[n], f"{where}: {n}") for n in names], dtype=np.int64)
+    labels = np.array([parse_label(gt[n], f"{where}: {n}") for n in names], dtype=np.int64)
     num_classes = check_labels(labels, where)
     return LabelledImages(tuple(names), tuple(img_dir / n for n in names), labels, num_classes)
-
-
-def check_labels(labels: np.ndarray, where: str) -> int:
-    """Return K when ``labels`` are exactly the integers 0..K-1 (each present), else raise DataError."""
-    present = np.unique(labels)
-    if len(present) < 2:
-        raise DataError(f"{where}: only class {present.tolist()} has images; a classifier needs two or more classes.")
-    k = int(present.max()) + 1
-    if present.min() < 0 or len(present) != k:
-        absent = sorted(set(range(max(k, 0))) - set(present.tolist()))
-        raise DataError(
-            f"{where}: labels must be 0..K-1 with every class present; found {present.min()}..{present.max()}"
-            f"{', negative ids' if present.min() < 0 else ''}"
-            f"{f', classes without images: {absent[:10]}' if absent else ''}; renumber them 0..K-1."
-        )
-    return k
 
 
 def load_split_dir(root: str | os.PathLike, split: str) -> LabelledImages:
