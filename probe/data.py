@@ -1,7 +1,8 @@
 """Data layer: the grader's layout (``gt.csv`` + an image folder) read into a checked, sorted labelled set.
 
 Every bad input raises :class:`DataError` naming the file and the fix, so nothing is silently dropped.
-Parsing the untrusted labels is :mod:`probe.labels`; decoding the images themselves is :mod:`probe.images`.
+Parsing the untrusted labels (``gt.csv``, file names, class ids) is :mod:`probe.labels`; decoding the
+images themselves is :mod:`probe.images`.
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ from typing import Union
 
 import numpy as np
 
-# GT_HEADER, DataError, check_labels and read_gt are re-exported: callers import the data layer from here.
-from probe.labels import GT_HEADER, DataError, check_labels, parse_label, read_gt
+# GT_HEADER, MAX_CLASS_ID, DataError, check_labels and read_gt are re-exported: callers import the data layer
+# from here.
+from probe.labels import GT_HEADER, MAX_CLASS_ID, DataError, check_labels, check_name, parse_label, read_gt
 
 # An image source is a file on disk or encoded bytes held in RAM (the generated demo set).
 Source = Union[Path, bytes]
+
+
 @dataclass(frozen=True)
 class LabelledImages:
     """A labelled image set in a fixed, sorted order.
@@ -62,25 +66,32 @@ def read_class_names(path: str | os.PathLike, num_classes: int) -> tuple[str, ..
     names = [str(k) for k in range(num_classes)]
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         parts = line.split(maxsplit=1)
-        if len(parts) == 2 and parts[0].isdigit() and int(parts[0]) < num_classes:
-            names[int(parts[0])] = parts[1].strip().replace("_", " ")
+        key = parts[0] if len(parts) == 2 else ""
+        # ASCII digits only, and short: "²".isdigit() is True but int("²") raises, as does a 5000-digit id.
+        if key.isascii() and key.isdigit() and len(key) <= len(str(MAX_CLASS_ID)) and int(key) < num_classes:
+            names[int(key)] = parts[1].strip().replace("_", " ")
     return tuple(names)
 
 
 def labelled_from_gt(gt: Mapping[str, object], img_dir: str | os.PathLike, where: str = "gt") -> LabelledImages:
     """Check a ``{filename: label}`` mapping against an image folder and build a :class:`LabelledImages`.
 
+    Args:
+        gt: plain file name inside ``img_dir`` -> class id (an int or an integer-looking str).
+        where: the file or argument ``gt`` came from, named in every message.
+
     Raises:
-        DataError: empty folder or mapping, a listed image that is missing, bad labels.
+        DataError: empty folder or mapping, a bad key, a bad label, a listed image that is missing.
     """
     img_dir = Path(img_dir)
     if not img_dir.is_dir():
         raise DataError(f"{img_dir}: no such folder; pass the folder that holds the training images.")
     if not any(p.is_file() for p in img_dir.iterdir()):
         raise DataError(f"{img_dir}: the image folder is empty; put the training images there.")
-    if not gt:
-        raise DataError(f"{where}: no labelled images; gt.csv needs one 'filename,class_id' row per image.")
-    names = sorted(gt)
+    names = _checked_names(gt, where)
+    # Keys and labels first: they cost no file system calls, so a bad row fails at once on any set size.
+    labels = np.array([parse_label(gt[n], f"{where}: {n}") for n in names], dtype=np.int64)
+    k = check_labels(labels, where)
     missing = [n for n in names if not (img_dir / n).is_file()]
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
@@ -88,9 +99,18 @@ def labelled_from_gt(gt: Mapping[str, object], img_dir: str | os.PathLike, where
             f"{where}: {len(missing)} listed image(s) missing from {img_dir}: {shown}; "
             "add the files or remove their rows from gt.csv."
         )
-    labels = np.array([parse_label(gt[n], f"{where}: {n}") for n in names], dtype=np.int64)
-    num_classes = check_labels(labels, where)
-    return LabelledImages(tuple(names), tuple(img_dir / n for n in names), labels, num_classes)
+    return LabelledImages(tuple(names), tuple(img_dir / n for n in names), labels, k)
+
+
+def _checked_names(gt: object, where: str) -> list[str]:
+    """The sorted keys of ``gt`` once each is a plain file name; DataError naming the first that is not."""
+    if not isinstance(gt, Mapping):
+        raise DataError(f"{where}: a {type(gt).__name__}, not a mapping {{filename: class_id}}.")
+    if not gt:
+        raise DataError(f"{where}: no labelled images; gt.csv needs one 'filename,class_id' row per image.")
+    for key in gt:
+        check_name(key, where)
+    return sorted(gt)
 
 
 def load_split_dir(root: str | os.PathLike, split: str) -> LabelledImages:

@@ -1,4 +1,5 @@
-"""Untrusted label input: the grader's ``gt.csv`` and a labelled set's class ids.
+"""Untrusted label input, checked at a cost bounded whatever it holds: the grader's ``gt.csv``, the file
+names and class ids of a ``{filename: class id}`` mapping, and a labelled set's class ids.
 
 :class:`DataError` is defined here, the bottom of the data layer; callers import it from :mod:`probe.data`.
 """
@@ -12,17 +13,32 @@ from pathlib import Path
 import numpy as np
 
 GT_HEADER = ("filename", "class_id")
+# Class ids are 0..MAX_CLASS_ID-1. An id sizes things (K = max + 1 head rows, the list of absent ids), so one
+# bad row must not decide an allocation; world bird lists name ~11,000 species, a tenth of the bound.
+MAX_CLASS_ID = 100_000
+# Longer label strings are refused before int() sees them: no cost, and no 4300-digit ValueError.
+_MAX_LABEL_CHARS = 32
+# Characters that would make ``img_dir / name`` leave the folder, or fail (NUL), instead of naming a file in it.
+_NOT_IN_NAMES = ("/", "\\", "\x00")
 
 
 class DataError(ValueError):
     """Bad input data; the message names the file and says how to fix it."""
 
 
+def _shown(value: object) -> str:
+    """A short repr for messages: a hostile row or key may be megabytes long, or an int too long to print."""
+    if isinstance(value, int) and value.bit_length() > 1000:
+        return f"<an integer of {value.bit_length()} bits>"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def read_gt(csv_path: str | os.PathLike) -> dict[str, int]:
-    """Read a grader ``gt.csv`` (header ``filename,class_id``) into ``{filename: int}``.
+    """Read a grader ``gt.csv`` (header ``filename,class_id``) into ``{filename: class id}``.
 
     Raises:
-        DataError: missing file, wrong header, a short row, a duplicate or a non-integer label.
+        DataError: missing file, wrong header, a short row, a duplicate, a bad file name or class id.
     """
     path = Path(csv_path)
     if not path.is_file():
@@ -35,40 +51,71 @@ def read_gt(csv_path: str | os.PathLike) -> dict[str, int]:
     for line_no, row in enumerate(rows[1:], start=2):
         if not row or not "".join(row).strip():
             continue
+        where = f"{path}:{line_no}"
         if len(row) != 2:
-            raise DataError(f"{path}:{line_no}: expected 'filename,class_id', got {row!r}; fix that row.")
-        name, label = row[0].strip(), row[1].strip()
+            raise DataError(f"{where}: expected 'filename,class_id', got {_shown(row)}; fix that row.")
+        name = check_name(row[0].strip(), where)
         if name in gt:
-            raise DataError(f"{path}:{line_no}: {name!r} is listed twice; keep one row per image.")
-        gt[name] = parse_label(label, f"{path}:{line_no}")
+            raise DataError(f"{where}: {_shown(name)} is listed twice; keep one row per image.")
+        gt[name] = parse_label(row[1], where)
     return gt
 
 
+def check_name(name: object, where: str) -> str:
+    """``name`` when it is a plain file name (a str naming an entry of the image folder itself), else DataError."""
+    if not isinstance(name, str):
+        raise DataError(f"{where}: key {_shown(name)} ({type(name).__name__}) is not a file name; keys must be str.")
+    if name in ("", ".", "..") or any(c in name for c in _NOT_IN_NAMES):
+        raise DataError(f"{where}: {_shown(name)} is not a plain file name; name a file inside the image folder "
+                        "(no '/', '\\', '..' or NUL).")
+    return name
+
+
 def parse_label(value: object, where: str) -> int:
-    """An integer class id from an int or an integer-looking string, else a DataError naming ``where``."""
+    """A class id 0..MAX_CLASS_ID-1 from an int or an integer-looking string (not a bool), else DataError."""
     if isinstance(value, (bool, np.bool_)):
         raise DataError(f"{where}: label {value!r} is a boolean; labels must be integers 0..K-1.")
+    label = None
     if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, str):
+        label = int(value)
+    elif isinstance(value, str) and len(value.strip()) <= _MAX_LABEL_CHARS:
         try:
-            return int(value.strip())
+            label = int(value.strip())
         except ValueError:
             pass
-    raise DataError(f"{where}: label {value!r} is not an integer; labels must be integers 0..K-1.")
+    if label is None:
+        raise DataError(f"{where}: label {_shown(value)} is not an integer; labels must be integers 0..K-1.")
+    if not 0 <= label < MAX_CLASS_ID:
+        raise _range_error(label, where)
+    return label
+
+
+def _range_error(label: int, where: str) -> DataError:
+    """The error for a class id outside 0..MAX_CLASS_ID-1."""
+    problem = "is negative" if label < 0 else f"is too large (at most {MAX_CLASS_ID} species are supported)"
+    return DataError(
+        f"{where}: class id {_shown(label)} {problem}; labels must be integers 0..K-1 for K species; "
+        "renumber them 0..K-1."
+    )
 
 
 def check_labels(labels: np.ndarray, where: str) -> int:
     """Return K when ``labels`` are exactly the integers 0..K-1 (each present), else raise DataError."""
+    labels = np.asarray(labels)
+    if labels.size and not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{where}: labels of type {labels.dtype}; labels must be integers 0..K-1.")
+    outside = labels[(labels < 0) | (labels >= MAX_CLASS_ID)]
+    if outside.size:
+        raise _range_error(int(outside[0]), where)
     present = np.unique(labels)
     if len(present) < 2:
         raise DataError(f"{where}: only class {present.tolist()} has images; a classifier needs two or more classes.")
-    k = int(present.max()) + 1
-    if present.min() < 0 or len(present) != k:
-        absent = sorted(set(range(max(k, 0))) - set(present.tolist()))
+    k = int(present[-1]) + 1
+    if len(present) != k:
+        absent = np.setdiff1d(np.arange(k), present)  # k <= MAX_CLASS_ID: bounded however bad the file
+        more = f" ({len(absent)} in all)" if len(absent) > 10 else ""
         raise DataError(
-            f"{where}: labels must be 0..K-1 with every class present; found {present.min()}..{present.max()}"
-            f"{', negative ids' if present.min() < 0 else ''}"
-            f"{f', classes without images: {absent[:10]}' if absent else ''}; renumber them 0..K-1."
+            f"{where}: labels must be 0..K-1 with every class present; found {present[0]}..{present[-1]}, "
+            f"classes without images: {absent[:10].tolist()}{more}; renumber them 0..K-1."
         )
     return k

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,10 @@ import pytest
 from PIL import Image
 
 from probe.data import (
+    MAX_CLASS_ID,
     DataError,
     LabelledImages,
+    check_labels,
     labelled_from_gt,
     list_image_files,
     load_split_dir,
@@ -206,6 +209,95 @@ def test_gt_tolerates_bom_spaces_blank_lines_and_crlf(tmp_path):
     gt = tmp_path / "gt.csv"
     gt.write_bytes("\ufefffilename , class_id\r\n b.png , 1\r\n\r\na.png,0\r\n,\r\n".encode("utf-8"))
     assert read_gt(gt) == {"b.png": 1, "a.png": 0}
+
+
+# --------------------------------------------------------------------------- hostile labels: bounded checks
+
+
+def _img_dir(root: Path, names) -> Path:
+    """``root/images`` holding a tiny PNG per name."""
+    img_dir = root / "images"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (img_dir / name).write_bytes(_png_bytes())
+    return img_dir
+
+
+def test_huge_class_id_fails_fast_naming_the_line(tmp_path):
+    gt = _layout(tmp_path, "filename,class_id\na.png,0\nb.png,1\nc.png,4815162342\n",
+                 {n: _png_bytes() for n in ("a.png", "b.png", "c.png")})
+    start = time.perf_counter()
+    with pytest.raises(DataError) as exc:
+        load_split_dir(tmp_path, "train")
+    assert time.perf_counter() - start < 0.5  # no range over the id: 4.8e9 set entries took minutes, then MemoryError
+    msg = str(exc.value)
+    assert f"{gt}:4" in msg and "4815162342" in msg and "too large" in msg
+
+
+@pytest.mark.parametrize("huge", [4815162342, 2**70, np.uint64(2**63), "1180591620717411303424", 10**5000],
+                         ids=["4815162342", "2**70", "uint64", "str", "10**5000"])
+def test_huge_class_id_in_mapping_names_the_entry(tmp_path, huge):
+    img_dir = _img_dir(tmp_path, ("a.png", "b.png", "c.png"))
+    start = time.perf_counter()
+    with pytest.raises(DataError) as exc:  # 2**70 used to be a raw OverflowError from np.array(..., int64)
+        labelled_from_gt({"a.png": 0, "b.png": 1, "c.png": huge}, img_dir, where="train_gt")
+    assert time.perf_counter() - start < 0.5
+    msg = str(exc.value)
+    assert "train_gt: c.png" in msg and "too large" in msg and len(msg) < 400
+
+
+def test_class_id_bound_is_exclusive(tmp_path):
+    img_dir = _img_dir(tmp_path, ("a.png", "b.png"))
+    with pytest.raises(DataError, match="too large"):
+        labelled_from_gt({"a.png": 0, "b.png": MAX_CLASS_ID}, img_dir)
+    with pytest.raises(DataError, match=r"classes without images: \[1, 2, .*\] \(99998 in all\)"):
+        labelled_from_gt({"a.png": 0, "b.png": MAX_CLASS_ID - 1}, img_dir)  # a full-size absent list is cheap
+
+
+def test_negative_class_id_is_refused_at_its_line(tmp_path):
+    gt = _layout(tmp_path, "filename,class_id\na.png,1\nb.png,-1\n", {})
+    with pytest.raises(DataError) as exc:
+        read_gt(gt)  # read_gt used to return {'a.png': 1, 'b.png': -1}
+    msg = str(exc.value)
+    assert f"{gt}:3" in msg and "-1 is negative" in msg
+
+
+@pytest.mark.parametrize("labels", [np.array([True, False, True]), np.array([0.0, 1.0]), np.array([0, 1, 10**12])])
+def test_check_labels_refuses_bools_floats_and_huge_ids(labels):
+    with pytest.raises(DataError, match="my.csv: .*integers 0..K-1"):
+        check_labels(labels, "my.csv")  # a bool array used to count as K = 2
+
+
+@pytest.mark.parametrize("key", [3, None, 2.5, ("a.png",), b"b.png"])
+def test_non_str_key_is_named(tmp_path, key):
+    img_dir = _img_dir(tmp_path, ("a.png", "b.png"))
+    with pytest.raises(DataError) as exc:  # used to be a raw TypeError from sorted() or img_dir / key
+        labelled_from_gt({"a.png": 0, key: 1}, img_dir, where="train_gt")
+    msg = str(exc.value)
+    assert "train_gt" in msg and repr(key) in msg and type(key).__name__ in msg
+
+
+@pytest.mark.parametrize("key", ["../outside.png", "sub/inner.png", "..", ".", "", "a\\b.png", "a\x00.png",
+                                 str(Path("/tmp/abs.png"))])
+def test_key_that_is_not_a_plain_file_name_is_refused(tmp_path, key):
+    img_dir = _img_dir(tmp_path, ("a.png", "b.png"))
+    (tmp_path / "outside.png").write_bytes(_png_bytes())  # there: the old code accepted it from outside the folder
+    _img_dir(img_dir / "sub", ("inner.png",))
+    with pytest.raises(DataError) as exc:
+        labelled_from_gt({"a.png": 0, "b.png": 1, key: 1}, img_dir, where="train_gt")
+    msg = str(exc.value)
+    assert "train_gt" in msg and "not a plain file name" in msg
+
+
+def test_path_like_name_in_gt_csv_names_the_line(tmp_path):
+    gt = _layout(tmp_path, "filename,class_id\na.png,0\n../a.png,1\n", {"a.png": _png_bytes()})
+    with pytest.raises(DataError, match=f"^{gt}:3: '../a.png' is not a plain file name"):
+        read_gt(gt)
+
+
+def test_hostile_classes_txt_lines_are_ignored(tmp_path):
+    (tmp_path / "classes.txt").write_text("0 Raven\n\u00b2 Superscript_Two\n" + "1" * 5000 + " Huge\n1 Jay\n")
+    assert read_class_names(tmp_path / "classes.txt", 3) == ("Raven", "Jay", "2")  # int('²') used to raise
 
 
 # --------------------------------------------------------------------------- open_rgb: every mode -> RGB
