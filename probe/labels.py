@@ -7,6 +7,7 @@ names and class ids of a ``{filename: class id}`` mapping, and a labelled set's 
 from __future__ import annotations
 
 import csv
+import io
 import os
 from pathlib import Path
 
@@ -35,18 +36,16 @@ def _shown(value: object) -> str:
 
 
 def read_gt(csv_path: str | os.PathLike) -> dict[str, int]:
-    """Read a grader ``gt.csv`` (header ``filename,class_id``) into ``{filename: class id}``.
+    """Read a grader ``gt.csv`` (UTF-8, header ``filename,class_id``) into ``{filename: class id}``.
 
     Raises:
-        DataError: missing file, wrong header, a short row, a duplicate, a bad file name or class id.
+        DataError: missing file, not UTF-8, bad header or row, duplicate, bad file name or class id.
     """
     path = Path(csv_path)
     if not path.is_file():
         raise DataError(f"{path}: no such file; pass the gt.csv of the grader layout (filename,class_id).")
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.reader(f))
-    if not rows or tuple(c.strip() for c in rows[0]) != GT_HEADER:
-        raise DataError(f"{path}: the first line must be the header 'filename,class_id'; add it.")
+    rows = _read_rows(path)
+    _check_header(rows, path)
     gt: dict[str, int] = {}
     for line_no, row in enumerate(rows[1:], start=2):
         if not row or not "".join(row).strip():
@@ -59,6 +58,43 @@ def read_gt(csv_path: str | os.PathLike) -> dict[str, int]:
             raise DataError(f"{where}: {_shown(name)} is listed twice; keep one row per image.")
         gt[name] = parse_label(row[1], where)
     return gt
+
+
+def _read_rows(path: Path) -> list[list[str]]:
+    """The CSV rows of ``path``, read as UTF-8 (a leading BOM dropped); a DataError names the line otherwise."""
+    data = path.read_bytes()
+    # Checked first: UTF-16 without a BOM can be "valid" UTF-8, each ASCII letter next to a NUL byte.
+    if b"\x00" in data:
+        line = data.count(b"\n", 0, data.index(b"\x00")) + 1
+        raise DataError(f"{path}:{line}: NUL bytes, as in a UTF-16 file; save the file as UTF-8.")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DataError(
+            f"{path}:{line}: byte {data[err.start]:#04x} is not UTF-8 (a UTF-16 or Latin-1 file?); "
+            "save the file as UTF-8."
+        ) from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        return list(reader)
+    except csv.Error as err:  # e.g. a field over the csv module's size limit
+        raise DataError(f"{path}:{reader.line_num}: unreadable CSV row ({err}); fix that row.") from None
+
+
+def _check_header(rows: list[list[str]], path: Path) -> None:
+    """Raise a DataError unless the first row is ``filename,class_id``; say whether to add or fix it."""
+    expected = ",".join(GT_HEADER)
+    if not rows:
+        raise DataError(f"{path}: the file is empty; the first line must be the header '{expected}'; add it.")
+    found = tuple(c.strip() for c in rows[0])
+    if found == GT_HEADER:
+        return
+    shown = _shown(",".join(rows[0]))
+    # A blank line or a 'name,integer' row: the header is missing, not misspelt.
+    if not any(found) or (len(found) == 2 and found[1].lstrip("+-").isdigit()):
+        raise DataError(f"{path}: the first line {shown} is data, not the header '{expected}'; add it.")
+    raise DataError(f"{path}: the header is {shown}, expected '{expected}'; change the first line to that.")
 
 
 def check_name(name: object, where: str) -> str:

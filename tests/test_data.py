@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from probe.data import (
@@ -170,21 +172,31 @@ def test_missing_image_file_via_open_rgb(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "text",
+    "text, found",
     [
-        "name,label\na.png,0\n",  # wrong names
-        "a.png,0\nb.png,0\n",  # no header at all
-        "class_id,filename\n0,a.png\n",  # swapped
-        "filename\na.png\n",  # one column
-        "",  # empty file
+        ("name,label\na.png,0\n", "name,label"),  # wrong names
+        ("class_id,filename\n0,a.png\n", "class_id,filename"),  # swapped
+        ("filename\na.png\n", "'filename'"),  # one column
+        ("filename,class_id,extra\na.png,0,1\n", "filename,class_id,extra"),
     ],
 )
-def test_gt_wrong_header(tmp_path, text):
+def test_gt_wrong_header_shows_found_and_expected(tmp_path, text, found):
     gt = _layout(tmp_path, text, {"a.png": _png_bytes()})
     with pytest.raises(DataError) as exc:
         read_gt(gt)
     msg = str(exc.value)
-    assert str(gt) in msg and "filename,class_id" in msg and "add it" in msg
+    assert str(gt) in msg and found in msg and "expected 'filename,class_id'" in msg
+    assert "add it" not in msg  # a header is there: it is misspelt, not missing
+
+
+@pytest.mark.parametrize("text, first", [("x.jpg,3\nb.png,0\n", "'x.jpg,3'"), ("\na.png,0\n", "''"), ("", None)])
+def test_gt_missing_header_says_add_it(tmp_path, text, first):
+    gt = _layout(tmp_path, text, {"a.png": _png_bytes()})
+    with pytest.raises(DataError) as exc:
+        read_gt(gt)
+    msg = str(exc.value)
+    assert str(gt) in msg and "'filename,class_id'" in msg and "add it" in msg
+    assert first is None or f"first line {first}" in msg  # the line it read, so the user sees why
 
 
 @pytest.mark.parametrize(
@@ -293,6 +305,50 @@ def test_path_like_name_in_gt_csv_names_the_line(tmp_path):
     gt = _layout(tmp_path, "filename,class_id\na.png,0\n../a.png,1\n", {"a.png": _png_bytes()})
     with pytest.raises(DataError, match=f"^{gt}:3: '../a.png' is not a plain file name"):
         read_gt(gt)
+
+
+@pytest.mark.parametrize(
+    "encode, line",
+    [
+        (lambda t: t.encode("utf-16"), 1),  # with a BOM
+        (lambda t: t.encode("utf-16-le"), 1),  # without one: decodes as UTF-8 full of NULs
+        (lambda t: t.encode("utf-16-be"), 1),
+        (lambda t: t.encode("latin-1"), 3),
+        (lambda t: t.encode("utf-8")[:-4] + b"\xff\n", 3),  # one undecodable byte
+    ],
+)
+def test_non_utf8_gt_csv_says_save_as_utf8(tmp_path, encode, line):
+    gt = _layout(tmp_path, "", {})
+    gt.write_bytes(encode("filename,class_id\na.png,0\ncafé.png,1\n"))
+    with pytest.raises(DataError) as exc:  # used to be a raw UnicodeDecodeError (or "add the header")
+        read_gt(gt)
+    msg = str(exc.value)
+    assert msg.startswith(f"{gt}:{line}:") and "save the file as UTF-8" in msg
+
+
+def test_utf8_with_bom_and_non_ascii_names_still_read(tmp_path):
+    gt = tmp_path / "gt.csv"
+    gt.write_bytes("filename,class_id\ncafé.png,1\n".encode("utf-8-sig"))
+    assert read_gt(gt) == {"café.png": 1}
+
+
+def test_oversized_csv_field_is_a_data_error(tmp_path):
+    gt = _layout(tmp_path, "filename,class_id\na.png,0\n" + "b" * 200_000 + ".png,1\n", {})
+    with pytest.raises(DataError, match=f"^{gt}:3: unreadable CSV row"):  # was a raw _csv.Error
+        read_gt(gt)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=200) | st.text(max_size=60).map(lambda t: ("filename,class_id\n" + t).encode()))
+def test_any_gt_csv_bytes_read_or_raise_data_error(tmp_path, data):
+    gt = tmp_path / "gt.csv"
+    gt.write_bytes(data)
+    try:
+        gt_map = read_gt(gt)
+    except DataError as err:
+        assert str(err).startswith(str(gt))
+    else:
+        assert all(isinstance(v, int) and 0 <= v < MAX_CLASS_ID for v in gt_map.values())
 
 
 def test_hostile_classes_txt_lines_are_ignored(tmp_path):
