@@ -73,12 +73,14 @@ def read_class_names(path: str | os.PathLike, num_classes: int) -> tuple[str, ..
     return tuple(names)
 
 
-def labelled_from_gt(gt: Mapping[str, object], img_dir: str | os.PathLike, where: str = "gt") -> LabelledImages:
+def labelled_from_gt(gt: Mapping[str, object], img_dir: str | os.PathLike, where: str = "gt",
+                     num_classes: int | None = None) -> LabelledImages:
     """Check a ``{filename: label}`` mapping against an image folder and build a :class:`LabelledImages`.
 
     Args:
         gt: plain file name inside ``img_dir`` -> class id (an int or an integer-looking str).
         where: the file or argument ``gt`` came from, named in every message.
+        num_classes: None for a training set, the training set's K for a test set (see :func:`check_labels`).
 
     Raises:
         DataError: empty folder or mapping, a bad key, a bad label, a listed image that is missing.
@@ -91,7 +93,7 @@ def labelled_from_gt(gt: Mapping[str, object], img_dir: str | os.PathLike, where
     names = _checked_names(gt, where)
     # Keys and labels first: they cost no file system calls, so a bad row fails at once on any set size.
     labels = np.array([parse_label(gt[n], f"{where}: {n}") for n in names], dtype=np.int64)
-    k = check_labels(labels, where)
+    k = check_labels(labels, where, num_classes)
     missing = [n for n in names if not (img_dir / n).is_file()]
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
@@ -113,11 +115,15 @@ def _checked_names(gt: object, where: str) -> list[str]:
     return sorted(gt)
 
 
-def load_split_dir(root: str | os.PathLike, split: str) -> LabelledImages:
-    """Read ``root/split/gt.csv`` and ``root/split/images`` (the grader layout), with ``root/classes.txt``'s names."""
+def load_split_dir(root: str | os.PathLike, split: str, num_classes: int | None = None) -> LabelledImages:
+    """Read ``root/split/gt.csv`` and ``root/split/images`` (the grader layout), with ``root/classes.txt``'s names.
+
+    ``num_classes`` is None for the training split, the training split's K for a test split, whose labels
+    must lie in 0..K-1 but may leave species out (see :func:`check_labels`).
+    """
     root = Path(root)
     gt_path = root / split / "gt.csv"
-    images = labelled_from_gt(read_gt(gt_path), root / split / "images", where=str(gt_path))
+    images = labelled_from_gt(read_gt(gt_path), root / split / "images", str(gt_path), num_classes)
     return replace(images, class_names=read_class_names(root / "classes.txt", images.num_classes))
 
 

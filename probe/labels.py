@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import operator
 import os
 from pathlib import Path
 
@@ -135,14 +136,30 @@ def _range_error(label: int, where: str) -> DataError:
     )
 
 
-def check_labels(labels: np.ndarray, where: str) -> int:
-    """Return K when ``labels`` are exactly the integers 0..K-1 (each present), else raise DataError."""
+def check_labels(labels: np.ndarray, where: str, num_classes: int | None = None) -> int:
+    """Check class ids (named ``where`` in messages) and return K.
+
+    Args:
+        num_classes: None for a training set: labels must be exactly 0..K-1, each present, K = max + 1.
+            The training set's K for a test set: labels must lie in 0..K-1; absent species are fine.
+
+    Raises:
+        DataError: a label outside 0..MAX_CLASS_ID-1 (0..K-1 for a test set), or a training set with
+            under two classes or a class without images.
+    """
     labels = np.asarray(labels)
     if labels.size and not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"{where}: labels of type {labels.dtype}; labels must be integers 0..K-1.")
     outside = labels[(labels < 0) | (labels >= MAX_CLASS_ID)]
     if outside.size:
         raise _range_error(int(outside[0]), where)
+    if num_classes is None:
+        return _check_train_labels(labels, where)
+    return _check_test_labels(labels, where, num_classes)
+
+
+def _check_train_labels(labels: np.ndarray, where: str) -> int:
+    """K when ``labels`` (already within 0..MAX_CLASS_ID-1) are exactly 0..K-1, each present."""
     present = np.unique(labels)
     if len(present) < 2:
         raise DataError(f"{where}: only class {present.tolist()} has images; a classifier needs two or more classes.")
@@ -153,5 +170,19 @@ def check_labels(labels: np.ndarray, where: str) -> int:
         raise DataError(
             f"{where}: labels must be 0..K-1 with every class present; found {present[0]}..{present[-1]}, "
             f"classes without images: {absent[:10].tolist()}{more}; renumber them 0..K-1."
+        )
+    return k
+
+
+def _check_test_labels(labels: np.ndarray, where: str, num_classes: int) -> int:
+    """``num_classes`` when every label lies in 0..num_classes-1; a test split may leave species out."""
+    k = operator.index(num_classes)  # a TypeError for a float: a caller's bug, not bad data
+    if isinstance(num_classes, bool) or not 2 <= k <= MAX_CLASS_ID:
+        raise ValueError(f"num_classes must be in 2..{MAX_CLASS_ID}, got {k}")
+    unknown = labels[labels >= k]
+    if unknown.size:
+        raise DataError(
+            f"{where}: label {int(unknown[0])} is not one of the K = {k} training classes (0..{k - 1}); "
+            "the model never saw that species, so a test split must use the training split's class ids."
         )
     return k

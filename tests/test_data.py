@@ -24,6 +24,7 @@ from probe.data import (
     read_gt,
     stratified_split,
 )
+from probe.datasets import load_data
 from probe.images import open_rgb
 from probe.synthetic import make_synthetic, write_grader_layout
 
@@ -354,6 +355,62 @@ def test_any_gt_csv_bytes_read_or_raise_data_error(tmp_path, data):
 def test_hostile_classes_txt_lines_are_ignored(tmp_path):
     (tmp_path / "classes.txt").write_text("0 Raven\n\u00b2 Superscript_Two\n" + "1" * 5000 + " Huge\n1 Jay\n")
     assert read_class_names(tmp_path / "classes.txt", 3) == ("Raven", "Jay", "2")  # int('²') used to raise
+
+
+# --------------------------------------------------------------------------- test splits are test splits
+
+
+def _two_splits(root: Path, train_labels, test_labels) -> None:
+    """A grader layout with one tiny image per label in each split."""
+    for split, labels in (("train", train_labels), ("test", test_labels)):
+        rows = "".join(f"{split}{i}.png,{y}\n" for i, y in enumerate(labels))
+        _img_dir(root / split, [f"{split}{i}.png" for i in range(len(labels))])
+        (root / split / "gt.csv").write_text("filename,class_id\n" + rows)
+
+
+def test_test_split_may_lack_a_species(tmp_path, capsys):
+    _two_splits(tmp_path, [0, 1, 2, 0, 1, 2], [0, 2, 2])
+    test = load_split_dir(tmp_path, "test", num_classes=3)
+    assert test.num_classes == 3 and test.labels.tolist() == [0, 2, 2]
+    with pytest.raises(DataError, match="renumber them 0..K-1"):
+        load_split_dir(tmp_path, "test")  # without K it is judged as a training set, as before
+    train, test = load_data(tmp_path)
+    assert (train.num_classes, test.num_classes) == (3, 3)
+    assert "test split: 3 images of 2 of the 3 species" in capsys.readouterr().out
+
+
+def test_test_split_with_every_species_prints_nothing(tmp_path, capsys):
+    _two_splits(tmp_path, [0, 1, 2, 0], [2, 1, 0])
+    train, test = load_data(tmp_path)
+    assert test.num_classes == 3 and len(test) == 3
+    assert "test split" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad", [3, 7])
+def test_test_label_the_model_never_saw_is_refused(tmp_path, bad):
+    _two_splits(tmp_path, [0, 1, 2], [0, bad])
+    gt = tmp_path / "test" / "gt.csv"
+    for load in (lambda: load_split_dir(tmp_path, "test", num_classes=3), lambda: load_data(tmp_path)):
+        with pytest.raises(DataError) as exc:  # used to pass silently (bad = 3: K = 4 for the test set)
+            load()
+        msg = str(exc.value)
+        assert str(gt) in msg and f"label {bad}" in msg and "K = 3" in msg
+
+
+@pytest.mark.parametrize("k, error", [(3.0, TypeError), (True, ValueError), (1, ValueError), (MAX_CLASS_ID + 1, ValueError)])
+def test_num_classes_must_be_a_sane_int(tmp_path, k, error):
+    _two_splits(tmp_path, [0, 1, 2], [0, 1])
+    with pytest.raises(error) as exc:
+        load_split_dir(tmp_path, "test", num_classes=k)
+    assert not isinstance(exc.value, DataError)  # a caller's bug, not bad data
+
+
+def test_training_split_still_needs_every_class(tmp_path):
+    _two_splits(tmp_path, [0, 2, 2], [0, 1])
+    with pytest.raises(DataError) as exc:
+        load_data(tmp_path)
+    msg = str(exc.value)
+    assert str(tmp_path / "train" / "gt.csv") in msg and "classes without images: [1]" in msg
 
 
 # --------------------------------------------------------------------------- open_rgb: every mode -> RGB
