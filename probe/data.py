@@ -1,12 +1,12 @@
 """Data layer: the grader's layout (``gt.csv`` + an image folder) read into a checked, sorted labelled set.
 
 Every bad input raises :class:`DataError` naming the file and the fix, so nothing is silently dropped.
-Decoding the images themselves is :mod:`probe.images`.
+Parsing the untrusted labels (``gt.csv``, file names, class ids) is :mod:`probe.labels`; decoding the
+images themselves is :mod:`probe.images`.
 """
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -15,53 +15,12 @@ from typing import Union
 
 import numpy as np
 
+# GT_HEADER, MAX_CLASS_ID, DataError, check_labels and read_gt are re-exported: callers import the data layer
+# from here.
+from probe.labels import GT_HEADER, MAX_CLASS_ID, DataError, check_labels, check_name, parse_label, read_gt
+
 # An image source is a file on disk or encoded bytes held in RAM (the generated demo set).
 Source = Union[Path, bytes]
-GT_HEADER = ("filename", "class_id")
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file and says how to fix it."""
-
-
-def read_gt(csv_path: str | os.PathLike) -> dict[str, int]:
-    """Read a grader ``gt.csv`` (header ``filename,class_id``) into ``{filename: int}``.
-
-    Raises:
-        DataError: missing file, wrong header, a short row, a duplicate or a non-integer label.
-    """
-    path = Path(csv_path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file; pass the gt.csv of the grader layout (filename,class_id).")
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.reader(f))
-    if not rows or tuple(c.strip() for c in rows[0]) != GT_HEADER:
-        raise DataError(f"{path}: the first line must be the header 'filename,class_id'; add it.")
-    gt: dict[str, int] = {}
-    for line_no, row in enumerate(rows[1:], start=2):
-        if not row or not "".join(row).strip():
-            continue
-        if len(row) != 2:
-            raise DataError(f"{path}:{line_no}: expected 'filename,class_id', got {row!r}; fix that row.")
-        name, label = row[0].strip(), row[1].strip()
-        if name in gt:
-            raise DataError(f"{path}:{line_no}: {name!r} is listed twice; keep one row per image.")
-        gt[name] = _parse_label(label, f"{path}:{line_no}")
-    return gt
-
-
-def _parse_label(value: object, where: str) -> int:
-    """An integer class id from an int or an integer-looking string, else a DataError naming ``where``."""
-    if isinstance(value, (bool, np.bool_)):
-        raise DataError(f"{where}: label {value!r} is a boolean; labels must be integers 0..K-1.")
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            pass
-    raise DataError(f"{where}: label {value!r} is not an integer; labels must be integers 0..K-1.")
 
 
 @dataclass(frozen=True)
@@ -107,25 +66,34 @@ def read_class_names(path: str | os.PathLike, num_classes: int) -> tuple[str, ..
     names = [str(k) for k in range(num_classes)]
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         parts = line.split(maxsplit=1)
-        if len(parts) == 2 and parts[0].isdigit() and int(parts[0]) < num_classes:
-            names[int(parts[0])] = parts[1].strip().replace("_", " ")
+        key = parts[0] if len(parts) == 2 else ""
+        # ASCII digits only, and short: "²".isdigit() is True but int("²") raises, as does a 5000-digit id.
+        if key.isascii() and key.isdigit() and len(key) <= len(str(MAX_CLASS_ID)) and int(key) < num_classes:
+            names[int(key)] = parts[1].strip().replace("_", " ")
     return tuple(names)
 
 
-def labelled_from_gt(gt: Mapping[str, object], img_dir: str | os.PathLike, where: str = "gt") -> LabelledImages:
+def labelled_from_gt(gt: Mapping[str, object], img_dir: str | os.PathLike, where: str = "gt",
+                     num_classes: int | None = None) -> LabelledImages:
     """Check a ``{filename: label}`` mapping against an image folder and build a :class:`LabelledImages`.
 
+    Args:
+        gt: plain file name inside ``img_dir`` -> class id (an int or an integer-looking str).
+        where: the file or argument ``gt`` came from, named in every message.
+        num_classes: None for a training set, the training set's K for a test set (see :func:`check_labels`).
+
     Raises:
-        DataError: empty folder or mapping, a listed image that is missing, bad labels.
+        DataError: empty folder or mapping, a bad key, a bad label, a listed image that is missing.
     """
     img_dir = Path(img_dir)
     if not img_dir.is_dir():
         raise DataError(f"{img_dir}: no such folder; pass the folder that holds the training images.")
     if not any(p.is_file() for p in img_dir.iterdir()):
         raise DataError(f"{img_dir}: the image folder is empty; put the training images there.")
-    if not gt:
-        raise DataError(f"{where}: no labelled images; gt.csv needs one 'filename,class_id' row per image.")
-    names = sorted(gt)
+    names = _checked_names(gt, where)
+    # Keys and labels first: they cost no file system calls, so a bad row fails at once on any set size.
+    labels = np.array([parse_label(gt[n], f"{where}: {n}") for n in names], dtype=np.int64)
+    k = check_labels(labels, where, num_classes)
     missing = [n for n in names if not (img_dir / n).is_file()]
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
@@ -133,32 +101,29 @@ def labelled_from_gt(gt: Mapping[str, object], img_dir: str | os.PathLike, where
             f"{where}: {len(missing)} listed image(s) missing from {img_dir}: {shown}; "
             "add the files or remove their rows from gt.csv."
         )
-    labels = np.array([_parse_label(gt[n], f"{where}: {n}") for n in names], dtype=np.int64)
-    num_classes = check_labels(labels, where)
-    return LabelledImages(tuple(names), tuple(img_dir / n for n in names), labels, num_classes)
+    return LabelledImages(tuple(names), tuple(img_dir / n for n in names), labels, k)
 
 
-def check_labels(labels: np.ndarray, where: str) -> int:
-    """Return K when ``labels`` are exactly the integers 0..K-1 (each present), else raise DataError."""
-    present = np.unique(labels)
-    if len(present) < 2:
-        raise DataError(f"{where}: only class {present.tolist()} has images; a classifier needs two or more classes.")
-    k = int(present.max()) + 1
-    if present.min() < 0 or len(present) != k:
-        absent = sorted(set(range(max(k, 0))) - set(present.tolist()))
-        raise DataError(
-            f"{where}: labels must be 0..K-1 with every class present; found {present.min()}..{present.max()}"
-            f"{', negative ids' if present.min() < 0 else ''}"
-            f"{f', classes without images: {absent[:10]}' if absent else ''}; renumber them 0..K-1."
-        )
-    return k
+def _checked_names(gt: object, where: str) -> list[str]:
+    """The sorted keys of ``gt`` once each is a plain file name; DataError naming the first that is not."""
+    if not isinstance(gt, Mapping):
+        raise DataError(f"{where}: a {type(gt).__name__}, not a mapping {{filename: class_id}}.")
+    if not gt:
+        raise DataError(f"{where}: no labelled images; gt.csv needs one 'filename,class_id' row per image.")
+    for key in gt:
+        check_name(key, where)
+    return sorted(gt)
 
 
-def load_split_dir(root: str | os.PathLike, split: str) -> LabelledImages:
-    """Read ``root/split/gt.csv`` and ``root/split/images`` (the grader layout), with ``root/classes.txt``'s names."""
+def load_split_dir(root: str | os.PathLike, split: str, num_classes: int | None = None) -> LabelledImages:
+    """Read ``root/split/gt.csv`` and ``root/split/images`` (the grader layout), with ``root/classes.txt``'s names.
+
+    ``num_classes`` is None for the training split, the training split's K for a test split, whose labels
+    must lie in 0..K-1 but may leave species out (see :func:`check_labels`).
+    """
     root = Path(root)
     gt_path = root / split / "gt.csv"
-    images = labelled_from_gt(read_gt(gt_path), root / split / "images", where=str(gt_path))
+    images = labelled_from_gt(read_gt(gt_path), root / split / "images", str(gt_path), num_classes)
     return replace(images, class_names=read_class_names(root / "classes.txt", images.num_classes))
 
 

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import io
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from probe.data import (
+    MAX_CLASS_ID,
     DataError,
     LabelledImages,
+    check_labels,
     labelled_from_gt,
     list_image_files,
     load_split_dir,
@@ -19,6 +24,7 @@ from probe.data import (
     read_gt,
     stratified_split,
 )
+from probe.datasets import load_data
 from probe.images import open_rgb
 from probe.synthetic import make_synthetic, write_grader_layout
 
@@ -167,21 +173,31 @@ def test_missing_image_file_via_open_rgb(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "text",
+    "text, found",
     [
-        "name,label\na.png,0\n",  # wrong names
-        "a.png,0\nb.png,0\n",  # no header at all
-        "class_id,filename\n0,a.png\n",  # swapped
-        "filename\na.png\n",  # one column
-        "",  # empty file
+        ("name,label\na.png,0\n", "name,label"),  # wrong names
+        ("class_id,filename\n0,a.png\n", "class_id,filename"),  # swapped
+        ("filename\na.png\n", "'filename'"),  # one column
+        ("filename,class_id,extra\na.png,0,1\n", "filename,class_id,extra"),
     ],
 )
-def test_gt_wrong_header(tmp_path, text):
+def test_gt_wrong_header_shows_found_and_expected(tmp_path, text, found):
     gt = _layout(tmp_path, text, {"a.png": _png_bytes()})
     with pytest.raises(DataError) as exc:
         read_gt(gt)
     msg = str(exc.value)
-    assert str(gt) in msg and "filename,class_id" in msg and "add it" in msg
+    assert str(gt) in msg and found in msg and "expected 'filename,class_id'" in msg
+    assert "add it" not in msg  # a header is there: it is misspelt, not missing
+
+
+@pytest.mark.parametrize("text, first", [("x.jpg,3\nb.png,0\n", "'x.jpg,3'"), ("\na.png,0\n", "''"), ("", None)])
+def test_gt_missing_header_says_add_it(tmp_path, text, first):
+    gt = _layout(tmp_path, text, {"a.png": _png_bytes()})
+    with pytest.raises(DataError) as exc:
+        read_gt(gt)
+    msg = str(exc.value)
+    assert str(gt) in msg and "'filename,class_id'" in msg and "add it" in msg
+    assert first is None or f"first line {first}" in msg  # the line it read, so the user sees why
 
 
 @pytest.mark.parametrize(
@@ -206,6 +222,195 @@ def test_gt_tolerates_bom_spaces_blank_lines_and_crlf(tmp_path):
     gt = tmp_path / "gt.csv"
     gt.write_bytes("\ufefffilename , class_id\r\n b.png , 1\r\n\r\na.png,0\r\n,\r\n".encode("utf-8"))
     assert read_gt(gt) == {"b.png": 1, "a.png": 0}
+
+
+# --------------------------------------------------------------------------- hostile labels: bounded checks
+
+
+def _img_dir(root: Path, names) -> Path:
+    """``root/images`` holding a tiny PNG per name."""
+    img_dir = root / "images"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (img_dir / name).write_bytes(_png_bytes())
+    return img_dir
+
+
+def test_huge_class_id_fails_fast_naming_the_line(tmp_path):
+    gt = _layout(tmp_path, "filename,class_id\na.png,0\nb.png,1\nc.png,4815162342\n",
+                 {n: _png_bytes() for n in ("a.png", "b.png", "c.png")})
+    start = time.perf_counter()
+    with pytest.raises(DataError) as exc:
+        load_split_dir(tmp_path, "train")
+    assert time.perf_counter() - start < 0.5  # no range over the id: 4.8e9 set entries took minutes, then MemoryError
+    msg = str(exc.value)
+    assert f"{gt}:4" in msg and "4815162342" in msg and "too large" in msg
+
+
+@pytest.mark.parametrize("huge", [4815162342, 2**70, np.uint64(2**63), "1180591620717411303424", 10**5000],
+                         ids=["4815162342", "2**70", "uint64", "str", "10**5000"])
+def test_huge_class_id_in_mapping_names_the_entry(tmp_path, huge):
+    img_dir = _img_dir(tmp_path, ("a.png", "b.png", "c.png"))
+    start = time.perf_counter()
+    with pytest.raises(DataError) as exc:  # 2**70 used to be a raw OverflowError from np.array(..., int64)
+        labelled_from_gt({"a.png": 0, "b.png": 1, "c.png": huge}, img_dir, where="train_gt")
+    assert time.perf_counter() - start < 0.5
+    msg = str(exc.value)
+    assert "train_gt: c.png" in msg and "too large" in msg and len(msg) < 400
+
+
+def test_class_id_bound_is_exclusive(tmp_path):
+    img_dir = _img_dir(tmp_path, ("a.png", "b.png"))
+    with pytest.raises(DataError, match="too large"):
+        labelled_from_gt({"a.png": 0, "b.png": MAX_CLASS_ID}, img_dir)
+    with pytest.raises(DataError, match=r"classes without images: \[1, 2, .*\] \(99998 in all\)"):
+        labelled_from_gt({"a.png": 0, "b.png": MAX_CLASS_ID - 1}, img_dir)  # a full-size absent list is cheap
+
+
+def test_negative_class_id_is_refused_at_its_line(tmp_path):
+    gt = _layout(tmp_path, "filename,class_id\na.png,1\nb.png,-1\n", {})
+    with pytest.raises(DataError) as exc:
+        read_gt(gt)  # read_gt used to return {'a.png': 1, 'b.png': -1}
+    msg = str(exc.value)
+    assert f"{gt}:3" in msg and "-1 is negative" in msg
+
+
+@pytest.mark.parametrize("labels", [np.array([True, False, True]), np.array([0.0, 1.0]), np.array([0, 1, 10**12])])
+def test_check_labels_refuses_bools_floats_and_huge_ids(labels):
+    with pytest.raises(DataError, match="my.csv: .*integers 0..K-1"):
+        check_labels(labels, "my.csv")  # a bool array used to count as K = 2
+
+
+@pytest.mark.parametrize("key", [3, None, 2.5, ("a.png",), b"b.png"])
+def test_non_str_key_is_named(tmp_path, key):
+    img_dir = _img_dir(tmp_path, ("a.png", "b.png"))
+    with pytest.raises(DataError) as exc:  # used to be a raw TypeError from sorted() or img_dir / key
+        labelled_from_gt({"a.png": 0, key: 1}, img_dir, where="train_gt")
+    msg = str(exc.value)
+    assert "train_gt" in msg and repr(key) in msg and type(key).__name__ in msg
+
+
+@pytest.mark.parametrize("key", ["../outside.png", "sub/inner.png", "..", ".", "", "a\\b.png", "a\x00.png",
+                                 str(Path("/tmp/abs.png"))])
+def test_key_that_is_not_a_plain_file_name_is_refused(tmp_path, key):
+    img_dir = _img_dir(tmp_path, ("a.png", "b.png"))
+    (tmp_path / "outside.png").write_bytes(_png_bytes())  # there: the old code accepted it from outside the folder
+    _img_dir(img_dir / "sub", ("inner.png",))
+    with pytest.raises(DataError) as exc:
+        labelled_from_gt({"a.png": 0, "b.png": 1, key: 1}, img_dir, where="train_gt")
+    msg = str(exc.value)
+    assert "train_gt" in msg and "not a plain file name" in msg
+
+
+def test_path_like_name_in_gt_csv_names_the_line(tmp_path):
+    gt = _layout(tmp_path, "filename,class_id\na.png,0\n../a.png,1\n", {"a.png": _png_bytes()})
+    with pytest.raises(DataError, match=f"^{gt}:3: '../a.png' is not a plain file name"):
+        read_gt(gt)
+
+
+@pytest.mark.parametrize(
+    "encode, line",
+    [
+        (lambda t: t.encode("utf-16"), 1),  # with a BOM
+        (lambda t: t.encode("utf-16-le"), 1),  # without one: decodes as UTF-8 full of NULs
+        (lambda t: t.encode("utf-16-be"), 1),
+        (lambda t: t.encode("latin-1"), 3),
+        (lambda t: t.encode("utf-8")[:-4] + b"\xff\n", 3),  # one undecodable byte
+    ],
+)
+def test_non_utf8_gt_csv_says_save_as_utf8(tmp_path, encode, line):
+    gt = _layout(tmp_path, "", {})
+    gt.write_bytes(encode("filename,class_id\na.png,0\ncafé.png,1\n"))
+    with pytest.raises(DataError) as exc:  # used to be a raw UnicodeDecodeError (or "add the header")
+        read_gt(gt)
+    msg = str(exc.value)
+    assert msg.startswith(f"{gt}:{line}:") and "save the file as UTF-8" in msg
+
+
+def test_utf8_with_bom_and_non_ascii_names_still_read(tmp_path):
+    gt = tmp_path / "gt.csv"
+    gt.write_bytes("filename,class_id\ncafé.png,1\n".encode("utf-8-sig"))
+    assert read_gt(gt) == {"café.png": 1}
+
+
+def test_oversized_csv_field_is_a_data_error(tmp_path):
+    gt = _layout(tmp_path, "filename,class_id\na.png,0\n" + "b" * 200_000 + ".png,1\n", {})
+    with pytest.raises(DataError, match=f"^{gt}:3: unreadable CSV row"):  # was a raw _csv.Error
+        read_gt(gt)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=200) | st.text(max_size=60).map(lambda t: ("filename,class_id\n" + t).encode()))
+def test_any_gt_csv_bytes_read_or_raise_data_error(tmp_path, data):
+    gt = tmp_path / "gt.csv"
+    gt.write_bytes(data)
+    try:
+        gt_map = read_gt(gt)
+    except DataError as err:
+        assert str(err).startswith(str(gt))
+    else:
+        assert all(isinstance(v, int) and 0 <= v < MAX_CLASS_ID for v in gt_map.values())
+
+
+def test_hostile_classes_txt_lines_are_ignored(tmp_path):
+    (tmp_path / "classes.txt").write_text("0 Raven\n\u00b2 Superscript_Two\n" + "1" * 5000 + " Huge\n1 Jay\n")
+    assert read_class_names(tmp_path / "classes.txt", 3) == ("Raven", "Jay", "2")  # int('²') used to raise
+
+
+# --------------------------------------------------------------------------- test splits are test splits
+
+
+def _two_splits(root: Path, train_labels, test_labels) -> None:
+    """A grader layout with one tiny image per label in each split."""
+    for split, labels in (("train", train_labels), ("test", test_labels)):
+        rows = "".join(f"{split}{i}.png,{y}\n" for i, y in enumerate(labels))
+        _img_dir(root / split, [f"{split}{i}.png" for i in range(len(labels))])
+        (root / split / "gt.csv").write_text("filename,class_id\n" + rows)
+
+
+def test_test_split_may_lack_a_species(tmp_path, capsys):
+    _two_splits(tmp_path, [0, 1, 2, 0, 1, 2], [0, 2, 2])
+    test = load_split_dir(tmp_path, "test", num_classes=3)
+    assert test.num_classes == 3 and test.labels.tolist() == [0, 2, 2]
+    with pytest.raises(DataError, match="renumber them 0..K-1"):
+        load_split_dir(tmp_path, "test")  # without K it is judged as a training set, as before
+    train, test = load_data(tmp_path)
+    assert (train.num_classes, test.num_classes) == (3, 3)
+    assert "test split: 3 images of 2 of the 3 species" in capsys.readouterr().out
+
+
+def test_test_split_with_every_species_prints_nothing(tmp_path, capsys):
+    _two_splits(tmp_path, [0, 1, 2, 0], [2, 1, 0])
+    train, test = load_data(tmp_path)
+    assert test.num_classes == 3 and len(test) == 3
+    assert "test split" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad", [3, 7])
+def test_test_label_the_model_never_saw_is_refused(tmp_path, bad):
+    _two_splits(tmp_path, [0, 1, 2], [0, bad])
+    gt = tmp_path / "test" / "gt.csv"
+    for load in (lambda: load_split_dir(tmp_path, "test", num_classes=3), lambda: load_data(tmp_path)):
+        with pytest.raises(DataError) as exc:  # used to pass silently (bad = 3: K = 4 for the test set)
+            load()
+        msg = str(exc.value)
+        assert str(gt) in msg and f"label {bad}" in msg and "K = 3" in msg
+
+
+@pytest.mark.parametrize("k, error", [(3.0, TypeError), (True, ValueError), (1, ValueError), (MAX_CLASS_ID + 1, ValueError)])
+def test_num_classes_must_be_a_sane_int(tmp_path, k, error):
+    _two_splits(tmp_path, [0, 1, 2], [0, 1])
+    with pytest.raises(error) as exc:
+        load_split_dir(tmp_path, "test", num_classes=k)
+    assert not isinstance(exc.value, DataError)  # a caller's bug, not bad data
+
+
+def test_training_split_still_needs_every_class(tmp_path):
+    _two_splits(tmp_path, [0, 2, 2], [0, 1])
+    with pytest.raises(DataError) as exc:
+        load_data(tmp_path)
+    msg = str(exc.value)
+    assert str(tmp_path / "train" / "gt.csv") in msg and "classes without images: [1]" in msg
 
 
 # --------------------------------------------------------------------------- open_rgb: every mode -> RGB
