@@ -14,8 +14,15 @@ its shard of the images; only rank 0 reports and writes.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from probe.backbone import BirdNet
 
 from probe.cli import Written, check_output_dir, check_output_file, fail, layout_inputs, run_interruptible
 from probe.data import DataError
@@ -26,6 +33,7 @@ from probe.weights import WeightsError
 from finetune.cache import CacheBudgetError, default_budget, parse_size
 from finetune.cli import add_settings, settings, split_positionals
 from finetune.config import FinetuneConfig
+from finetune.distributed import gather_rows
 from finetune.train import FinetuneResult, fine_tune
 
 PROG = "python -m finetune"
@@ -77,15 +85,16 @@ def run(args: argparse.Namespace, cfg: FinetuneConfig, written: Written) -> None
     try:
         with sw("read data"):
             train, test = load_data(args.data_dir)
+        digests = HeadDigests()
         result = fine_tune(train, cfg, "none" if args.random_init else "required", allow_download=args.allow_download,
                            progress=progress, verbose=args.verbose, cache_budget=budget, log_dir=args.log_dir,
                            accelerator=args.accelerator, devices=args.devices, strategy=args.strategy,
-                           num_nodes=args.num_nodes)
+                           num_nodes=args.num_nodes, callbacks=[digests])
     except (DataError, WeightsError, CacheBudgetError) as err:
         sys.exit(f"error: {err}")
     if not result.is_global_zero:
         return  # another rank of a distributed run: rank 0 reports and writes
-    report(result, args.verbose)
+    report(result, digests.digests, args.verbose)
     if test is not None:
         with sw("test"):
             accuracy = result.classifier.score(test, precision=result.cfg.precision, progress=progress)
@@ -107,7 +116,27 @@ def report_shards(shards: list[list[int]], images: int, verbose: bool) -> None:
     print(f"shards: {'every image exactly once' if every else 'OVERLAP OR GAP: the ranks did not split the images'}")
 
 
-def report(result: FinetuneResult, verbose: bool) -> None:
+class HeadDigests(Callback):
+    """The run's self-check under DDP: a short hash of each rank's probe-initialised head, gathered once the
+    heads are set (every rank must start from the same probe, so all are equal)."""
+
+    def __init__(self):
+        super().__init__()
+        self.digests: list[str] = []
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.digests:  # an ensemble's later fits start from the same heads
+            mine = torch.tensor([int(head_digest(pl_module.net), 16)])
+            self.digests = [f"{v:015x}" for v in gather_rows(trainer, mine).tolist()]
+
+
+def head_digest(net: BirdNet) -> str:
+    """15 hex digits (they fit an int64, which the ranks gather) of the sha256 of the head's weights."""
+    data = torch.cat([net.head.weight.detach().flatten(), net.head.bias.detach()]).cpu().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:15]
+
+
+def report(result: FinetuneResult, head_digests: list[str], verbose: bool) -> None:
     cfg, fitted = result.cfg, result.fitted
     if verbose:
         print(f"config: {cfg}")
@@ -115,7 +144,7 @@ def report(result: FinetuneResult, verbose: bool) -> None:
         report_shards(result.shards, result.cache_images, verbose)
     probe_val = "n/a" if fitted.val_accuracy is None else f"{fitted.val_accuracy:.4f}"
     print(f"stage one: C {fitted.C:g}, probe validation accuracy {probe_val}; probe head digest per rank: "
-          f"{' '.join(result.head_digests)}")
+          f"{' '.join(head_digests)}")
     if result.val_accuracy is not None:
         print(f"stage two validation accuracy: {result.val_accuracy:.4f} (best epoch)")
     per_image = result.cache_bytes / max(1, len(result.shards[0]) if result.shards else result.cache_images)

@@ -166,7 +166,7 @@ def _net_config(ckpt: dict, path) -> NetConfig:
     head = ckpt["state_dict"].get("head.weight")
     _require(head is not None and head.ndim == 2 and head.shape[0] == k, path,
              f"the state dict's head.weight must have num_classes = {k} rows")
-    return NetConfig(cfg["backbone"], k, split, float(cfg.get("dropout", 0.0)), cfg.get("pooling", "avg"), members)
+    return NetConfig(**{**cfg, "dropout": float(cfg.get("dropout", 0.0))})  # absent fields: today's defaults
 
 
 def _data_config(ckpt: dict, path) -> DataConfig:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from probe.backbone import BACKBONES, get_spec
+from probe.backbone import BACKBONES, NetConfig, get_spec
 from probe.linear import ProbeFit
+from probe.preprocess import DataConfig, data_config
 from finetune.checkpoint import MAX_IMAGE_SIZE, MAX_MEMBERS, MAX_TTA_CROPS
 from probe.settings import ConfigError, check_choice, check_int, check_number, require
 
@@ -138,6 +139,14 @@ class FinetuneConfig:
     def trunk_split(self) -> int:
         """The first trainable block: ``split``, else the backbone's own default."""
         return self.split if self.split is not None else get_spec(self.backbone).default_split
+
+    def net_config(self, num_classes: int) -> NetConfig:
+        """What rebuilds this run's network for ``num_classes`` species (stored in the checkpoint)."""
+        return NetConfig(self.backbone, num_classes, self.trunk_split, self.dropout, self.pooling, self.members)
+
+    def data_config(self) -> DataConfig:
+        """This run's preprocessing: the backbone weights' own, at ``image_size``."""
+        return data_config(self.backbone, self.image_size)
 
 
 PRESETS: dict[str, FinetuneConfig] = {

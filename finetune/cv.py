@@ -28,20 +28,20 @@ import numpy as np
 import torch
 from sklearn.model_selection import StratifiedKFold
 
-from probe.backbone import BirdNet, NetConfig, build_net
+from probe.backbone import BirdNet, build_net
 from probe.cli import Written, check_output_file, fail, layout_inputs, run_interruptible
-from probe.preprocess import data_config, with_crop_fraction
+from probe.preprocess import with_crop_fraction
 from probe.data import DataError, LabelledImages, load_split_dir
 from probe.features import autocast
-from probe.linear import fit_probe, init_head_from_probe
 from probe.outputs import write_text
 from probe.settings import ConfigError
 from probe.weights import WeightsError, pretrained_net
-from finetune.cache import CachedViews, augmented_activations, centre_activations
+from finetune.cache import augmented_activations, centre_activations
 from finetune.cli import candidate
 from finetune.config import FinetuneConfig
-from finetune.datamodule import pooled_from_trunk
-from finetune.train import process_state_kept, train_tail
+from finetune.datamodule import TrunkCacheData
+from finetune.inference import tta_mean
+from finetune.train import process_state_kept, train_tops
 
 
 def parse_candidate(spec: str) -> tuple[str, FinetuneConfig]:
@@ -72,8 +72,8 @@ def build_cache(images: LabelledImages, cfg: FinetuneConfig, views: int, weights
     """Centre, mirrored centre and ``views`` augmented views of every image, with the pretrained network, and
     each TTA crop in ``crops`` with its mirror."""
     start = time.perf_counter()
-    net = pretrained_net(NetConfig(cfg.backbone, images.num_classes, cfg.trunk_split), weights)
-    data_cfg = data_config(cfg.backbone, cfg.image_size)
+    net = pretrained_net(replace(cfg, members=1).net_config(images.num_classes), weights)
+    data_cfg = cfg.data_config()
 
     def view_and_mirror(view_cfg, names):
         return tuple(centre_activations(net, images, view_cfg, cfg, name, mirrored=m, progress=progress)
@@ -89,11 +89,9 @@ STANDARD = 0.0  # held_out_logits' key of the standard centre view (whatever cro
 
 
 @torch.inference_mode()
-def held_out_logits(net: BirdNet, cache: TrunkCache, rows: np.ndarray, cfg: FinetuneConfig) -> dict[float, tuple]:
-    """{crop fraction: (view, mirror) logits} of cached rows per member (``BirdNet.member_logits``:
-    (members, N, K)), in ``classify``'s precision, for the standard centre view (key ``STANDARD``) and every
-    cached TTA crop. Their mean over members is what ``BirdNet.forward_from_trunk`` returns, and TTA averages
-    views and mirrors, as ``finetune.inference.tta_averaged`` does with the images themselves."""
+def held_out_logits(net: BirdNet, cache: TrunkCache, rows: np.ndarray, cfg: FinetuneConfig) -> dict[float, torch.Tensor]:
+    """{crop fraction: (2, tops, N, K) logits of the view and its mirror, per top of ``net``} of cached rows, in
+    ``classify``'s precision, for the standard centre view (key ``STANDARD``) and every cached TTA crop."""
     net.eval()
     stacks = {STANDARD: (cache.centre, cache.mirror), **cache.crops}
     out = {key: ([], []) for key in stacks}
@@ -102,16 +100,15 @@ def held_out_logits(net: BirdNet, cache: TrunkCache, rows: np.ndarray, cfg: Fine
         with autocast(cfg.precision):
             for key, pair in stacks.items():
                 for acc, stack in zip(out[key], pair):
-                    acc.append(net.member_logits(stack[batch]))
-    return {key: tuple(torch.cat(parts, dim=1) for parts in pair) for key, pair in out.items()}
+                    acc.append(torch.stack([top(stack[batch]).float() for top in net.tops()]))
+    return {key: torch.stack([torch.cat(parts, dim=1) for parts in pair]) for key, pair in out.items()}
 
 
-def tta_logits(logits: dict[float, tuple], crops: tuple[float, ...], flip: bool, member: int | None = None):
-    """(N, K) logits averaged over the standard view and ``crops`` (and their mirrors when ``flip``), over
-    every member or only ``member``."""
-    picked = [view for key in (STANDARD, *crops) for view in logits[key][:2 if flip else 1]]
-    picked = [v.mean(0) if member is None else v[member] for v in picked]
-    return torch.stack(picked).mean(0)
+def tta_logits(logits: dict[float, torch.Tensor], crops: tuple[float, ...], flip: bool, member: int | None = None):
+    """(N, K) logits of the standard view and ``crops`` (and their mirrors when ``flip``), of every top averaged
+    (as the network's forward does) or of ``member`` alone, averaged as ``classify`` averages them."""
+    views = torch.stack([logits[key] for key in (STANDARD, *crops)], dim=3)[: 2 if flip else 1]  # (F, tops, N, V, K)
+    return tta_mean(views.mean(1) if member is None else views[:, member])
 
 
 def tta_schemes(crops: tuple[float, ...]) -> list[tuple[tuple[float, ...], bool]]:
@@ -126,17 +123,13 @@ def scheme_name(crops: tuple[float, ...], flip: bool) -> str:
 
 def run_fold(cache: TrunkCache, images: LabelledImages, cfg: FinetuneConfig, train_idx: np.ndarray,
              val_idx: np.ndarray, progress: bool) -> dict:
-    """Stage one and the tail on the fold's training images, then the held-out accuracy with the candidate's
-    TTA ('acc'), with flip TTA toggled ('other'), of the first member alone ('first'), and under every cached
-    TTA scheme ('schemes')."""
+    """Stage one and the tail on the fold's training images (``finetune.train.train_tops``, the fine-tune's own
+    path), then the held-out accuracy with the candidate's TTA ('acc'), with flip TTA toggled ('other'), of
+    the first member alone ('first'), and under every cached TTA scheme ('schemes')."""
     net = candidate_net(cache.net, cfg)
     labels = images.labels
-    features = pooled_from_trunk(net, cache.centre[torch.as_tensor(train_idx)]).numpy()
-    probe = fit_probe(features, labels[train_idx], cfg.probe, cfg.seed).probe
-    train_set = CachedViews([cache.centre, *cache.views[:cfg.views]], labels[train_idx], rows=train_idx)
-    for member in range(cfg.members):
-        init_head_from_probe(net.member(member).head, probe)
-        train_tail(net, train_set, None, cfg, progress, member, accelerator="cpu", devices=1)
+    data = TrunkCacheData.from_stacks(labels, cache.centre, cache.views[:cfg.views], train_idx, cfg)
+    train_tops(net, data, cfg, progress=progress, accelerator="cpu", devices=1)
     logits = held_out_logits(net, cache, val_idx, cfg)
 
     def accuracy(crops, flip, member=None) -> float:
@@ -152,11 +145,10 @@ def run_fold(cache: TrunkCache, images: LabelledImages, cfg: FinetuneConfig, tra
 def candidate_net(base: BirdNet, cfg: FinetuneConfig) -> BirdNet:
     """A network with the candidate's pooling, dropout and ensemble members, whose trunk is the one that made
     the cache and whose every tail starts as the cache network's (pretrained) tail."""
-    net = build_net(NetConfig(cfg.backbone, base.head.out_features, cfg.trunk_split, cfg.dropout, cfg.pooling,
-                              cfg.members))
+    net = build_net(cfg.net_config(base.head.out_features))
     net.trunk.load_state_dict(base.trunk.state_dict())
-    for i in range(net.members):
-        net.member(i).tail.load_state_dict(base.tail.state_dict())
+    for top in net.tops():
+        top.tail.load_state_dict(base.tail.state_dict())
     return net.eval()
 
 

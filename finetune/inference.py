@@ -18,6 +18,12 @@ from probe.features import extract, make_loader
 from probe.images import ImageDataset
 
 
+def tta_mean(logits: torch.Tensor) -> torch.Tensor:
+    """(F, B, V, K) logits of F mirrorings (1, or 2 with flip TTA) of V crops of B images -> (B, K), averaged
+    over mirrorings and crops: the one TTA average of ``classify`` and cross-validation."""
+    return logits.mean(dim=(0, 2))
+
+
 def tta_averaged(net: BirdNet, tta_flip: bool):
     """x (B, 3, H, W), or (B, V, 3, H, W) for V crops of each image -> logits (B, K) averaged over the crops
     (and their mirrors when ``tta_flip``), all in one pass."""
@@ -29,7 +35,7 @@ def tta_averaged(net: BirdNet, tta_flip: bool):
         if tta_flip:
             flat = torch.cat([flat, torch.flip(flat, dims=[3])])
         out = net(flat.contiguous(memory_format=torch.channels_last)).float()
-        return out.view(-1, b, v, out.shape[-1]).mean(dim=(0, 2))
+        return tta_mean(out.view(-1, b, v, out.shape[-1]))
 
     return logits
 

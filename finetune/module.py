@@ -1,5 +1,6 @@
 """The Lightning pieces of stage two: the module that trains tail + head on cached trunk activations, the
-freezing callback, the weight-averaging callback, and the warm-up + cosine learning-rate schedule."""
+freezing callback and the warm-up + cosine learning-rate schedule. Optional levers (EMA, mixing) are
+``finetune.levers``."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import BaseFinetuning, Callback
+from lightning.pytorch.callbacks import BaseFinetuning
 from torch import nn
 
-from probe.backbone import BirdNet, Member
+from probe.backbone import BirdNet, TailHead
 from finetune.config import FinetuneConfig
 
 
@@ -36,100 +37,29 @@ def freeze_batchnorm_stats(module: nn.Module) -> None:
 
 
 class TrunkFreeze(BaseFinetuning):
-    """Freeze the trunk (whose activations are cached) and every ensemble member but the one in training;
-    that member's tail trains from the start."""
+    """Freeze the whole network but the top in training (its tail, pooling and head), which trains from the
+    start: the trunk's activations are cached, and an ensemble's other members train in their own fits."""
 
     def freeze_before_training(self, pl_module: "LPFTModule") -> None:
-        net = pl_module.net
-        self.freeze(net.trunk, train_bn=False)
-        for i in range(net.members):
-            if i != pl_module.member_index:
-                self.freeze(net.member(i), train_bn=False)
-        self.make_trainable(pl_module.member)
+        self.freeze(pl_module.net, train_bn=False)
+        self.make_trainable(pl_module.top)
 
     def finetune_function(self, pl_module: "LPFTModule", epoch: int, optimizer) -> None:
         pass  # nothing is unfrozen later: gradual unfreezing did not pay for its epochs here
 
 
-class WeightAverage(Callback):
-    """An exponential moving average of the trainable weights (``torch.optim.swa_utils.AveragedModel``).
-
-    The average stands in for the weights during validation and replaces them when training ends. The
-    decay warms up as min(decay, (1 + n) / (10 + n)) after n updates, so the first, untrained weights
-    are forgotten quickly (timm's and TF's ModelEma do the same).
-    """
-
-    def __init__(self, decay: float):
-        super().__init__()
-        self.decay, self.average, self._live = decay, None, None
-
-    def _avg_fn(self, averaged: torch.Tensor, current: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-        decay = min(self.decay, (1.0 + float(n)) / (10.0 + float(n)))
-        return torch.lerp(current, averaged, decay)  # decay * averaged + (1 - decay) * current
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: "LPFTModule") -> None:
-        self.average = torch.optim.swa_utils.AveragedModel(pl_module.member, avg_fn=self._avg_fn, use_buffers=False)
-
-    def on_train_batch_end(self, trainer, pl_module: "LPFTModule", outputs, batch, batch_idx: int) -> None:
-        self.average.update_parameters(pl_module.member)
-
-    def _trainable(self, pl_module: "LPFTModule"):
-        pairs = zip(pl_module.member.parameters(), self.average.module.parameters())
-        return [(p, a) for p, a in pairs if p.requires_grad]
-
-    def _load_average(self, pl_module: "LPFTModule") -> None:
-        with torch.no_grad():
-            for p, a in self._trainable(pl_module):
-                p.copy_(a)
-
-    def on_validation_start(self, trainer, pl_module: "LPFTModule") -> None:
-        if self.average is not None and not trainer.sanity_checking:
-            self._live = [p.detach().clone() for p, _ in self._trainable(pl_module)]
-            self._load_average(pl_module)
-
-    def on_validation_end(self, trainer, pl_module: "LPFTModule") -> None:
-        if self._live is not None:
-            with torch.no_grad():
-                for (p, _), live in zip(self._trainable(pl_module), self._live):
-                    p.copy_(live)
-            self._live = None
-
-    def on_train_end(self, trainer, pl_module: "LPFTModule") -> None:
-        self._load_average(pl_module)
-
-
-def mix_batch(acts: torch.Tensor, y: torch.Tensor, mode: str, alpha: float, rng: np.random.Generator):
-    """Mixup or CutMix of a batch of trunk activations (B, C, h, w) with a shuffled copy of itself.
-
-    Returns:
-        (mixed activations, labels a, labels b, share of a); the loss is share * CE(a) + (1 - share) * CE(b).
-    """
-    lam = float(rng.beta(alpha, alpha)) if alpha > 0 else 1.0
-    lam = max(lam, 1.0 - lam)  # labels a always dominate, so accuracy on a is meaningful
-    perm = torch.as_tensor(rng.permutation(len(y)))
-    acts = acts.float()
-    if mode == "mixup":
-        return lam * acts + (1.0 - lam) * acts[perm], y, y[perm], lam
-    if mode != "cutmix":
-        raise ValueError(f"mix must be 'none', 'mixup' or 'cutmix', got {mode!r}")
-    h, w = acts.shape[-2:]  # a box of area ~(1 - lam) from the partner, at a random place
-    bh, bw = round(h * math.sqrt(1.0 - lam)), round(w * math.sqrt(1.0 - lam))
-    top, left = int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1))
-    mixed = acts.clone()
-    mixed[..., top:top + bh, left:left + bw] = acts[perm][..., top:top + bh, left:left + bw]
-    return mixed, y, y[perm], 1.0 - bh * bw / (h * w)  # the share of a actually kept
-
-
 class LPFTModule(L.LightningModule):
-    """Trains one member of ``net`` (its tail, pooling and head; member 0 is the net's own) on cached trunk
-    activations (B, C, h, w).
+    """Trains one top of ``net`` (tail, pooling and head: ``net.tops()[member]``) on cached trunk activations
+    (B, C, h, w).
 
     Keeps the best validation weights in memory (``best_state``) and a per-epoch ``history``.
     """
 
     def __init__(self, net: BirdNet, cfg: FinetuneConfig, member: int = 0):
         super().__init__()
-        self.net, self.cfg, self.member_index = net, cfg, member
+        self.net = net
+        self.cfg = cfg
+        self.member_index = member  # which top, and its own data order and mixing draws
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_val_accuracy = -1.0
         self.history: list[dict[str, float]] = []
@@ -137,8 +67,8 @@ class LPFTModule(L.LightningModule):
         self.mix_rng = np.random.default_rng(cfg.seed + member)  # own stream: the global RNGs stay untouched
 
     @property
-    def member(self) -> Member:
-        return self.net.member(self.member_index)
+    def top(self) -> TailHead:
+        return self.net.tops()[self.member_index]
 
     def train(self, mode: bool = True) -> "LPFTModule":
         # Called before fit and by Lightning after each validation loop: re-pin BatchNorm every time.
@@ -147,7 +77,7 @@ class LPFTModule(L.LightningModule):
         return self
 
     def forward(self, acts: torch.Tensor) -> torch.Tensor:
-        return self.member(acts)
+        return self.top(acts)
 
     def on_train_start(self) -> None:
         self.train()  # the data module's setup ran the probe in eval mode inside fit(); dropout back on, BN pinned
@@ -159,15 +89,13 @@ class LPFTModule(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         acts, y = batch
         self.samples_seen += len(y)
-        smoothing = self.cfg.label_smoothing
         if self.cfg.mix == "none":
             logits = self(acts)
-            loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
+            loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
         else:
-            acts, y, y_b, lam = mix_batch(acts, y, self.cfg.mix, self.cfg.mix_alpha, self.mix_rng)
-            logits = self(acts)
-            loss = lam * F.cross_entropy(logits, y, label_smoothing=smoothing) + \
-                (1.0 - lam) * F.cross_entropy(logits, y_b, label_smoothing=smoothing)
+            from finetune.levers import mixed_step  # a lever: loaded only by the recipes that mix
+
+            logits, loss = mixed_step(self, acts, y)
         self._log("train", loss, (logits.argmax(1) == y).float().mean(), len(y))
         return loss
 
@@ -188,8 +116,8 @@ class LPFTModule(L.LightningModule):
 
     def param_groups(self) -> list[dict]:
         """AdamW groups: the tail at ``lr_tail``, pooling and head at ``lr_head``; no decay on 1-d parameters."""
-        groups, member = [], self.member
-        for modules, lr in (((member.tail,), self.cfg.lr_tail), ((member.pool, member.head), self.cfg.lr_head)):
+        groups, top = [], self.top
+        for modules, lr in (((top.tail,), self.cfg.lr_tail), ((top.pool, top.head), self.cfg.lr_head)):
             params = [p for module in modules for p in module.parameters() if p.requires_grad]
             decay = [p for p in params if p.ndim > 1]  # conv and linear weights; not biases, BatchNorm or GeM's p
             no_decay = [p for p in params if p.ndim <= 1]

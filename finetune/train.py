@@ -22,8 +22,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from probe.backbone import BirdNet, NetConfig
-from probe.preprocess import data_config
+from probe.backbone import BirdNet
 from probe.data import LabelledImages
 from probe.features import resolve_precision
 from probe.linear import FittedProbe
@@ -32,8 +31,9 @@ from probe.weights import pretrained_net
 from finetune.checkpoint import Classifier
 from finetune.config import FinetuneConfig
 from finetune.cache import CachedViews
-from finetune.datamodule import TrunkCacheData, cached_loader, val_loader_of
-from finetune.module import LPFTModule, TrunkFreeze, WeightAverage
+from finetune.datamodule import TrunkCacheData, val_loader_of
+from finetune.module import LPFTModule, TrunkFreeze
+from finetune.stage_one import StageOne
 
 # Lightning's warnings about choices this design makes on purpose: in-process loading (no workers),
 # BatchNorm pinned in eval mode, metrics logged per epoch (with --log-dir); and Lightning >= 2.5's own use of
@@ -58,7 +58,6 @@ class FinetuneResult:
     cache_images: int
     trained_samples: int  # cached views that went through the tail during training, all epochs
     shards: list[list[int]]  # image indices each rank extracted
-    head_digests: list[str]  # hash of each rank's probe-initialised head: all equal
     is_global_zero: bool  # False on the other ranks of a DDP run: they write nothing
     stopwatch: Stopwatch = field(default_factory=Stopwatch)
 
@@ -120,7 +119,11 @@ def make_trainer(cfg: FinetuneConfig, progress: bool, *, validate: bool, log_dir
 
     Device flags (accelerator, devices, strategy, num_nodes) pass through ``trainer_kwargs``.
     """
-    callbacks = [TrunkFreeze()] + ([WeightAverage(cfg.ema_decay)] if cfg.ema_decay > 0 else [])
+    callbacks = [TrunkFreeze()]
+    if cfg.ema_decay > 0:
+        from finetune.levers import WeightAverage  # a lever: loaded only by the recipes that average
+
+        callbacks.append(WeightAverage(cfg.ema_decay))
     kwargs = dict(
         max_epochs=cfg.epochs, logger=_loggers(log_dir), enable_checkpointing=False, enable_model_summary=False,
         num_sanity_val_steps=0, limit_train_batches=cfg.limit_train_batches, limit_val_batches=1.0 if validate else 0,
@@ -169,8 +172,8 @@ def fit_module(module: LPFTModule, trainer: L.Trainer, verbose: bool = False, **
 
 @torch.inference_mode()
 def cached_accuracy(net: BirdNet, views: CachedViews, trainer: L.Trainer | None = None) -> float:
-    """Accuracy of ``net`` (every member: their averaged logits) on cached trunk activations; under DDP
-    each rank scores its shard and the counts are summed."""
+    """Accuracy of ``net`` (an ensemble: its averaged logits) on cached trunk activations; under DDP each rank
+    scores its shard and the counts are summed."""
     net.eval()
     device = next(net.parameters()).device
     correct = sum(int((net.forward_from_trunk(a.to(device)).argmax(1).cpu() == y).sum()) for a, y in val_loader_of(views))
@@ -180,22 +183,36 @@ def cached_accuracy(net: BirdNet, views: CachedViews, trainer: L.Trainer | None 
     return float(counts[0] / counts[1])
 
 
-def train_tail(net: BirdNet, train_set: CachedViews, val_set: CachedViews | None, cfg: FinetuneConfig,
-               progress: bool = True, member: int = 0, **trainer_kwargs) -> LPFTModule:
-    """Fit one member's tail + head on prepared cached views in this process; the best validation weights
-    end up in ``net``.
+@dataclass
+class Training:
+    """What :func:`train_tops` did: one module per trained top, the probe, the seconds of the epochs alone."""
 
-    The head is used as it is (initialise it from the probe first). :func:`fine_tune` does the same
-    through :class:`~finetune.datamodule.TrunkCacheData`, which also extracts the cache and fits the probe.
+    modules: list[LPFTModule]
+    fitted: FittedProbe
+    stage_one_seconds: float
+    seconds: float  # training steps (and validation), without the cache's extraction and stage one
+    trainer: L.Trainer  # the last fit's: rank and world size of a distributed run
+
+
+def train_tops(net: BirdNet, data: TrunkCacheData, cfg: FinetuneConfig, *, progress: bool = True,
+               verbose: bool = False, log_dir: Path | None = None, **trainer_kwargs) -> Training:
+    """Stage one and then the tail + head of every top of ``net`` (one, or an ensemble's, one fit each), on
+    ``data``: the one training path of the fine-tune, cross-validation and the benchmark.
+
+    The first fit's ``setup`` extracts the cache (unless ``data`` holds one already) and stage one fits the
+    probe (``finetune.stage_one.StageOne``); each fit starts from the same random state.
     """
-    module = LPFTModule(net, cfg, member)
-    with process_state_kept():
-        trainer = make_trainer(cfg, progress, validate=val_set is not None, **trainer_kwargs)
-        # [] rather than None: no validation, and no Lightning warning that validation_step has no loader
-        val_loader = val_loader_of(val_set) if val_set is not None else []
-        fit_module(module, trainer, train_dataloaders=cached_loader(train_set, cfg, member=member),
-                   val_dataloaders=val_loader)
-    return module
+    stage = StageOne()
+    extra = list(trainer_kwargs.pop("callbacks", []))
+    modules, seconds, trainer = [], 0.0, None
+    for member in range(len(net.tops())):
+        data.member = member
+        modules.append(LPFTModule(net, cfg, member))
+        with process_state_kept():
+            trainer = make_trainer(cfg, progress, validate=data.validates, log_dir=log_dir, verbose=verbose,
+                                   callbacks=[stage, *extra], **trainer_kwargs)
+            seconds += fit_module(modules[-1], trainer, verbose, datamodule=data)
+    return Training(modules, stage.fitted, stage.seconds, seconds - data.setup_seconds - stage.seconds, trainer)
 
 
 def fine_tune(train: LabelledImages, cfg: FinetuneConfig, weights: str = "required", *,
@@ -213,21 +230,22 @@ def fine_tune(train: LabelledImages, cfg: FinetuneConfig, weights: str = "requir
     with process_state_kept():
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         sw = Stopwatch()
-        data_cfg = data_config(cfg.backbone, cfg.image_size)
-        net_cfg = NetConfig(cfg.backbone, train.num_classes, cfg.trunk_split, cfg.dropout, cfg.pooling, cfg.members)
+        net_cfg = cfg.net_config(train.num_classes)
         with sw("load network"):
             net = pretrained_net(net_cfg, weights, allow_download=allow_download)
-        data = TrunkCacheData(train, net, cfg, data_cfg, stopwatch=sw, cache_budget=cache_budget, progress=progress)
-        modules, seconds = [], 0.0
-        for member in range(cfg.members):  # the first fit's setup extracts the cache; the others reuse it
-            data.member = member
-            modules.append(LPFTModule(net, cfg, member))
-            trainer = make_trainer(cfg, progress, validate=cfg.val_fraction > 0, log_dir=log_dir, verbose=verbose,
-                                   **trainer_kwargs)
-            seconds += fit_module(modules[-1], trainer, verbose, datamodule=data)
-        sw.seconds["fine-tune"] = seconds - data.setup_seconds
-    val_acc = cached_accuracy(net, data.val_set, trainer) if data.val_set is not None else None  # all members
-    classifier = Classifier(net.cpu(), net_cfg, data_cfg, cfg.tta_flip, train.class_names, cfg.tta_crops).eval()
-    return FinetuneResult(classifier, cfg, data.fitted, val_acc, [row for m in modules for row in m.history],
-                          data.cache_bytes, len(train), sum(m.samples_seen for m in modules), data.shards,
-                          data.head_digests, trainer.is_global_zero, sw)
+        data = TrunkCacheData(train, net, cfg, stopwatch=sw, cache_budget=cache_budget, progress=progress)
+        run = train_tops(net, data, cfg, progress=progress, verbose=verbose, log_dir=log_dir, **trainer_kwargs)
+        sw.seconds["probe"] = run.stage_one_seconds
+        sw.seconds["fine-tune"] = run.seconds
+    return _result(train, cfg, net, data, run, sw)
+
+
+def _result(train: LabelledImages, cfg: FinetuneConfig, net: BirdNet, data: TrunkCacheData, run: Training,
+            sw: Stopwatch) -> FinetuneResult:
+    """The one place a run's result is assembled: the classifier and what was measured."""
+    val_acc = cached_accuracy(net, data.val_set, run.trainer) if data.val_set is not None else None
+    classifier = Classifier(net.cpu(), cfg.net_config(train.num_classes), cfg.data_config(), cfg.tta_flip,
+                            train.class_names, cfg.tta_crops).eval()
+    return FinetuneResult(classifier, cfg, run.fitted, val_acc, [row for m in run.modules for row in m.history],
+                          data.cache_bytes, len(train), sum(m.samples_seen for m in run.modules), data.shards,
+                          run.trainer.is_global_zero, sw)

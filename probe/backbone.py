@@ -1,4 +1,4 @@
-"""Backbones and the network built on them: trunk -> tail -> pool -> head (and ensemble members).
+"""Backbones and the network built on them: trunk -> tail -> pool -> head.
 
 A small registry maps a name to a torchvision builder; adding a backbone is one entry in ``BACKBONES``.
 Preprocessing derived from the backbone's weights is :mod:`probe.preprocess`.
@@ -6,7 +6,6 @@ Preprocessing derived from the backbone's weights is :mod:`probe.preprocess`.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from collections.abc import Callable
 
@@ -84,8 +83,9 @@ def make_pool(pooling: str) -> nn.Module:
     raise ValueError(f"pooling must be 'avg' or 'gem', got {pooling!r}")
 
 
-class Member(nn.Module):
-    """What one ensemble member adds on top of the shared trunk: tail, pooling, dropout and head.
+class TailHead(nn.Module):
+    """The trainable top of the network: tail blocks, pooling, dropout and head (a view of the modules it is
+    given, so training it trains the network that holds them).
 
     ``forward_tail`` (B, C, h', w') trunk activations, e.g. fp16 from the cache -> (B, F, h, w) maps;
     ``forward_head`` pools and classifies them -> (B, K) logits (or (B, F) features with ``pre_logits``).
@@ -93,7 +93,10 @@ class Member(nn.Module):
 
     def __init__(self, tail: nn.Sequential, pool: nn.Module, dropout: nn.Dropout, head: nn.Linear):
         super().__init__()
-        self.tail, self.pool, self.dropout, self.head = tail, pool, dropout, head
+        self.tail = tail
+        self.pool = pool
+        self.dropout = dropout
+        self.head = head
 
     def forward_tail(self, a: torch.Tensor) -> torch.Tensor:
         a = a.float().contiguous(memory_format=torch.channels_last)  # ~20% faster tail training on a CPU
@@ -110,59 +113,47 @@ class Member(nn.Module):
 class BirdNet(nn.Module):
     """Backbone blocks split into a frozen ``trunk`` and a trainable ``tail``, then pool, dropout, ``head``.
 
-    Names follow timm, per member: ``forward_features(x, m)`` (B, 3, H, W) -> member m's unpooled maps
-    (B, F, h, w); ``forward_head(maps, m)`` pools and classifies them -> (B, K) logits (or (B, F) pooled
-    features with ``pre_logits``). Training on cached trunk activations enters half-way: ``forward_tail(a, m)``
-    (B, C, h', w') -> (B, F, h, w).
-
-    An ensemble (``members`` > 1) adds copies of tail, pooling, dropout and head in ``extra``, each trained
-    on its own; the trunk runs once and ``forward`` averages the members' logits (for one member it is
-    ``forward_head(forward_features(x))``). Member 0 is the net's own ``tail``/``pool``/``dropout``/``head``,
-    so a single model's state dict has no ensemble keys and older checkpoints still load.
+    Names follow timm: ``forward_features(x)`` (B, 3, H, W) -> unpooled maps (B, F, h, w); ``forward_head(maps)``
+    pools and classifies them -> (B, K) logits (or (B, F) pooled features with ``pre_logits``). Training on
+    cached trunk activations enters half-way: ``forward_tail(a)`` (B, C, h', w') -> (B, F, h, w), and
+    ``forward_from_trunk(a)`` -> logits. :meth:`top` is the trainable part as one module.
     """
 
     def __init__(self, blocks: nn.Sequential, width: int, num_classes: int, split: int, dropout: float = 0.0,
-                 pooling: str = "avg", members: int = 1):
+                 pooling: str = "avg"):
         super().__init__()
         if not 0 <= split <= len(blocks):
             raise ValueError(f"split must be in 0..{len(blocks)}, got {split}")
-        if members < 1:
-            raise ValueError(f"members must be at least 1, got {members}")
         self.trunk = blocks[:split]
         self.tail = blocks[split:]
         self.pool = make_pool(pooling)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(width, num_classes)
-        self.extra = nn.ModuleList(copy.deepcopy(self.member(0)) for _ in range(members - 1))
 
-    @property
-    def members(self) -> int:
-        return 1 + len(self.extra)
+    def top(self) -> TailHead:
+        """Tail, pooling, dropout and head: the very modules the net holds. (The wrapper is made on each call, a
+        few microseconds: registering it would duplicate the state dict.)"""
+        return TailHead(self.tail, self.pool, self.dropout, self.head)
 
-    def member(self, i: int) -> Member:
-        """Member ``i``'s modules: the very objects the net holds, so training them trains the net. (Member 0's
-        wrapper is made on each call, a few microseconds: registering it would duplicate the state dict.)"""
-        return Member(self.tail, self.pool, self.dropout, self.head) if i == 0 else self.extra[i - 1]
+    def tops(self) -> list[TailHead]:
+        """Every trainable top the net averages over: its own alone (an ensemble has more)."""
+        return [self.top()]
 
     def forward_trunk(self, x: torch.Tensor) -> torch.Tensor:
         return self.trunk(x)
 
-    def forward_tail(self, a: torch.Tensor, member: int = 0) -> torch.Tensor:
-        return self.member(member).forward_tail(a)
+    def forward_tail(self, a: torch.Tensor) -> torch.Tensor:
+        return self.top().forward_tail(a)
 
-    def forward_features(self, x: torch.Tensor, member: int = 0) -> torch.Tensor:
-        return self.forward_tail(self.forward_trunk(x), member)
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_tail(self.forward_trunk(x))
 
-    def forward_head(self, maps: torch.Tensor, member: int = 0, pre_logits: bool = False) -> torch.Tensor:
-        return self.member(member).forward_head(maps, pre_logits)
-
-    def member_logits(self, a: torch.Tensor) -> torch.Tensor:
-        """Trunk activations (B, C, h', w') -> every member's logits, (members, B, K) in fp32."""
-        return torch.stack([self.member(i)(a).float() for i in range(self.members)])
+    def forward_head(self, maps: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.top().forward_head(maps, pre_logits)
 
     def forward_from_trunk(self, a: torch.Tensor) -> torch.Tensor:
-        """Trunk activations (B, C, h', w') -> logits (B, K), averaged over the members."""
-        return self.member(0)(a) if self.members == 1 else self.member_logits(a).mean(0)
+        """Trunk activations (B, C, h', w') -> logits (B, K)."""
+        return self.top()(a)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_from_trunk(self.forward_trunk(x))
@@ -181,7 +172,8 @@ class NetConfig:
 
 
 def build_net(cfg: NetConfig, state_dict: dict | None = None) -> BirdNet:
-    """Build a randomly initialised :class:`BirdNet`; ``state_dict`` holds backbone weights to load first.
+    """Build a randomly initialised :class:`BirdNet` (an ensemble's, ``probe.ensemble.EnsembleNet``, when
+    ``cfg.members`` > 1); ``state_dict`` holds backbone weights to load first.
 
     ``state_dict`` is a torchvision state dict for the whole backbone (e.g. the pretrained file); the
     head is always new. To restore a trained BirdNet, call ``load_state_dict`` on the result instead.
@@ -190,6 +182,12 @@ def build_net(cfg: NetConfig, state_dict: dict | None = None) -> BirdNet:
     model = spec.build()
     if state_dict is not None:
         model.load_state_dict(state_dict)
-    net = BirdNet(spec.blocks(model), spec.width(model), cfg.num_classes, cfg.split, cfg.dropout, cfg.pooling,
-                  cfg.members)
+    args = (spec.blocks(model), spec.width(model), cfg.num_classes, cfg.split, cfg.dropout, cfg.pooling)
+    if cfg.members == 1:
+        net = BirdNet(*args)
+    else:
+        # Imported only here: the ensemble is a lever, and a grader file for a single model does not carry it.
+        from probe.ensemble import EnsembleNet
+
+        net = EnsembleNet(*args, members=cfg.members)
     return net.to(memory_format=torch.channels_last)  # the layout oneDNN's CPU convolutions run fastest in

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from probe.backbone import BirdNet, NetConfig, get_spec
-from probe.preprocess import EvalTransform, data_config
+from probe.preprocess import DataConfig, EvalTransform, data_config
 from probe.data import LabelledImages
 from probe.features import extract, make_loader
 from probe.images import ImageDataset
@@ -23,26 +23,34 @@ class ProbeConfig:
     Attributes:
         backbone: a name in ``probe.backbone.BACKBONES``.
         image_size: network input side; None keeps the weights' own (224 for MobileNetV2).
-        fit: how C is chosen and the probe fitted (shared with the fine-tune's LP init).
-        batch_size: images per forward pass (small batches are fastest on a CPU).
+        probe: how C is chosen and the probe fitted (the fine-tune's LP init uses the same recipe, under the
+            same name: ``FinetuneConfig.probe``).
+        extract_batch_size: images per forward pass (small batches are fastest on a CPU).
         precision: 'auto' (bf16 where the CPU supports it natively), 'bf16' or 'fp32'.
         seed: split and solver seed.
     """
 
     backbone: str = "mobilenet_v2"
     image_size: int | None = None
-    fit: ProbeFit = field(default_factory=ProbeFit)
-    batch_size: int = 16
+    probe: ProbeFit = field(default_factory=ProbeFit)
+    extract_batch_size: int = 16
     precision: str = "auto"
     seed: int = 0
+
+    def net_config(self, num_classes: int) -> NetConfig:
+        """The network whose pooled features the probe sees (its split does not change them)."""
+        return NetConfig(self.backbone, num_classes, get_spec(self.backbone).default_split)
+
+    def data_config(self) -> DataConfig:
+        return data_config(self.backbone, self.image_size)
 
 
 def pooled_features(net: BirdNet, images: LabelledImages, cfg: ProbeConfig, desc: str,
                     progress: bool = True) -> torch.Tensor:
     """(N, F) pooled backbone features of the centre view, computed in RAM; ``progress``: a bar and a summary."""
-    dataset = ImageDataset(images.sources, images.names, EvalTransform(data_config(cfg.backbone, cfg.image_size)))
+    dataset = ImageDataset(images.sources, images.names, EvalTransform(cfg.data_config()))
     feats, _ = extract(
-        lambda x: net.forward_head(net.forward_features(x), pre_logits=True), make_loader(dataset, cfg.batch_size),
+        lambda x: net.forward_head(net.forward_features(x), pre_logits=True), make_loader(dataset, cfg.extract_batch_size),
         precision=cfg.precision, desc=desc, progress=progress,
     )
     return feats
@@ -62,12 +70,11 @@ def run_probe(
     """Fit the probe: choose C on a stratified validation split, then refit on all training images."""
     sw = Stopwatch()
     with sw("load network"):
-        net = pretrained_net(NetConfig(cfg.backbone, train.num_classes, get_spec(cfg.backbone).default_split),
-                             weights, allow_download=allow_download)
+        net = pretrained_net(cfg.net_config(train.num_classes), weights, allow_download=allow_download)
     with sw("train features"):
         X = pooled_features(net, train, cfg, "train features", progress).numpy()
     with sw("choose C and fit"):
-        fitted = fit_probe(X, train.labels, cfg.fit, cfg.seed)
+        fitted = fit_probe(X, train.labels, cfg.probe, cfg.seed)
     test_acc = None
     if test is not None:
         with sw("test features"):

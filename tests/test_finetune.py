@@ -22,10 +22,11 @@ from finetune.cache import CachedViews, augmented_activations, centre_activation
 from finetune.checkpoint import Classifier
 from finetune.inference import predict_logits
 from finetune.config import PRESETS, preset
-import finetune.datamodule as finetune_data
-from finetune.datamodule import pooled_from_trunk, stage_two_split
+import finetune.stage_one as finetune_stage_one
+from finetune.datamodule import TrunkCacheData, stage_two_split
 from finetune.module import LPFTModule, TrunkFreeze, lr_factor
-from finetune.train import FinetuneResult, fine_tune, train_tail
+from finetune.stage_one import pooled_from_trunk
+from finetune.train import FinetuneResult, fine_tune, train_tops
 from probe.backbone import NetConfig, build_net
 from probe.data import load_split_dir, stratified_split
 from probe.images import ImageDataset
@@ -94,7 +95,15 @@ class Spy(L.Callback):
             self.val.append((float(trainer.callback_metrics["val_acc"]), _state(pl_module.net)))
 
     def on_train_end(self, trainer, pl_module):
-        self.final = _state(pl_module.net)  # before train_tail restores the best validation weights
+        self.final = _state(pl_module.net)  # before fit_module restores the best validation weights
+
+
+def train_tail(net, stacks, cfg, val_set=None, **kwargs):
+    """Stage one and the tail on cached stacks through ``train_tops`` (the fine-tune's own path); its module."""
+    labels = stacks.labels.numpy()
+    data = TrunkCacheData.from_stacks(labels, stacks.stacks[0], stacks.stacks[1:], np.arange(len(labels)), cfg,
+                                      val_set)
+    return train_tops(net, data, cfg, **kwargs).modules[0]
 
 
 @pytest.fixture
@@ -122,7 +131,7 @@ def test_train_tail_changes_only_tail_and_head(mode, spy):
     acts, y = _class_acts(24, 3, seed=1)
     before = _state(net)
 
-    module = train_tail(net, CachedViews([acts, acts.flip(3)], y), None, TINY, progress=False, **TRAINER)
+    module = train_tail(net, CachedViews([acts, acts.flip(3)], y), TINY, progress=False, **TRAINER)
     after = net.state_dict()
 
     assert len(spy.steps) == 2  # limit_train_batches: two real optimisation steps ran
@@ -150,7 +159,7 @@ def test_train_tail_changes_only_tail_and_head(mode, spy):
 def test_train_tail_pins_batchnorm_and_keeps_dropout_during_training(mode, spy):
     net = build_net(NetConfig("mobilenet_v2", 3, TINY.trunk_split, 0.2)).train(mode == "train")
     acts, y = _class_acts(16, 3, seed=2)
-    train_tail(net, CachedViews([acts], y), None, TINY, progress=False, **TRAINER)
+    train_tail(net, CachedViews([acts], y), TINY, progress=False, **TRAINER)
     assert spy.steps
     for step in spy.steps:
         assert not any(step["bn_training"])  # running statistics used, never updated
@@ -172,7 +181,7 @@ def test_trunk_freeze_callback_freezes_trunk_and_the_other_members():
 def test_training_follows_the_lr_schedule(spy):
     cfg = replace(TINY, lr_head=2e-3, lr_tail=5e-4, limit_train_batches=3, warmup_fraction=0.0)
     acts, y = _class_acts(24, 3, seed=3)
-    train_tail(build_net(NetConfig("mobilenet_v2", 3, cfg.trunk_split)).eval(), CachedViews([acts], y), None, cfg,
+    train_tail(build_net(NetConfig("mobilenet_v2", 3, cfg.trunk_split)).eval(), CachedViews([acts], y), cfg,
                progress=False, **TRAINER)
     assert [s["step"] for s in spy.steps] == [0, 1, 2]
     for s in spy.steps:
@@ -230,8 +239,8 @@ def test_stage_two_validation_split_and_the_probe_sees_only_training_images(monk
     assert np.array_equal(stage_two_split(labels, TINY)[0], np.arange(24))  # val_fraction 0: every image
 
     seen = []
-    real = finetune_data.fit_probe
-    monkeypatch.setattr(finetune_data, "fit_probe", lambda X, y, *a: seen.append((X, y)) or real(X, y, *a))
+    real = finetune_stage_one.fit_probe
+    monkeypatch.setattr(finetune_stage_one, "fit_probe", lambda X, y, *a: seen.append((X, y)) or real(X, y, *a))
     images = make_synthetic(num_classes=3, per_class=6, size=48, seed=2)
     fine_tune(images, replace(TINY, val_fraction=0.34), "none", progress=False, **TRAINER)
     fit_idx, _ = stratified_split(images.labels, 0.34, TINY.seed)
@@ -246,7 +255,7 @@ class HeadCheck(L.Callback):
         self.probes, self.checked = probes, 0
 
     def on_train_start(self, trainer, pl_module):
-        centre, member = trainer.datamodule.train_set.stacks[0], pl_module.member  # this fit's member
+        centre, member = trainer.datamodule.train_set.stacks[0], pl_module.top  # this fit's member
         with torch.no_grad():
             feats = member.eval().forward_head(member.forward_tail(centre), pre_logits=True).numpy()
             logits = pl_module.eval()(centre).numpy()
@@ -272,7 +281,7 @@ def test_fine_tune_trains_from_the_probe_head(monkeypatch):
         return init_head_from_probe(head, probe)
 
     monkeypatch.setattr(finetune_train, "pretrained_net", calibrated_net)
-    monkeypatch.setattr(finetune_data, "init_head_from_probe", capture_probe)
+    monkeypatch.setattr(finetune_stage_one, "init_head_from_probe", capture_probe)
     check = HeadCheck(probes)
     result = fine_tune(images, cfg, "none", progress=False, callbacks=[check], **TRAINER)
     assert check.checked == 2 and len(probes) == 2 and probes[0] is probes[1]  # both members, one probe
@@ -486,7 +495,7 @@ def test_train_tail_restores_an_earlier_best_epoch(spy):
     acts, y = _class_acts(24, 3, seed=6)
     cfg = replace(TINY, epochs=3, lr_head=1e-2, lr_tail=1e-3)
     net = build_net(NetConfig("mobilenet_v2", 3, cfg.trunk_split)).eval()
-    module = train_tail(net, CachedViews([acts], y), CachedViews([acts], (y + 1) % 3), cfg, progress=False,
+    module = train_tail(net, CachedViews([acts], y), cfg, CachedViews([acts], (y + 1) % 3), progress=False,
                         **TRAINER)
 
     accs = [acc for acc, _ in spy.val]

@@ -16,7 +16,7 @@ from torch import nn
 import finetune.cache as finetune_cache
 import finetune.cv as cv
 from finetune.config import PRESETS, preset
-from finetune.module import WeightAverage, mix_batch
+from finetune.levers import WeightAverage, mix_batch
 from probe.backbone import GeM, NetConfig, build_net
 from probe.synthetic import make_synthetic, write_grader_layout
 
@@ -94,7 +94,7 @@ def test_tta_crops_are_cached_once_and_every_scheme_scores_the_same_tails(tmp_pa
 
 def test_tta_logits_average_the_chosen_views_and_members():
     g = torch.Generator().manual_seed(0)
-    logits = {key: tuple(torch.randn(2, 5, 3, generator=g) for _ in range(2)) for key in (cv.STANDARD, 0.75, 1.0)}
+    logits = {key: torch.randn(2, 2, 5, 3, generator=g) for key in (cv.STANDARD, 0.75, 1.0)}  # (flip, top, N, K)
     got = cv.tta_logits(logits, (1.0,), flip=True)
     want = (logits[cv.STANDARD][0] + logits[cv.STANDARD][1] + logits[1.0][0] + logits[1.0][1]).mean(0) / 4
     assert torch.allclose(got, want, atol=1e-6)
@@ -119,7 +119,7 @@ def test_bf16_and_fp32_tails_agree_on_a_fixed_batch():
     by orders of magnitude."""
     torch.manual_seed(0)
     net = calibrate_batchnorm(build_net(NetConfig("mobilenet_v2", 5, 14)), torch.randn(16, 3, 64, 64)).eval()
-    member = net.member(0)
+    member = net.top()
     acts = net.forward_trunk(torch.randn(16, 3, 64, 64)).detach()
     y = torch.arange(16) % 5
     results = {}
@@ -145,7 +145,7 @@ def test_presets_train_in_bf16_where_native_and_v1_stays_fp32():
 class _Module(nn.Module):
     def __init__(self):
         super().__init__()
-        self.member = nn.Linear(2, 1)
+        self.top = nn.Linear(2, 1)
 
 
 def test_weight_average_is_the_exponential_moving_average():
@@ -153,16 +153,16 @@ def test_weight_average_is_the_exponential_moving_average():
     callback = WeightAverage(decay)
     callback.on_fit_start(None, module)
     values = [torch.full((1, 2), v) for v in (1.0, 3.0, 5.0, 9.0)]
-    expected = module.member.weight.detach().clone()
+    expected = module.top.weight.detach().clone()
     for n, v in enumerate(values):
         with torch.no_grad():
-            module.member.weight.copy_(v)
+            module.top.weight.copy_(v)
         callback.on_train_batch_end(None, module, None, None, n)
         d = min(decay, (1 + n) / (10 + n))  # the warm-up: the first weights are forgotten fast
         expected = v.clone() if n == 0 else d * expected + (1 - d) * v  # AveragedModel copies on its first update
         torch.testing.assert_close(callback.average.module.weight, expected)
     callback.on_train_end(None, module)  # the average replaces the trained weights
-    torch.testing.assert_close(module.member.weight.detach(), expected)
+    torch.testing.assert_close(module.top.weight.detach(), expected)
 
 
 # --------------------------------------------------------------------------- mixing

@@ -19,7 +19,7 @@ from probe.pipeline import ProbeConfig, pooled_features, run_probe
 from probe.weights import pretrained_net
 from probe.synthetic import make_synthetic, write_grader_layout
 
-SMALL = ProbeConfig(image_size=64, fit=ProbeFit(Cs=(0.01, 0.1)), batch_size=16, precision="fp32")
+SMALL = ProbeConfig(image_size=64, probe=ProbeFit(Cs=(0.01, 0.1)), extract_batch_size=16, precision="fp32")
 
 
 def _features(n: int, f: int, k: int, seed: int, spread: float = 5.0) -> tuple[np.ndarray, np.ndarray]:
@@ -174,8 +174,8 @@ def test_run_probe_on_grader_layout(tmp_path):
 
     result = run_probe(train, test, SMALL, weights="none")
     fitted = result.fitted
-    assert fitted.C in SMALL.fit.Cs
-    assert sorted(fitted.val_scores) == sorted(SMALL.fit.Cs)
+    assert fitted.C in SMALL.probe.Cs
+    assert sorted(fitted.val_scores) == sorted(SMALL.probe.Cs)
     assert fitted.val_accuracy == fitted.val_scores[fitted.C]
     assert 0.0 <= fitted.val_accuracy <= 1.0 and 0.0 <= result.test_accuracy <= 1.0
     assert np.array_equal(fitted.probe.classes_, np.arange(k))
@@ -185,7 +185,7 @@ def test_run_probe_on_grader_layout(tmp_path):
 
 def test_run_probe_without_test_set():
     result = run_probe(make_synthetic(num_classes=3, per_class=6, size=48, seed=2), None, SMALL, weights="none")
-    assert result.test_accuracy is None and result.fitted.C in SMALL.fit.Cs
+    assert result.test_accuracy is None and result.fitted.C in SMALL.probe.Cs
 
 
 def test_pooled_features_same_from_disk_and_ram(tmp_path):
@@ -213,7 +213,7 @@ def test_pretrained_net_weight_modes():
 def test_run_probe_writes_nothing(watched):
     before = watched()
     result = run_probe(make_synthetic(num_classes=3, per_class=8, size=48, seed=0), None, SMALL, weights="none")
-    assert result.fitted.C in SMALL.fit.Cs
+    assert result.fitted.C in SMALL.probe.Cs
     assert watched() == before
 
 

@@ -53,7 +53,7 @@ def test_real_probe_separates_six_species(real_cache):
     test = {n: k for k, names in per_class.items() for n in names[10:]}
     images = BIRDS / "train" / "images"
     result = run_probe(labelled_from_gt(train, images), labelled_from_gt(test, images),
-                       ProbeConfig(fit=ProbeFit(Cs=(0.01,))), "required")
+                       ProbeConfig(probe=ProbeFit(Cs=(0.01,))), "required")
     # chance is 1/6; a probe on real ImageNet features separates six species from ten photos each
     assert result.test_accuracy is not None and result.test_accuracy >= 0.6, result.test_accuracy
     assert np.isfinite(result.fitted.probe.clf_.coef_).all()

@@ -41,7 +41,6 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from probe.backbone import NetConfig
 from probe.cli import Written, check_output_dir, fail, run_interruptible
 from probe.data import DataError, read_class_names
 from probe.datasets import load_data
@@ -142,8 +141,7 @@ def throughput(fn: Callable, size: int, batches: int, precision: str, desc: str,
 
 def compute_step(opts: BenchOptions, cfg: FinetuneConfig, num_classes: int) -> dict:
     """Step 1: forward throughput of the full network and of the trunk alone on random tensors."""
-    net = pretrained_net(NetConfig(cfg.backbone, num_classes, cfg.trunk_split, cfg.dropout, cfg.pooling),
-                         opts.weights)
+    net = pretrained_net(cfg.net_config(num_classes), opts.weights)
     args = (cfg.image_size, opts.compute_batches, cfg.precision)
     return {
         "image_size": cfg.image_size, "batch_size": COMPUTE_BATCH, "precision": resolve_precision(cfg.precision),

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
 from finetune.config import PRESETS
-from probe.backbone import NetConfig, build_net
+from probe.backbone import build_net
 from probe.features import autocast
 
 SETTINGS = [(pool, bf16) for pool in ("avg", "gem") for bf16 in (False, True)]
@@ -26,15 +27,15 @@ def views_per_second(pool: str, bf16: bool, image_size: int, steps: int, split: 
     torch.manual_seed(0)
     cfg = PRESETS["full"]
     # eval mode: BatchNorm pinned, as in training
-    net = build_net(NetConfig(cfg.backbone, 50, split, 0.0, pool, 1)).eval()
+    net = build_net(replace(cfg, split=split, pooling=pool, dropout=0.0, members=1).net_config(50)).eval()
     acts = net.forward_trunk(torch.randn(batch, 3, image_size, image_size)).detach()
     y = torch.randint(0, 50, (batch,))
-    member = net.member(0)
-    opt = torch.optim.AdamW(member.parameters(), lr=1e-4)
+    top = net.top()
+    opt = torch.optim.AdamW(top.parameters(), lr=1e-4)
 
     def step() -> None:
         with autocast("bf16" if bf16 else "fp32"):  # what Lightning's 'bf16-mixed' does on a CPU
-            loss = F.cross_entropy(member(acts).float(), y)
+            loss = F.cross_entropy(top(acts).float(), y)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -1,0 +1,71 @@
+"""Stage one of LP-FT inside stage two: the probe fitted on the cached centre views, folded into every head.
+
+:func:`stage_one` is the one implementation, for the fine-tune (through the :class:`StageOne` callback, inside
+``fit``: under DDP that is the first place the ranks exist, and it runs before the strategy wraps the model)
+and for every cross-validation fold (the same callback, on the fold's rows). Every rank's pooled features are
+gathered (they are small), rank 0 fits the probe and broadcasts it, and every rank sets its heads from it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from probe.backbone import BirdNet
+from probe.linear import FittedProbe, fit_probe, init_head_from_probe
+from finetune.config import FinetuneConfig
+from finetune.distributed import gather_rows
+
+
+@torch.inference_mode()
+def pooled_from_trunk(net: BirdNet, acts: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """(N, F) pooled features from cached trunk activations (N, C, h, w), in fp32 like training."""
+    net.eval()
+    return torch.cat([net.forward_head(net.forward_tail(acts[i:i + batch_size]), pre_logits=True)
+                      for i in range(0, len(acts), batch_size)])
+
+
+def stage_one(net: BirdNet, fit_centre: torch.Tensor, fit_index: np.ndarray, labels: np.ndarray,
+              cfg: FinetuneConfig, trainer: L.Trainer | None = None) -> FittedProbe:
+    """Fit the probe on the centre views of the fit images (every rank's) and initialise every head of ``net``.
+
+    Args:
+        fit_centre: this rank's cached centre activations (n, C, h, w) of its fit images.
+        fit_index: their indices into ``labels``.
+        trainer: the running trainer under DDP (gather and broadcast); None in one process.
+    """
+    features = pooled_from_trunk(net, fit_centre).float()
+    index = gather_rows(trainer, torch.as_tensor(fit_index))
+    features = gather_rows(trainer, features)
+    fitted = None
+    if trainer is None or trainer.is_global_zero:
+        order = torch.argsort(index).cpu().numpy()  # the global image order, whatever the shards
+        X, y = features.cpu().numpy()[order], labels[index.cpu().numpy()[order]]
+        fitted = fit_probe(X, y, cfg.probe, cfg.seed)
+    if trainer is not None:
+        fitted = trainer.strategy.broadcast(fitted, src=0)
+    for top in net.tops():
+        init_head_from_probe(top.head, fitted.probe)
+    return fitted
+
+
+class StageOne(Callback):
+    """Runs :func:`stage_one` once, when the first fit's data module has its cache; later fits (an ensemble's
+    other members) keep the same probe. ``fitted`` and ``seconds`` say what it did."""
+
+    def __init__(self):
+        super().__init__()
+        self.fitted: FittedProbe | None = None
+        self.seconds = 0.0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.fitted is not None:
+            return
+        start, data = time.perf_counter(), trainer.datamodule
+        world = trainer if trainer.world_size > 1 else None
+        self.fitted = stage_one(pl_module.net, data.fit_centre, data.fit_index, data.labels, pl_module.cfg, world)
+        self.seconds = time.perf_counter() - start
