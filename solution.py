@@ -16,6 +16,7 @@ from pathlib import Path
 
 from probe.data import labelled_from_gt, list_image_files, read_class_names
 from probe.sandbox import no_tempdir_probe
+
 from finetune.checkpoint import Classifier
 
 
@@ -66,6 +67,7 @@ if __name__ == "__main__":  # pragma: no cover - a manual smoke run: python solu
 
     from probe.data import read_gt
 
-    data, model_path = sys.argv[1], sys.argv[2]
+    data = sys.argv[1]
+    model_path = sys.argv[2]
     train_classifier(read_gt(os.path.join(data, "train", "gt.csv")), os.path.join(data, "train", "images"))
     print(classify(model_path, os.path.join(data, "test", "images")))

@@ -3,7 +3,8 @@ stages, then test accuracy.
 
 DATA_DIR is the grader layout (train/gt.csv + train/images, optionally test/... and classes.txt). Without it,
 a small generated set is used. Any FinetuneConfig field can be overridden (``lr_tail=6e-4 views=6``); every
-setting and destination is checked before any image is decoded. Prints one line per stage with its time, the validation and test accuracy
+setting and destination is checked before any image is decoded. Prints one line per stage with its time, the
+validation and test accuracy
 and the peak memory. Writes nothing but ``--out`` (and ``--log-dir`` when given).
 
 Scale out with Lightning's own flags: ``--accelerator gpu --devices 4`` (one machine), ``--strategy ddp
@@ -23,13 +24,13 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from probe.backbone import BirdNet
-
 from probe.cli import Written, check_output_dir, check_output_file, fail, layout_inputs, run_interruptible
 from probe.data import DataError
 from probe.datasets import load_data
 from probe.settings import ConfigError
 from probe.timing import Stopwatch, peak_rss_mb
 from probe.weights import WeightsError
+
 from finetune.cache import CacheBudgetError, default_budget, parse_size
 from finetune.cli import add_settings, settings, split_positionals
 from finetune.config import FinetuneConfig
@@ -80,7 +81,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(args: argparse.Namespace, cfg: FinetuneConfig, written: Written) -> None:
-    sw, progress = Stopwatch(), not args.no_progress
+    sw = Stopwatch()
+    progress = not args.no_progress
     budget = args.cache_budget if args.cache_budget is not None else default_budget()
     try:
         with sw("read data"):
@@ -137,7 +139,8 @@ def head_digest(net: BirdNet) -> str:
 
 
 def report(result: FinetuneResult, head_digests: list[str], verbose: bool) -> None:
-    cfg, fitted = result.cfg, result.fitted
+    cfg = result.cfg
+    fitted = result.fitted
     if verbose:
         print(f"config: {cfg}")
     if len(result.shards) > 1:

@@ -17,10 +17,11 @@ import torch
 from torch.utils.data import Dataset
 
 from probe.backbone import BirdNet
-from probe.preprocess import DataConfig, EvalTransform, TrainTransform
 from probe.data import LabelledImages
 from probe.features import extract, make_loader
 from probe.images import ImageDataset
+from probe.preprocess import DataConfig, EvalTransform, TrainTransform
+
 from finetune.config import FinetuneConfig
 
 # Default budget: this share of the memory available when the run starts (MemAvailable). The rest is
@@ -49,7 +50,9 @@ class Mirrored:
     """A preset followed by a horizontal flip of its tensor: the second view of flip TTA."""
 
     def __init__(self, preset):
-        self.preset, self.min_side, self.mean = preset, preset.min_side, preset.mean
+        self.preset = preset
+        self.min_side = preset.min_side
+        self.mean = preset.mean
 
     def __call__(self, img) -> torch.Tensor:
         return torch.flip(self.preset(img), dims=[-1])
@@ -135,7 +138,8 @@ class CachedViews(Dataset):
         if any(len(s) != n for s in stacks):
             raise ValueError("every view stack must hold the same images")
         self.rows = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
-        self.stacks, self.labels = list(stacks), torch.as_tensor(labels, dtype=torch.long)
+        self.stacks = list(stacks)
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
         if len(self.labels) != len(self.rows):
             raise ValueError("labels must be aligned with the rows")
 

@@ -20,9 +20,10 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 
 from probe.backbone import BACKBONES, BirdNet, NetConfig, build_net
-from probe.preprocess import DataConfig
 from probe.data import LabelledImages, Source
 from probe.outputs import atomic_write
+from probe.preprocess import DataConfig
+
 from finetune.inference import Predictions, predict_logits
 
 FORMAT = "birds-lpft/2"
@@ -49,7 +50,10 @@ class Classifier(nn.Module):
     def __init__(self, net: BirdNet, net_cfg: NetConfig, data_cfg: DataConfig, tta_flip: bool,
                  class_names: Sequence[str] | None = None, tta_crops: Sequence[float] = ()):
         super().__init__()
-        self.net, self.net_cfg, self.data_cfg, self.tta_flip = net, net_cfg, data_cfg, tta_flip
+        self.net = net
+        self.net_cfg = net_cfg
+        self.data_cfg = data_cfg
+        self.tta_flip = tta_flip
         self.tta_crops = tuple(float(c) for c in tta_crops)
         self.class_names = tuple(class_names) if class_names is not None else None
 
@@ -73,7 +77,8 @@ class Classifier(nn.Module):
         probs = torch.softmax(self.predict_logits(images.sources, images.names, precision=precision,
                                                   progress=progress).logits, dim=1).numpy()
         predicted = probs.argmax(1)
-        return {"probabilities": probs, "predictions": predicted, "accuracy": float(np.mean(predicted == images.labels))}
+        accuracy = float(np.mean(predicted == images.labels))
+        return {"probabilities": probs, "predictions": predicted, "accuracy": accuracy}
 
     def score(self, images: LabelledImages, *, precision: str = "auto", progress: bool = False) -> float:
         """Accuracy on a labelled set (see :meth:`evaluate`)."""
@@ -108,7 +113,8 @@ class Classifier(nn.Module):
                 message names the file, what is wrong and how to get a good one.
         """
         ckpt = _read(path)
-        net_cfg, data_cfg = _net_config(ckpt, path), _data_config(ckpt, path)
+        net_cfg = _net_config(ckpt, path)
+        data_cfg = _data_config(ckpt, path)
         names = ckpt.get("class_names")
         _require(names is None or (isinstance(names, list) and len(names) == net_cfg.num_classes
                                    and all(isinstance(n, str) for n in names)),
@@ -155,7 +161,8 @@ def _net_config(ckpt: dict, path) -> NetConfig:
              "'net' must hold backbone, num_classes, split[, dropout, pooling, members]")
     _require(isinstance(cfg["backbone"], str) and cfg["backbone"] in BACKBONES, path,
              f"unknown backbone {cfg['backbone']!r}")
-    k, split = cfg["num_classes"], cfg["split"]
+    k = cfg["num_classes"]
+    split = cfg["split"]
     _require(type(k) is int and 2 <= k <= MAX_CLASSES, path, f"num_classes must be an int in 2..{MAX_CLASSES}")
     _require(type(split) is int and 0 <= split <= 64, path, "split must be a small non-negative int")
     _require(isinstance(cfg.get("dropout", 0.0), (int, float)) and 0.0 <= cfg.get("dropout", 0.0) < 1.0,
@@ -173,7 +180,8 @@ def _data_config(ckpt: dict, path) -> DataConfig:
     data = ckpt.get("data")
     _require(isinstance(data, dict) and set(data) == {"image_size", "resize_size", "mean", "std", "interpolation"},
              path, "'data' must hold image_size, resize_size, mean, std, interpolation")
-    size, resize = data["image_size"], data["resize_size"]
+    size = data["image_size"]
+    resize = data["resize_size"]
     _require(type(size) is int and type(resize) is int and 1 <= size <= resize <= 2 * MAX_IMAGE_SIZE
              and size <= MAX_IMAGE_SIZE, path, f"image sizes must be ints with 1 <= image_size <= resize_size, "
              f"image_size <= {MAX_IMAGE_SIZE}")

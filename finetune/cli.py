@@ -13,9 +13,11 @@ import re
 from collections.abc import Iterable
 
 from probe.settings import is_override, overridden, parse_value, split_overrides
+
 from finetune.config import PRESETS, FinetuneConfig, preset
 
-ALIASES = ("image_size", "views", "epochs", "split", "batch_size", "lr_head", "lr_tail", "seed")  # --epochs 2 is epochs=2
+# The common fields, also as flags: --epochs 2 is epochs=2.
+ALIASES = ("image_size", "views", "epochs", "split", "batch_size", "lr_head", "lr_tail", "seed")
 
 
 def add_settings(parser: argparse.ArgumentParser, *, preset_flag: bool = True) -> None:

@@ -7,8 +7,9 @@ from dataclasses import dataclass, field, replace
 from probe.backbone import BACKBONES, NetConfig, get_spec
 from probe.linear import ProbeFit
 from probe.preprocess import DataConfig, data_config
-from finetune.checkpoint import MAX_IMAGE_SIZE, MAX_MEMBERS, MAX_TTA_CROPS
 from probe.settings import ConfigError, check_choice, check_int, check_number, require
+
+from finetune.checkpoint import MAX_IMAGE_SIZE, MAX_MEMBERS, MAX_TTA_CROPS
 
 PRECISIONS = ("auto", "bf16", "fp32")
 

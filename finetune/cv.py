@@ -7,7 +7,8 @@ views of every image, and each TTA crop any candidate of the setting asks for, w
 once per trunk setting (backbone, image size, split, augmentation, precision) and shared by every fold and
 every candidate with that setting; a candidate with fewer views uses the first ones. Per fold only stage
 one (the probe on the fold's training images) and the tail are fitted again, then the held-out fold is
-scored exactly as ``classify`` would (centre view, flip TTA, and the candidate's ``tta_crops``). The same trained tails are also scored under every other combination of the
+scored exactly as ``classify`` would (centre view, flip TTA, and the candidate's ``tta_crops``). The same
+trained tails are also scored under every other combination of the
 cached crops, with and without flip TTA, so prediction-time choices are compared on identical models.
 
 Prints per candidate the fold accuracies, mean +- standard error and seconds; writes nothing unless
@@ -30,12 +31,13 @@ from sklearn.model_selection import StratifiedKFold
 
 from probe.backbone import BirdNet, build_net
 from probe.cli import Written, check_output_file, fail, layout_inputs, run_interruptible
-from probe.preprocess import with_crop_fraction
 from probe.data import DataError, LabelledImages, load_split_dir
 from probe.features import autocast
 from probe.outputs import write_text
+from probe.preprocess import with_crop_fraction
 from probe.settings import ConfigError
 from probe.weights import WeightsError, pretrained_net
+
 from finetune.cache import augmented_activations, centre_activations
 from finetune.cli import candidate
 from finetune.config import FinetuneConfig
@@ -89,7 +91,8 @@ STANDARD = 0.0  # held_out_logits' key of the standard centre view (whatever cro
 
 
 @torch.inference_mode()
-def held_out_logits(net: BirdNet, cache: TrunkCache, rows: np.ndarray, cfg: FinetuneConfig) -> dict[float, torch.Tensor]:
+def held_out_logits(net: BirdNet, cache: TrunkCache, rows: np.ndarray,
+                    cfg: FinetuneConfig) -> dict[float, torch.Tensor]:
     """{crop fraction: (2, tops, N, K) logits of the view and its mirror, per top of ``net``} of cached rows, in
     ``classify``'s precision, for the standard centre view (key ``STANDARD``) and every cached TTA crop."""
     net.eval()
@@ -155,7 +158,8 @@ def candidate_net(base: BirdNet, cfg: FinetuneConfig) -> BirdNet:
 def score_candidate(spec: str, cfg: FinetuneConfig, cache: TrunkCache, images: LabelledImages, folds,
                     progress: bool) -> dict:
     """Fold accuracies, their mean and standard error, and the seconds the candidate's folds took."""
-    start, folds_out = time.perf_counter(), []
+    start = time.perf_counter()
+    folds_out = []
     with process_state_kept():
         for k, (tr, va) in enumerate(folds):
             torch.manual_seed(cfg.seed)  # each fold starts from the same state, whatever ran before
@@ -229,7 +233,8 @@ def markdown(rows: list[dict], k: int, seed: int) -> str:
              "|---|---:|---:|" + "---:|" * k + "---:|---:|"]
     for r in rows:
         lines.append(f"| `{r['candidate']}` | {r['mean']:.4f} | {r['se']:.4f} | "
-                     + " | ".join(f"{a:.4f}" for a in r["folds"]) + f" | {r['seconds']:.0f} | {r['cache_seconds']:.0f} |")
+                     + " | ".join(f"{a:.4f}" for a in r["folds"])
+                     + f" | {r['seconds']:.0f} | {r['cache_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 

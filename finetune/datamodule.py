@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from probe.backbone import BirdNet
 from probe.data import LabelledImages, stratified_split
 from probe.timing import Stopwatch
+
 from finetune.cache import CachedViews, augmented_activations, bytes_per_view, centre_activations, check_budget
 from finetune.config import FinetuneConfig
 from finetune.distributed import gather_rows, shards_by_rank
@@ -94,8 +95,10 @@ class TrunkCacheData(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         if self.train_set is not None:  # fit() calls it again for each ensemble member, and from_stacks is ready
             return
-        start, trainer = time.perf_counter(), self.trainer
-        rank, world = trainer.global_rank, trainer.world_size
+        start = time.perf_counter()
+        trainer = self.trainer
+        rank = trainer.global_rank
+        world = trainer.world_size
         fit_idx, val_idx = stage_two_split(self.labels, self.cfg)
         shard = np.arange(len(self.images))[rank::world]
         shard_fit = np.intersect1d(shard, fit_idx)

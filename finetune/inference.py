@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 import torch
 
 from probe.backbone import BirdNet
-from probe.preprocess import DataConfig, EvalTransform, TTATransform
 from probe.data import Source
 from probe.features import extract, make_loader
 from probe.images import ImageDataset
+from probe.preprocess import DataConfig, EvalTransform, TTATransform
 
 
 def tta_mean(logits: torch.Tensor) -> torch.Tensor:

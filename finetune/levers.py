@@ -86,8 +86,10 @@ def mix_batch(acts: torch.Tensor, y: torch.Tensor, mode: str, alpha: float, rng:
     if mode != "cutmix":
         raise ValueError(f"mix must be 'none', 'mixup' or 'cutmix', got {mode!r}")
     h, w = acts.shape[-2:]  # a box of area ~(1 - lam) from the partner, at a random place
-    bh, bw = round(h * math.sqrt(1.0 - lam)), round(w * math.sqrt(1.0 - lam))
-    top, left = int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1))
+    bh = round(h * math.sqrt(1.0 - lam))
+    bw = round(w * math.sqrt(1.0 - lam))
+    top = int(rng.integers(0, h - bh + 1))
+    left = int(rng.integers(0, w - bw + 1))
     mixed = acts.clone()
     mixed[..., top:top + bh, left:left + bw] = acts[perm][..., top:top + bh, left:left + bw]
     return mixed, y, y[perm], 1.0 - bh * bw / (h * w)  # the share of a actually kept

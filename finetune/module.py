@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import BaseFinetuning
 from torch import nn
 
 from probe.backbone import BirdNet, TailHead
+
 from finetune.config import FinetuneConfig
 
 
@@ -116,7 +117,8 @@ class LPFTModule(L.LightningModule):
 
     def param_groups(self) -> list[dict]:
         """AdamW groups: the tail at ``lr_tail``, pooling and head at ``lr_head``; no decay on 1-d parameters."""
-        groups, top = [], self.top
+        groups = []
+        top = self.top
         for modules, lr in (((top.tail,), self.cfg.lr_tail), ((top.pool, top.head), self.cfg.lr_head)):
             params = [p for module in modules for p in module.parameters() if p.requires_grad]
             decay = [p for p in params if p.ndim > 1]  # conv and linear weights; not biases, BatchNorm or GeM's p

@@ -20,6 +20,7 @@ import torch
 from probe.cli import Written, check_output_file, fail, printable, run_interruptible
 from probe.data import DataError, list_image_files
 from probe.outputs import atomic_write
+
 from finetune.checkpoint import Classifier
 
 
@@ -106,7 +107,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace, written: Written) -> list[Prediction]:
     try:
-        model, files = Classifier.load(args.model), expand(args.inputs)
+        model = Classifier.load(args.model)
+        files = expand(args.inputs)
     except (ValueError, DataError) as err:
         sys.exit(f"error: {err}")
     progress = not args.no_progress and any(path.is_dir() for path in args.inputs)

@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import Callback
 
 from probe.backbone import BirdNet
 from probe.linear import FittedProbe, fit_probe, init_head_from_probe
+
 from finetune.config import FinetuneConfig
 from finetune.distributed import gather_rows
 
@@ -44,7 +45,8 @@ def stage_one(net: BirdNet, fit_centre: torch.Tensor, fit_index: np.ndarray, lab
     fitted = None
     if trainer is None or trainer.is_global_zero:
         order = torch.argsort(index).cpu().numpy()  # the global image order, whatever the shards
-        X, y = features.cpu().numpy()[order], labels[index.cpu().numpy()[order]]
+        X = features.cpu().numpy()[order]
+        y = labels[index.cpu().numpy()[order]]
         fitted = fit_probe(X, y, cfg.probe, cfg.seed)
     if trainer is not None:
         fitted = trainer.strategy.broadcast(fitted, src=0)
@@ -65,7 +67,8 @@ class StageOne(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.fitted is not None:
             return
-        start, data = time.perf_counter(), trainer.datamodule
+        start = time.perf_counter()
+        data = trainer.datamodule
         world = trainer if trainer.world_size > 1 else None
         self.fitted = stage_one(pl_module.net, data.fit_centre, data.fit_index, data.labels, pl_module.cfg, world)
         self.seconds = time.perf_counter() - start

@@ -28,9 +28,10 @@ from probe.features import resolve_precision
 from probe.linear import FittedProbe
 from probe.timing import Stopwatch
 from probe.weights import pretrained_net
+
+from finetune.cache import CachedViews
 from finetune.checkpoint import Classifier
 from finetune.config import FinetuneConfig
-from finetune.cache import CachedViews
 from finetune.datamodule import TrunkCacheData, val_loader_of
 from finetune.module import LPFTModule, TrunkFreeze
 from finetune.stage_one import StageOne
@@ -70,7 +71,8 @@ def process_state_kept():
     handler (Lightning ignores Ctrl-C once it has seen one)."""
     rng = random.getstate(), np.random.get_state(), torch.get_rng_state()
     deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    threads, cudnn = torch.get_num_threads(), (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    threads = torch.get_num_threads()
+    cudnn = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
     environ = dict(os.environ)
     sigint = signal.getsignal(signal.SIGINT)
     try:
@@ -109,7 +111,8 @@ def quiet_lightning(verbose: bool = False):
 
 def trainer_precision(cfg: FinetuneConfig, accelerator: str) -> str:
     """Lightning's precision for the tail: 'bf16-mixed' (fp32 master weights) where bf16 is native, else fp32."""
-    device = "cuda" if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()) else "cpu"
+    cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    device = "cuda" if cuda else "cpu"
     return "bf16-mixed" if resolve_precision(cfg.train_precision, device) == "bf16" else "32-true"
 
 
@@ -176,7 +179,8 @@ def cached_accuracy(net: BirdNet, views: CachedViews, trainer: L.Trainer | None 
     scores its shard and the counts are summed."""
     net.eval()
     device = next(net.parameters()).device
-    correct = sum(int((net.forward_from_trunk(a.to(device)).argmax(1).cpu() == y).sum()) for a, y in val_loader_of(views))
+    batches = val_loader_of(views)
+    correct = sum(int((net.forward_from_trunk(a.to(device)).argmax(1).cpu() == y).sum()) for a, y in batches)
     counts = torch.tensor([correct, len(views)], dtype=torch.float64)
     if trainer is not None and trainer.world_size > 1:
         counts = trainer.strategy.reduce(counts.to(trainer.strategy.root_device), reduce_op="sum").cpu()
@@ -204,7 +208,9 @@ def train_tops(net: BirdNet, data: TrunkCacheData, cfg: FinetuneConfig, *, progr
     """
     stage = StageOne()
     extra = list(trainer_kwargs.pop("callbacks", []))
-    modules, seconds, trainer = [], 0.0, None
+    modules = []
+    seconds = 0.0
+    trainer = None
     for member in range(len(net.tops())):
         data.member = member
         modules.append(LPFTModule(net, cfg, member))

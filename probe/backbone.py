@@ -6,8 +6,8 @@ Preprocessing derived from the backbone's weights is :mod:`probe.preprocess`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -66,7 +66,8 @@ class GeM(nn.Module):
 
     def __init__(self, p: float = 3.0, eps: float = 1e-6):
         super().__init__()
-        self.p, self.eps = nn.Parameter(torch.tensor(float(p))), eps
+        self.p = nn.Parameter(torch.tensor(float(p)))
+        self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float().clamp(min=self.eps)  # fp32 even under bf16 autocast: x^p spans several decades

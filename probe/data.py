@@ -15,9 +15,10 @@ from typing import Union
 
 import numpy as np
 
-# GT_HEADER, MAX_CLASS_ID, DataError, check_labels and read_gt are re-exported: callers import the data layer
-# from here.
-from probe.labels import GT_HEADER, MAX_CLASS_ID, DataError, check_labels, check_name, parse_label, read_gt
+# GT_HEADER, MAX_CLASS_ID, DataError, check_labels and read_gt are re-exported (the "as" form says so to the
+# linter): callers import the data layer from here.
+from probe.labels import GT_HEADER as GT_HEADER
+from probe.labels import MAX_CLASS_ID, DataError, check_labels, check_name, parse_label, read_gt
 
 # An image source is a file on disk or encoded bytes held in RAM (the generated demo set).
 Source = Union[Path, bytes]
@@ -154,7 +155,8 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     rng = np.random.default_rng(seed)
     classes, counts = np.unique(labels, return_counts=True)
-    train_idx, val_idx = [], []
+    train_idx = []
+    val_idx = []
     for cls, count in zip(classes, counts):
         members = np.flatnonzero(labels == cls)
         rng.shuffle(members)

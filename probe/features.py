@@ -92,7 +92,10 @@ def extract(fn: Callable[[torch.Tensor], torch.Tensor], loader: DataLoader, *, p
     Returns:
         (outputs of shape (N, ...) in ``out_dtype``, throughput stats)
     """
-    n, out, done, start = len(loader.dataset), None, 0, time.perf_counter()
+    n = len(loader.dataset)
+    out = None
+    done = 0
+    start = time.perf_counter()
     with progress_bar(progress, total=n, desc=desc, unit="img", leave=False) as bar:
         for x, index in loader:
             x = x.to(device, non_blocking=True)

@@ -15,7 +15,6 @@ import stat
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -154,7 +153,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # 16-bit or float: convert("RGB") would clip at 255; rescale the real range to 0..255 first.
         arr = np.asarray(img, dtype=np.float32)
-        lo, hi = float(arr.min()), float(arr.max())
+        lo = float(arr.min())
+        hi = float(arr.max())
         arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
         img = Image.fromarray(arr.round().astype(np.uint8), mode="L")
     if img.mode == "P" and "transparency" in img.info:
@@ -184,7 +184,10 @@ class ImageDataset(Dataset):
                  on_error: str = "raise"):
         if on_error not in ("raise", "blank"):
             raise ValueError(f"on_error must be 'raise' or 'blank', got {on_error!r}")
-        self.sources, self.names, self.transform, self.on_error = list(sources), list(names), transform, on_error
+        self.sources = list(sources)
+        self.names = list(names)
+        self.transform = transform
+        self.on_error = on_error
         self.failures: dict[int, str] = {}
 
     def __len__(self) -> int:

@@ -29,7 +29,9 @@ class LinearProbe:
     """
 
     def __init__(self, C: float = 0.01, max_iter: int = 3000, random_state: int = 0):
-        self.C, self.max_iter, self.random_state = C, max_iter, random_state
+        self.C = C
+        self.max_iter = max_iter
+        self.random_state = random_state
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> "LinearProbe":
         X = np.asarray(X, dtype=np.float64)
@@ -54,7 +56,8 @@ class LinearProbe:
         Returns one row per class in ``classes_`` order, shapes (K, F) and (K,). A binary probe gives
         rows (0, w): the two-logit softmax equals its predict_proba.
         """
-        coef, intercept = self.clf_.coef_, self.clf_.intercept_
+        coef = self.clf_.coef_
+        intercept = self.clf_.intercept_
         if coef.shape[0] == 1:  # scikit-learn stores a binary problem as one row for class 1
             coef = np.vstack([np.zeros_like(coef), coef])
             intercept = np.concatenate([[0.0], intercept])
@@ -63,7 +66,8 @@ class LinearProbe:
 
 
 def select_C(
-    X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_val: np.ndarray, Cs: Sequence[float], random_state: int = 0
+    X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_val: np.ndarray, Cs: Sequence[float],
+    random_state: int = 0
 ) -> tuple[float, dict[float, float]]:
     """Choose C on a validation split by the one-standard-error rule.
 
@@ -97,7 +101,8 @@ class ProbeFit:
 
     def __post_init__(self):
         check_number("probe.val_fraction", self.val_fraction, 0, 1, low_open=True, high_open=True)
-        require(isinstance(self.Cs, tuple) and len(self.Cs) >= 1, "probe.Cs", f"must be a non-empty tuple; got {self.Cs!r}")
+        require(isinstance(self.Cs, tuple) and len(self.Cs) >= 1, "probe.Cs",
+                f"must be a non-empty tuple; got {self.Cs!r}")
         for C in self.Cs:
             check_number("probe.Cs", C, 0, 1e6, low_open=True)
 

@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 import torch
 
 from probe.backbone import BirdNet, NetConfig, get_spec
-from probe.preprocess import DataConfig, EvalTransform, data_config
 from probe.data import LabelledImages
 from probe.features import extract, make_loader
 from probe.images import ImageDataset
 from probe.linear import FittedProbe, ProbeFit, fit_probe
+from probe.preprocess import DataConfig, EvalTransform, data_config
 from probe.timing import Stopwatch
 from probe.weights import pretrained_net
 
@@ -50,7 +50,8 @@ def pooled_features(net: BirdNet, images: LabelledImages, cfg: ProbeConfig, desc
     """(N, F) pooled backbone features of the centre view, computed in RAM; ``progress``: a bar and a summary."""
     dataset = ImageDataset(images.sources, images.names, EvalTransform(cfg.data_config()))
     feats, _ = extract(
-        lambda x: net.forward_head(net.forward_features(x), pre_logits=True), make_loader(dataset, cfg.extract_batch_size),
+        lambda x: net.forward_head(net.forward_features(x), pre_logits=True),
+        make_loader(dataset, cfg.extract_batch_size),
         precision=cfg.precision, desc=desc, progress=progress,
     )
     return feats

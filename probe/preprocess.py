@@ -75,7 +75,8 @@ class EvalTransform:
     """
 
     def __init__(self, cfg: DataConfig):
-        self.min_side, self.mean = cfg.resize_size, cfg.mean
+        self.min_side = cfg.resize_size
+        self.mean = cfg.mean
         self.transforms = transforms.Compose([
             transforms.Resize(cfg.resize_size, interpolation=InterpolationMode(cfg.interpolation), antialias=True),
             transforms.CenterCrop(cfg.image_size),
@@ -96,7 +97,8 @@ class TTATransform:
 
     def __init__(self, cfg: DataConfig, crops: tuple[float, ...]):
         self.views = [EvalTransform(cfg)] + [EvalTransform(with_crop_fraction(cfg, c)) for c in crops]
-        self.min_side, self.mean = max(v.min_side for v in self.views), cfg.mean
+        self.min_side = max(v.min_side for v in self.views)
+        self.mean = cfg.mean
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         return torch.stack([view(img) for view in self.views])

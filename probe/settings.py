@@ -78,7 +78,8 @@ def overridden(cfg, changes: dict[str, object]):
     """A copy of dataclass ``cfg`` with ``changes`` applied, each checked against its field's type (ints are
     accepted for floats, lists for tuples); dotted keys reach nested dataclass fields."""
     hints = typing.get_type_hints(type(cfg))
-    direct, nested = {}, {}
+    direct = {}
+    nested = {}
     for key, value in changes.items():
         head, dot, rest = key.partition(".")
         require(head in hints, key, f"unknown setting; {type(cfg).__name__} has {', '.join(sorted(hints))}")
@@ -93,7 +94,8 @@ def overridden(cfg, changes: dict[str, object]):
 
 def coerce(value, hint, field: str):
     """``value`` as type ``hint`` (int -> float, list -> tuple), or a ConfigError naming ``field``."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         for option in args:
             try:

@@ -13,13 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import snapshot
 import torch
 from PIL import Image
 
+from probe.synthetic import make_synthetic, write_grader_layout
+
 import tools.bench as bench
 import tools.bench_report as bench_report
-from probe.synthetic import make_synthetic, write_grader_layout
+
+from conftest import snapshot
 
 SPECIES = ("Acadian_Flycatcher", "American_Goldfinch", "Baltimore_Oriole")
 PNGS = ("learning_curves.png", "per_class_accuracy.png", "confusion_matrix.png", "top_losses.png")
@@ -158,10 +160,11 @@ def test_most_confused_pairs_and_top_losses():
     names = ["a", "b", "c"]
     matrix = [[5, 2, 0], [1, 4, 3], [0, 0, 6]]
     pairs = bench_report.most_confused(matrix, names, top=2)
-    assert [(p["true"], p["predicted"], p["count"], p["of_true"]) for p in pairs] == [("b", "c", 3, 8), ("a", "b", 2, 7)]
+    found = [(p["true"], p["predicted"], p["count"], p["of_true"]) for p in pairs]
+    assert found == [("b", "c", 3, 8), ("a", "b", 2, 7)]
     pipeline = {"test_predictions": [0, 1, 2, 1], "test_labels": [0, 2, 2, 0], "test_names": ["w", "x", "y", "z"],
                 "test_p_predicted": [0.9, 0.6, 0.8, 0.95], "test_p_true": [0.9, 0.3, 0.8, 0.01]}
     losses = bench_report.top_losses(pipeline, names)
-    assert [(l["file"], l["true"], l["predicted"]) for l in losses] == [("z", "a", "b"), ("x", "c", "b")]
+    assert [(loss["file"], loss["true"], loss["predicted"]) for loss in losses] == [("z", "a", "b"), ("x", "c", "b")]
     assert losses[0]["p_predicted"] == 0.95 and losses[0]["p_true"] == 0.01
     assert bench_report.top_losses({"test_predictions": None}, names) == []

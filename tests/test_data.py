@@ -397,7 +397,8 @@ def test_test_label_the_model_never_saw_is_refused(tmp_path, bad):
         assert str(gt) in msg and f"label {bad}" in msg and "K = 3" in msg
 
 
-@pytest.mark.parametrize("k, error", [(3.0, TypeError), (True, ValueError), (1, ValueError), (MAX_CLASS_ID + 1, ValueError)])
+@pytest.mark.parametrize("k, error", [(3.0, TypeError), (True, ValueError), (1, ValueError),
+                                      (MAX_CLASS_ID + 1, ValueError)])
 def test_num_classes_must_be_a_sane_int(tmp_path, k, error):
     _two_splits(tmp_path, [0, 1, 2], [0, 1])
     with pytest.raises(error) as exc:

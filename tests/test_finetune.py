@@ -12,27 +12,29 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import pytest
-from conftest import calibrate_batchnorm, snapshot
 import torch
 from torch import nn
 
-import finetune.__main__ as finetune_cli
-import finetune.train as finetune_train
-from finetune.cache import CachedViews, augmented_activations, centre_activations
-from finetune.checkpoint import Classifier
-from finetune.inference import predict_logits
-from finetune.config import PRESETS, preset
-import finetune.stage_one as finetune_stage_one
-from finetune.datamodule import TrunkCacheData, stage_two_split
-from finetune.module import LPFTModule, TrunkFreeze, lr_factor
-from finetune.stage_one import pooled_from_trunk
-from finetune.train import FinetuneResult, fine_tune, train_tops
 from probe.backbone import NetConfig, build_net
 from probe.data import load_split_dir, stratified_split
 from probe.images import ImageDataset
 from probe.linear import LinearProbe, ProbeFit, fit_probe, init_head_from_probe
 from probe.preprocess import EvalTransform, data_config, with_crop_fraction
 from probe.synthetic import make_synthetic, write_grader_layout
+
+import finetune.__main__ as finetune_cli
+import finetune.stage_one as finetune_stage_one
+import finetune.train as finetune_train
+from finetune.cache import CachedViews, augmented_activations, centre_activations
+from finetune.checkpoint import Classifier
+from finetune.config import PRESETS, preset
+from finetune.datamodule import TrunkCacheData, stage_two_split
+from finetune.inference import predict_logits
+from finetune.module import LPFTModule, TrunkFreeze, lr_factor
+from finetune.stage_one import pooled_from_trunk
+from finetune.train import FinetuneResult, fine_tune, train_tops
+
+from conftest import calibrate_batchnorm, snapshot
 
 SIZE = 64  # network input side of every test here: split 14 gives (96, 4, 4) trunk activations
 TINY = preset("fast", image_size=SIZE, batch_size=8, limit_train_batches=2)

@@ -14,12 +14,15 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-import solution
-from finetune.checkpoint import Classifier
 from probe.backbone import NetConfig, build_net
 from probe.data import DataError
 from probe.images import MAX_ASPECT, ImageDataset, open_rgb
 from probe.preprocess import EvalTransform, TrainTransform, data_config
+
+from finetune.checkpoint import Classifier
+
+import solution
+
 from tools.hostile_folder import encode, hostile_folder, mistyped_exif, png_claiming
 
 SIZE = 64

@@ -10,15 +10,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import calibrate_batchnorm
 from torch import nn
+
+from probe.backbone import GeM, NetConfig, build_net
+from probe.synthetic import make_synthetic, write_grader_layout
 
 import finetune.cache as finetune_cache
 import finetune.cv as cv
 from finetune.config import PRESETS, preset
 from finetune.levers import WeightAverage, mix_batch
-from probe.backbone import GeM, NetConfig, build_net
-from probe.synthetic import make_synthetic, write_grader_layout
+
+from conftest import calibrate_batchnorm
 
 SIZE = 32
 
@@ -53,7 +55,7 @@ def test_cache_is_built_once_per_trunk_setting(tmp_path, monkeypatch, capsys):
     base = f"fast:image_size={SIZE},limit_train_batches=1,batch_size=8"
     rows = cv.main([str(tmp_path), "--random-init", "--folds", "2", "--out", str(tmp_path / "cv.json"),
                     "--candidates", f"{base},views=2", f"{base},views=1,ema_decay=0.9", f"{base},members=2",
-                    f"fast:image_size=48,limit_train_batches=1,batch_size=8"])
+                    "fast:image_size=48,limit_train_batches=1,batch_size=8"])
     # one cache for the three 32 px candidates (centre, mirror, 2 views), one for the 48 px one (1 view)
     assert sorted(calls) == sorted([(SIZE, "centre view", 18), (SIZE, "mirrored centre", 18),
                                     (SIZE, "view 1/2", 18), (SIZE, "view 2/2", 18),

@@ -14,15 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 
-import finetune.__main__ as finetune_cli
-import finetune.cv as cv
 import probe.outputs as outputs
-import tools.bench as bench
-from finetune.checkpoint import Classifier
-from finetune.predict import main as predict_main
 from probe.backbone import NetConfig, build_net
 from probe.preprocess import data_config
 from probe.synthetic import make_synthetic, write_grader_layout
+
+import finetune.__main__ as finetune_cli
+import finetune.cv as cv
+from finetune.checkpoint import Classifier
+from finetune.predict import main as predict_main
+
+import tools.bench as bench
 
 SIZE = 64
 ROOT = Path(__file__).resolve().parent.parent

@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
-from conftest import calibrate_batchnorm
 import torch
 from torch import nn
 
 import probe.__main__ as probe_cli
 from probe.backbone import NetConfig, build_net
-from probe.preprocess import EvalTransform, data_config
 from probe.data import load_split_dir
 from probe.images import ImageDataset
 from probe.linear import LinearProbe, ProbeFit, init_head_from_probe, select_C
 from probe.pipeline import ProbeConfig, pooled_features, run_probe
-from probe.weights import pretrained_net
+from probe.preprocess import EvalTransform, data_config
 from probe.synthetic import make_synthetic, write_grader_layout
+from probe.weights import pretrained_net
+
+from conftest import calibrate_batchnorm
 
 SMALL = ProbeConfig(image_size=64, probe=ProbeFit(Cs=(0.01, 0.1)), extract_batch_size=16, precision="fp32")
 

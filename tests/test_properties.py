@@ -16,11 +16,12 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from finetune.checkpoint import Classifier
 from probe.backbone import NetConfig, build_net
 from probe.data import DataError
 from probe.images import ImageDataset
 from probe.preprocess import EvalTransform, TrainTransform, data_config
+
+from finetune.checkpoint import Classifier
 
 SIZE = 32
 CFG = data_config("mobilenet_v2", SIZE)

@@ -11,22 +11,23 @@ import subprocess
 import sys
 import warnings
 from dataclasses import replace
-from pathlib import Path
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
 
-import finetune.cache as finetune_cache
-import solution
-from finetune.cache import CacheBudgetError, check_budget, parse_size
-from finetune.checkpoint import Classifier
-from finetune.__main__ import report_shards
-from finetune.config import preset
-from finetune.train import fine_tune
 from probe.data import load_split_dir, read_gt
 from probe.synthetic import make_synthetic, write_grader_layout
+
+import finetune.cache as finetune_cache
+from finetune.__main__ import report_shards
+from finetune.cache import CacheBudgetError, check_budget, parse_size
+from finetune.checkpoint import Classifier
+from finetune.config import preset
+from finetune.train import fine_tune
+
+import solution
 
 SIZE = 64
 TINY = preset("fast", image_size=SIZE, batch_size=8, limit_train_batches=2)

@@ -14,7 +14,15 @@ import torch
 
 import probe.backbone
 from probe.backbone import NetConfig, build_net, get_spec
-from probe.weights import WeightsError, cache_path, has_pretrained, load_pretrained, pretrained_net, sha256_of, verify_sha256
+from probe.weights import (
+    WeightsError,
+    cache_path,
+    has_pretrained,
+    load_pretrained,
+    pretrained_net,
+    sha256_of,
+    verify_sha256,
+)
 from probe.weights.provision import main, provision
 
 NAME = "mobilenet_v2"

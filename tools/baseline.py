@@ -15,10 +15,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from probe.backbone import BirdNet, NetConfig, get_spec
-from probe.preprocess import TrainTransform, data_config
 from probe.data import LabelledImages
 from probe.images import ImageDataset
+from probe.preprocess import TrainTransform, data_config
 from probe.weights import pretrained_net
+
 from finetune.checkpoint import Classifier
 from finetune.config import FinetuneConfig
 
@@ -75,7 +76,8 @@ def baseline_epoch(net: BirdNet, loader: DataLoader, labels: torch.Tensor, opt, 
     """One online epoch: decode, augment, forward, step. Returns the epoch's mean loss and accuracy."""
     net.train()
     net.trunk.eval()  # frozen means frozen: the trunk's BatchNorm keeps its ImageNet statistics
-    loss_sum, correct = 0.0, 0
+    loss_sum = 0.0
+    correct = 0
     for x, index in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
         y = labels[index]
         logits = net(x.contiguous(memory_format=torch.channels_last))
@@ -98,7 +100,8 @@ def train_baseline(net: BirdNet, images: LabelledImages, cfg: BaselineConfig, pr
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * len(loader))
-    labels, history = torch.as_tensor(images.labels), []
+    labels = torch.as_tensor(images.labels)
+    history = []
     for epoch in range(1, cfg.epochs + 1):
         row = baseline_epoch(net, loader, labels, opt, sched, cfg, f"baseline epoch {epoch}/{cfg.epochs}", progress)
         history.append({"epoch": epoch, **row})

@@ -45,13 +45,15 @@ from probe.cli import Written, check_output_dir, fail, run_interruptible
 from probe.data import DataError, read_class_names
 from probe.datasets import load_data
 from probe.features import bf16_supported, extract, make_loader, resolve_precision
-from probe.pipeline import ProbeConfig
 from probe.outputs import write_text
+from probe.pipeline import ProbeConfig
 from probe.settings import ConfigError, overridden, split_overrides
 from probe.timing import peak_rss_mb, proc_status_mb
 from probe.weights import WeightsError, pretrained_net
+
 from finetune.cli import add_settings, alias_changes
 from finetune.config import PRESETS, FinetuneConfig, preset
+
 from tools.baseline import BaselineConfig
 from tools.bench_plots import write_plots
 from tools.bench_report import class_breakdown, most_confused, report_markdown, table_rows, text_table, top_losses
@@ -121,7 +123,8 @@ class RandomImages(Dataset):
     """``n`` pre-decoded images, cycling through one seeded random batch: no decoding, no resizing."""
 
     def __init__(self, n: int, size: int):
-        self.n, self.pool = n, torch.randn(COMPUTE_BATCH, 3, size, size, generator=torch.Generator().manual_seed(0))
+        self.n = n
+        self.pool = torch.randn(COMPUTE_BATCH, 3, size, size, generator=torch.Generator().manual_seed(0))
 
     def __len__(self) -> int:
         return self.n

@@ -108,7 +108,8 @@ def plot_top_losses(Figure, losses: list[dict], image_dir: Path, path: Path, col
 
 def write_plots(results: dict, out: Path, test_image_dir: Path | None) -> list[str]:
     """The PNGs this run can make (per-class, confusion and top losses need a test split); their file names."""
-    Figure, names = agg_figure(), ["learning_curves.png"]
+    Figure = agg_figure()
+    names = ["learning_curves.png"]
     plot_learning_curves(Figure, results, out / names[0])
     if results["confusion_matrix"] is not None:
         plot_per_class(Figure, results["per_class_test_accuracy"], results["classes"], out / "per_class_accuracy.png")

@@ -22,7 +22,8 @@ NOTES = """\
 
 def table_rows(results: dict) -> list[list[str]]:
     """One row per measured step: step, val acc, test acc, seconds, wall s, images/s, peak RSS MiB."""
-    c, rows = results["compute"], []
+    c = results["compute"]
+    rows = []
     for part in ("full", "trunk"):
         rows.append([f"compute: {part}", "-", "-", _f(c[part]["seconds"]), _f(c["wall_seconds"]),
                      _f(c[part]["images_per_s"]), "-"])
@@ -102,7 +103,8 @@ def confused_markdown(pairs: list[dict]) -> str:
 
 def report_markdown(title: str, results: dict, plots: list[str]) -> str:
     """report.md: the table, the pipeline's stage times, the mistakes, the plots, the config and the machine."""
-    env, p = results["environment"], results["pipeline"]
+    env = results["environment"]
+    p = results["pipeline"]
     stages = ", ".join(f"{k} {_f(v)}s" for k, v in p["stages"].items())
     floor = "n/a" if p["start_rss_mib"] is None else f"{p['start_rss_mib']:.0f} MiB"
     parts = [

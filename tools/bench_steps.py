@@ -12,13 +12,16 @@ from pathlib import Path
 
 import numpy as np
 
-import solution
 from probe.data import read_gt, stratified_split
 from probe.datasets import load_data
 from probe.pipeline import ProbeConfig, run_probe
 from probe.timing import Stopwatch
+
 from finetune.config import FinetuneConfig
 from finetune.train import fine_tune
+
+import solution
+
 from tools.baseline import BaselineConfig, baseline_classifier, baseline_net, train_baseline
 
 
@@ -80,10 +83,12 @@ def test_outputs(model, test, precision: str, progress: bool) -> dict:
     """Test predictions, the probabilities of the predicted and of the true class, accuracy and seconds."""
     start = time.perf_counter()
     out = model.evaluate(test, precision=precision, progress=progress)
-    seconds, probs = time.perf_counter() - start, out["probabilities"]
+    seconds = time.perf_counter() - start
+    probs = out["probabilities"]
     return {"test_seconds": seconds, "test_predictions": out["predictions"].tolist(),
             "test_labels": test.labels.tolist(), "test_names": list(test.names),
-            "test_p_predicted": probs.max(1).tolist(), "test_p_true": probs[np.arange(len(probs)), test.labels].tolist(),
+            "test_p_predicted": probs.max(1).tolist(),
+            "test_p_true": probs[np.arange(len(probs)), test.labels].tolist(),
             "test_accuracy": out["accuracy"]}
 
 

