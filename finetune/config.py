@@ -151,20 +151,16 @@ class FinetuneConfig:
 
 
 PRESETS: dict[str, FinetuneConfig] = {
-    # The recipe shipped until the cross-validated one (issue 8), kept to measure against: chosen on
-    # birds50-a's 80/20 split (0.885 validation), the tail trained in fp32.
+    # The recipe shipped before recipes were chosen by cross-validation, kept to measure against (80/20
+    # split, fp32 tail).
     "v1": FinetuneConfig(train_precision="fp32"),
-    # Chosen by 5-fold CV on birds50-a's training images (python -m finetune.cv; README "Choosing the recipe"):
-    # GeM pooling and the tail from block 11 on (the whole 96-channel stage trained too) scored 0.907 +- 0.005
-    # against v1's 0.896 +- 0.005 and GeM alone's 0.901, same folds. Split 9 tied it (0.907) at 13% more tail
-    # time, so split 11. The bf16-mixed tail scored as fp32 within its SE and is ~12% faster with GeM here
-    # (measured from block 14: python -m tools.tail_speed --split 14). Of tail LRs 3e-4, 4.5e-4 and 6e-4,
-    # 6e-4 scored highest (0.912 against 0.907 and 0.904, centre + mirror; not monotonic, so part of that is
-    # noise). Extra TTA crops are off: a 3/4 crop gained 0.3 points on the 3e-4 and 4.5e-4 tails but lost 0.3
-    # on the 6e-4 ones, and 0.65 or 0.85 crops gained nothing consistently, so classify keeps 2 passes.
+    # The shipped recipe, every setting chosen by k-fold CV on the training images (finetune.cv; the tables
+    # and the selection rule are in docs/experiments.md). GeM pooling, because fine-grained species differ in
+    # small parts that an average washes out; the tail from block 11, training the whole 96-channel stage,
+    # which moved CV most; extra TTA crops off, since no crop helped on every tail learning rate.
     "full": FinetuneConfig(pooling="gem", split=11, lr_tail=6e-4),
     # The grader's smoke run: the same pipeline on a small input, one view, one short epoch, and the backbone's
-    # default (shorter) tail.
+    # default (shorter) tail, so it ends well inside the grader's time limit.
     "fast": FinetuneConfig(image_size=160, views=1, epochs=1, limit_train_batches=8, probe=ProbeFit(Cs=(0.01,)),
                            train_precision="fp32"),
 }
