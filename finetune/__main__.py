@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, FinetuneConf
                    help="grader-layout folder (default: a generated set), then FinetuneConfig overrides")
     p.add_argument("--out", type=Path, help="write the checkpoint here (e.g. birds_model.pt)")
     add_settings(p)
+    p.add_argument("--weights", type=Path, help="a local pretrained weights file (air-gapped machines), checked "
+                                                "against its published hash, used instead of the cache")
     p.add_argument("--allow-download", action="store_true", help="let torchvision download missing weights")
     p.add_argument("--random-init", action="store_true", help="no pretrained weights (a smoke run)")
     p.add_argument("--accelerator", default="cpu", help="Lightning's: cpu, gpu, auto, ...")
@@ -70,6 +72,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, FinetuneConf
         fail(PROG, str(err))
     if args.num_nodes < 1:
         fail(PROG, f"--num-nodes must be at least 1, got {args.num_nodes}")
+    if args.weights is not None and not args.weights.is_file():
+        fail(PROG, f"--weights {args.weights}: no such file")
     check_output_file(PROG, "--out", args.out, layout_inputs(args.data_dir))
     check_output_dir(PROG, "--log-dir", args.log_dir)
     return args, cfg
@@ -89,7 +93,8 @@ def run(args: argparse.Namespace, cfg: FinetuneConfig, written: Written) -> None
             train, test = load_data(args.data_dir)
         digests = HeadDigests()
         result = fine_tune(train, cfg, "none" if args.random_init else "required", allow_download=args.allow_download,
-                           progress=progress, verbose=args.verbose, cache_budget=budget, log_dir=args.log_dir,
+                           weights_file=args.weights, progress=progress, verbose=args.verbose, cache_budget=budget,
+                           log_dir=args.log_dir,
                            accelerator=args.accelerator, devices=args.devices, strategy=args.strategy,
                            num_nodes=args.num_nodes, callbacks=[digests])
     except (DataError, WeightsError, CacheBudgetError) as err:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torchvision.transforms import InterpolationMode
 
-from probe.backbone import BACKBONES, BirdNet, NetConfig, build_net
+from probe.backbone import BirdNet, NetConfig, build_net, get_spec
 from probe.data import LabelledImages, Source
 from probe.outputs import atomic_write
 from probe.preprocess import DataConfig
@@ -159,8 +159,8 @@ def _net_config(ckpt: dict, path) -> NetConfig:
     _require(isinstance(cfg, dict) and set(cfg) >= {"backbone", "num_classes", "split"}
              and set(cfg) <= {"backbone", "num_classes", "split", "dropout", "pooling", "members"}, path,
              "'net' must hold backbone, num_classes, split[, dropout, pooling, members]")
-    _require(isinstance(cfg["backbone"], str) and cfg["backbone"] in BACKBONES, path,
-             f"unknown backbone {cfg['backbone']!r}")
+    _require(isinstance(cfg["backbone"], str) and _known_backbone(cfg["backbone"]), path,
+             f"unknown backbone {cfg['backbone']!r} (a timm/ backbone needs timm installed)")
     k = cfg["num_classes"]
     split = cfg["split"]
     _require(type(k) is int and 2 <= k <= MAX_CLASSES, path, f"num_classes must be an int in 2..{MAX_CLASSES}")
@@ -174,6 +174,15 @@ def _net_config(ckpt: dict, path) -> NetConfig:
     _require(head is not None and head.ndim == 2 and head.shape[0] == k, path,
              f"the state dict's head.weight must have num_classes = {k} rows")
     return NetConfig(**{**cfg, "dropout": float(cfg.get("dropout", 0.0))})  # absent fields: today's defaults
+
+
+def _known_backbone(name: str) -> bool:
+    """Whether ``name`` is a backbone this project can rebuild here (with random weights: no download)."""
+    try:
+        get_spec(name)
+    except Exception:  # noqa: BLE001 - an unknown name, or timm missing or refusing it: all mean "cannot rebuild"
+        return False
+    return True
 
 
 def _data_config(ckpt: dict, path) -> DataConfig:

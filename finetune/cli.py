@@ -17,7 +17,7 @@ from probe.settings import is_override, overridden, parse_value, split_overrides
 from finetune.config import PRESETS, FinetuneConfig, preset
 
 # The common fields, also as flags: --epochs 2 is epochs=2.
-ALIASES = ("image_size", "views", "epochs", "split", "batch_size", "lr_head", "lr_tail", "seed")
+ALIASES = ("backbone", "image_size", "views", "epochs", "split", "batch_size", "lr_head", "lr_tail", "seed")
 
 
 def add_settings(parser: argparse.ArgumentParser, *, preset_flag: bool = True) -> None:
@@ -50,7 +50,10 @@ def settings(name: str, overrides: Iterable[str] = (), args: argparse.Namespace 
     changes = split_overrides(overrides)
     if args is not None:
         changes.update(alias_changes(args))
-    return overridden(preset(name), changes)
+    base = preset(name)
+    if changes.get("backbone", base.backbone) != base.backbone and "split" not in changes:
+        changes["split"] = None  # a preset's split counts its own backbone's blocks: take the new one's default
+    return overridden(base, changes)
 
 
 def candidate(spec: str) -> FinetuneConfig:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from probe.backbone import BACKBONES, NetConfig, get_spec
+from probe.backbone import NetConfig, get_spec
 from probe.linear import ProbeFit
-from probe.preprocess import DataConfig, data_config
+from probe.preprocess import TRAIN_IMAGE_SIZE, DataConfig, data_config
 from probe.settings import ConfigError, check_choice, check_int, check_number, require
 
 from finetune.checkpoint import MAX_IMAGE_SIZE, MAX_MEMBERS, MAX_TTA_CROPS
@@ -19,10 +19,11 @@ class FinetuneConfig:
     """Everything that defines a fine-tuning run; the shipped model is ``PRESETS["full"]``.
 
     Attributes:
-        backbone: a name in ``probe.backbone.BACKBONES``.
+        backbone: a torchvision classification model's name (``mobilenet_v2``, ``efficientnet_b0``, ``resnet50``,
+            ...) or a timm model's as ``timm/NAME`` (see :mod:`probe.zoo`).
         image_size: network input side for training views, validation and ``classify``.
-        split: index of the first trainable backbone block (blocks before it are the frozen trunk);
-            None takes the backbone's own ``default_split`` (see :attr:`trunk_split`).
+        split: index of the first trainable backbone block (blocks before it are the frozen trunk), counted
+            in the model's own blocks (``probe.zoo``); None takes the backbone's ``default_split``.
         pooling: 'avg' or 'gem' (generalised mean, p learnt; see ``probe.backbone.GeM``).
         dropout: before the head.
         views: augmented views per training image whose trunk activations are cached (the centre
@@ -58,7 +59,7 @@ class FinetuneConfig:
     """
 
     backbone: str = "mobilenet_v2"
-    image_size: int = 320
+    image_size: int = TRAIN_IMAGE_SIZE
     split: int | None = None
     pooling: str = "avg"
     dropout: float = 0.0
@@ -88,10 +89,13 @@ class FinetuneConfig:
     seed: int = 0
 
     def __post_init__(self):
-        check_choice("backbone", self.backbone, sorted(BACKBONES))
-        check_int("image_size", self.image_size, get_spec(self.backbone).min_image_size, MAX_IMAGE_SIZE)
-        if self.split is not None:  # its upper end (the block count) is checked when the network is built
-            check_int("split", self.split, 0)
+        try:
+            spec = get_spec(self.backbone)
+        except ValueError as err:
+            raise ConfigError("backbone", str(err)) from None
+        check_int("image_size", self.image_size, spec.min_image_size, MAX_IMAGE_SIZE)
+        if self.split is not None:
+            check_int("split", self.split, 0, spec.num_blocks)
         self._check_training()
         self._check_views()
         require(isinstance(self.probe, ProbeFit), "probe", "must be a ProbeFit")

@@ -222,12 +222,14 @@ def train_tops(net: BirdNet, data: TrunkCacheData, cfg: FinetuneConfig, *, progr
 
 
 def fine_tune(train: LabelledImages, cfg: FinetuneConfig, weights: str = "required", *,
-              allow_download: bool = False, progress: bool = True, verbose: bool = False,
-              cache_budget: int | None = None, log_dir: Path | None = None, **trainer_kwargs) -> FinetuneResult:
+              allow_download: bool = False, weights_file: Path | None = None, progress: bool = True,
+              verbose: bool = False, cache_budget: int | None = None, log_dir: Path | None = None,
+              **trainer_kwargs) -> FinetuneResult:
     """Both stages on ``train``: LP init of the head, then fine-tuning of tail + head.
 
     Args:
         weights: see :func:`probe.weights.pretrained_net` ('required', 'if-cached' or 'none').
+        weights_file: a local pretrained weights file to use instead of the cache (checked first).
         cache_budget: bytes the trunk cache may take on this machine (None: no check).
         log_dir: write Lightning's CSV (and TensorBoard) logs there; None writes nothing.
         trainer_kwargs: passed to ``lightning.Trainer`` (e.g. accelerator, devices, strategy). Under DDP
@@ -238,7 +240,7 @@ def fine_tune(train: LabelledImages, cfg: FinetuneConfig, weights: str = "requir
         sw = Stopwatch()
         net_cfg = cfg.net_config(train.num_classes)
         with sw("load network"):
-            net = pretrained_net(net_cfg, weights, allow_download=allow_download)
+            net = pretrained_net(net_cfg, weights, allow_download=allow_download, weights_file=weights_file)
         data = TrunkCacheData(train, net, cfg, stopwatch=sw, cache_budget=cache_budget, progress=progress)
         run = train_tops(net, data, cfg, progress=progress, verbose=verbose, log_dir=log_dir, **trainer_kwargs)
         sw.seconds["probe"] = run.stage_one_seconds

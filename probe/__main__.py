@@ -1,6 +1,7 @@
 """``python -m probe [DATA_DIR]``: the linear probe on a grader-layout dataset, with step times.
 
-Without DATA_DIR it runs on a small generated set. It writes nothing.
+``--backbones mobilenet_v2 efficientnet_b0 timm/resnet50 ...`` compares backbones by probe instead, one table
+row each (``probe.compare``). Without DATA_DIR it runs on a small generated set. It writes nothing but --out.
 """
 
 from __future__ import annotations
@@ -9,36 +10,62 @@ import argparse
 import sys
 from pathlib import Path
 
+from probe.backbone import get_spec
+from probe.cli import Written, check_output_file, fail, layout_inputs, run_interruptible
+from probe.compare import compare, markdown, write_table
 from probe.data import DataError
 from probe.datasets import load_data
 from probe.pipeline import ProbeConfig, run_probe
 from probe.timing import Stopwatch, peak_rss_mb
 from probe.weights import WeightsError
 
+PROG = "python -m probe"
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m probe", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The arguments, the ``--out`` destination and the backbone names checked (exit 2) before any work."""
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data_dir", nargs="?", type=Path, help="folder with train/gt.csv, train/images[, test/...]")
-    p.add_argument("--backbone", default=ProbeConfig.backbone)
+    p.add_argument("--backbone", default=ProbeConfig.backbone, help="a torchvision model name or timm/NAME")
+    p.add_argument("--backbones", nargs="+", help="compare these backbones by probe, one table row each")
+    p.add_argument("--out", type=Path, help="with --backbones: also write the table (.md or .json)")
+    p.add_argument("--weights", type=Path, help="a local pretrained weights file for --backbone")
     p.add_argument("--image-size", type=int, default=None, help="input side (default: the weights' own)")
     p.add_argument("--precision", default=ProbeConfig.precision, choices=["auto", "bf16", "fp32"])
     p.add_argument("--seed", type=int, default=ProbeConfig.seed)
     p.add_argument("--allow-download", action="store_true", help="let torchvision download missing weights")
     p.add_argument("--random-init", action="store_true", help="no pretrained weights (a smoke run)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.out is not None and (args.backbones is None or args.out.suffix not in (".md", ".json")):
+        fail(PROG, "--out writes the --backbones table: give --backbones and a .md or .json file")
+    if args.weights is not None and not args.weights.is_file():
+        fail(PROG, f"--weights {args.weights}: no such file")
+    check_output_file(PROG, "--out", args.out, layout_inputs(args.data_dir))
+    try:
+        args.cfg = ProbeConfig(backbone=args.backbone, image_size=args.image_size, precision=args.precision,
+                               seed=args.seed)
+        get_spec(args.backbone)
+    except ValueError as err:
+        fail(PROG, f"--backbone: {err}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    cfg = ProbeConfig(backbone=args.backbone, image_size=args.image_size, precision=args.precision, seed=args.seed)
+    run_interruptible(lambda written: run(args, written), PROG)
+
+
+def run(args: argparse.Namespace, written: Written) -> None:
     sw = Stopwatch()
     try:
         with sw("read data"):
             train, test = load_data(args.data_dir)
-        result = run_probe(train, test, cfg, "none" if args.random_init else "required",
-                           allow_download=args.allow_download, progress=not args.no_progress)
+        if args.backbones:
+            return run_compare(args, train, test, written)
+        result = run_probe(train, test, args.cfg, "none" if args.random_init else "required",
+                           allow_download=args.allow_download, weights_file=args.weights,
+                           progress=not args.no_progress)
     except (DataError, WeightsError) as err:
         sys.exit(f"error: {err}")
     fitted = result.fitted
@@ -49,6 +76,15 @@ def main(argv: list[str] | None = None) -> None:
     if result.test_accuracy is not None:
         print(f"test accuracy:       {result.test_accuracy:.4f}  ({len(test)} images)")
     print(f"time: {sw.report()}, {result.stopwatch.report()}; peak RSS {peak_rss_mb():.0f} MiB")
+
+
+def run_compare(args: argparse.Namespace, train, test, written: Written) -> None:
+    rows = compare(train, test, args.backbones, args.cfg, random_init=args.random_init,
+                   progress=not args.no_progress)
+    print(markdown(rows), end="")
+    if args.out is not None:
+        write_table(args.out, rows)
+        written.add(args.out)
 
 
 if __name__ == "__main__":

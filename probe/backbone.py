@@ -1,60 +1,17 @@
-"""Backbones and the network built on them: trunk -> tail -> pool -> head.
+"""The network built on a backbone: trunk -> tail -> pool -> head.
 
-A small registry maps a name to a torchvision builder; adding a backbone is one entry in ``BACKBONES``.
-Preprocessing derived from the backbone's weights is :mod:`probe.preprocess`.
+Backbones are named as torchvision or timm name them (:mod:`probe.zoo` derives how each is split);
+preprocessing derived from the backbone's weights is :mod:`probe.preprocess`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torchvision import models
 
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """How to build one backbone.
-
-    Attributes:
-        build: returns the torchvision model with random weights (never downloads).
-        weights: the torchvision weights enum entry whose file and preprocessing we use.
-        sha256: expected sha256 of the official weights file.
-        blocks: picks the sequence of feature blocks out of the model (split into trunk and tail).
-        width: reads the pooled feature width from the model (never hard-coded).
-        default_split: index of the first trainable block when fine-tuning.
-        min_image_size: the smallest input side the network takes: its total stride, so the last block
-            still sees one pixel.
-    """
-
-    build: Callable[[], nn.Module]
-    weights: models.WeightsEnum
-    sha256: str
-    blocks: Callable[[nn.Module], nn.Sequential]
-    width: Callable[[nn.Module], int]
-    default_split: int
-    min_image_size: int = 32
-
-
-BACKBONES: dict[str, BackboneSpec] = {
-    "mobilenet_v2": BackboneSpec(
-        build=lambda: models.mobilenet_v2(weights=None),
-        weights=models.MobileNet_V2_Weights.IMAGENET1K_V1,
-        sha256="b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
-        blocks=lambda m: m.features,
-        width=lambda m: m.classifier[-1].in_features,
-        default_split=14,  # features[14:] = the three 160-channel blocks, the 320 block and the 1x1 conv
-    ),
-}
-
-
-def get_spec(name: str) -> BackboneSpec:
-    try:
-        return BACKBONES[name]
-    except KeyError:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}") from None
+from probe.zoo import BACKBONES, BackboneSpec, get_spec  # noqa: F401 - re-exported: the backbone layer's names
 
 
 class GeM(nn.Module):
@@ -183,7 +140,7 @@ def build_net(cfg: NetConfig, state_dict: dict | None = None) -> BirdNet:
     model = spec.build()
     if state_dict is not None:
         model.load_state_dict(state_dict)
-    args = (spec.blocks(model), spec.width(model), cfg.num_classes, cfg.split, cfg.dropout, cfg.pooling)
+    args = (spec.blocks(model), spec.width, cfg.num_classes, cfg.split, cfg.dropout, cfg.pooling)
     if cfg.members == 1:
         net = BirdNet(*args)
     else:

@@ -21,7 +21,7 @@ class ProbeConfig:
     """Stage-one settings.
 
     Attributes:
-        backbone: a name in ``probe.backbone.BACKBONES``.
+        backbone: a torchvision model name or ``timm/NAME`` (see ``probe.zoo``).
         image_size: network input side; None keeps the weights' own (224 for MobileNetV2).
         probe: how C is chosen and the probe fitted (the fine-tune's LP init uses the same recipe, under the
             same name: ``FinetuneConfig.probe``).
@@ -66,12 +66,13 @@ class ProbeResult:
 
 def run_probe(
     train: LabelledImages, test: LabelledImages | None, cfg: ProbeConfig, weights: str = "required",
-    *, allow_download: bool = False, progress: bool = True,
+    *, allow_download: bool = False, weights_file=None, progress: bool = True,
 ) -> ProbeResult:
     """Fit the probe: choose C on a stratified validation split, then refit on all training images."""
     sw = Stopwatch()
     with sw("load network"):
-        net = pretrained_net(cfg.net_config(train.num_classes), weights, allow_download=allow_download)
+        net = pretrained_net(cfg.net_config(train.num_classes), weights, allow_download=allow_download,
+                             weights_file=weights_file)
     with sw("train features"):
         X = pooled_features(net, train, cfg, "train features", progress).numpy()
     with sw("choose C and fit"):

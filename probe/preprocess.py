@@ -18,6 +18,10 @@ from torchvision.transforms import InterpolationMode
 
 from probe.backbone import get_spec
 
+# The fine-tune's default input side (``FinetuneConfig.image_size``): larger than the weights' own 224, since
+# the species differ in small parts; stage one's comparison reports cache sizes at it.
+TRAIN_IMAGE_SIZE = 320
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -46,14 +50,9 @@ def data_config(backbone: str, image_size: int | None = None) -> DataConfig:
 
     A different ``image_size`` keeps the weights' crop fraction (224/256 for MobileNetV2).
     """
-    t = get_spec(backbone).weights.transforms()
-    native = DataConfig(
-        image_size=int(t.crop_size[0]),
-        resize_size=int(t.resize_size[0]),
-        mean=tuple(float(v) for v in t.mean),
-        std=tuple(float(v) for v in t.std),
-        interpolation=InterpolationMode(t.interpolation).value,
-    )
+    d = get_spec(backbone).data
+    native = DataConfig(d["image_size"], d["resize_size"], tuple(float(v) for v in d["mean"]),
+                        tuple(float(v) for v in d["std"]), InterpolationMode(d["interpolation"]).value)
     if image_size is None or image_size == native.image_size:
         return native
     return replace(native, image_size=int(image_size), resize_size=int(round(image_size / native.crop_fraction)))

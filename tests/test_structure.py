@@ -44,7 +44,7 @@ def test_imports_run_one_way():
     assert any(m.startswith("probe") for _, m in imports(ROOT / "finetune" / "train.py"))  # it saw real imports
 
 
-LEAVES = {"probe.__main__", "probe.pipeline", "finetune.__main__", "finetune.cv", "finetune.predict",
+LEAVES = {"probe.__main__", "probe.pipeline", "probe.compare", "finetune.__main__", "finetune.cv", "finetune.predict",
           "probe.weights.provision", "probe.weights.__main__"}
 
 

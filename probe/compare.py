@@ -1,0 +1,84 @@
+"""Which backbone? Stage one of each on the same split, side by side (``python -m probe DATA --backbones ...``).
+
+For every backbone: the probe's validation and test accuracy and its chosen C, the pooled feature width, the
+extraction rate, the trunk cache's size per 1,000 images and view at the fine-tune's input size (at the
+backbone's default split), and the weights file used. A backbone whose weights are absent is listed with
+the file to provide, never silently skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from probe.backbone import NetConfig, build_net, get_spec
+from probe.data import LabelledImages
+from probe.outputs import write_text
+from probe.pipeline import ProbeConfig, run_probe
+from probe.preprocess import TRAIN_IMAGE_SIZE
+from probe.weights import WeightsError, cache_path, has_pretrained, missing
+
+COLUMNS = ("backbone", "probe val", "probe test", "C", "width", "extract img/s", "cache MiB/1k/view", "weights")
+
+
+def compare(train: LabelledImages, test: LabelledImages | None, names: list[str], cfg: ProbeConfig, *,
+            random_init: bool = False, progress: bool = False) -> list[dict]:
+    """One row per backbone name, in order (see the module docstring)."""
+    return [_row(train, test, name, replace(cfg, backbone=name), random_init, progress) for name in names]
+
+
+def _row(train, test, name: str, cfg: ProbeConfig, random_init: bool, progress: bool) -> dict:
+    try:
+        spec = get_spec(name)
+    except ValueError as err:
+        return {"backbone": name, "error": str(err)}
+    row = {"backbone": name, "width": spec.width, "cache_mib_per_1k_view": cache_mib(name)}
+    if not random_init and not has_pretrained(name):
+        return {**row, "weights": f"missing: {missing(name, cache_path(name))}"}
+    try:
+        result = run_probe(train, test, cfg, "none" if random_init else "required", progress=progress)
+    except WeightsError as err:
+        return {**row, "weights": f"missing: {err}"}
+    seconds = result.stopwatch.seconds["train features"]
+    return {**row, "probe_val": result.fitted.val_accuracy, "probe_test": result.test_accuracy,
+            "C": result.fitted.C, "extract_images_per_s": len(train) / seconds,
+            "weights": "random init" if random_init else str(cache_path(name))}
+
+
+@torch.no_grad()
+def cache_mib(name: str, image_size: int = TRAIN_IMAGE_SIZE) -> float:
+    """MiB of fp16 trunk activations of 1,000 images, one view each, at ``image_size`` and the default split."""
+    with torch.random.fork_rng(devices=[]):  # a random-init net only for its shapes: seeded runs stay as they are
+        net = build_net(NetConfig(name, 2, get_spec(name).default_split)).eval()
+        shape = net.forward_trunk(torch.zeros(1, 3, image_size, image_size)).shape[1:]
+    return 1000 * math.prod(shape) * 2 / 2**20
+
+
+def _cell(row: dict, key: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if key.startswith("probe") else f"{value:g}" if key == "C" else \
+        f"{value:.1f}" if isinstance(value, float) else str(value)
+
+
+KEYS = ("backbone", "probe_val", "probe_test", "C", "width", "extract_images_per_s", "cache_mib_per_1k_view", "weights")
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['backbone']} | " + " | ".join("-" for _ in COLUMNS[1:-1]) + f" | {row['error']} |")
+        else:
+            lines.append("| " + " | ".join(_cell(row, k) for k in KEYS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(path: Path, rows: list[dict]) -> None:
+    """``.json`` (the rows) or ``.md`` (the table), atomically."""
+    write_text(path, json.dumps(rows, indent=2) + "\n" if path.suffix == ".json" else markdown(rows))

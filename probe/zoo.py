@@ -1,0 +1,207 @@
+"""Any pretrained backbone by name: torchvision's classification zoo, and timm's models as ``timm/NAME``.
+
+A name resolves to a :class:`BackboneSpec` derived from the model's own structure, never from a per-model
+table: the blocks that are split into trunk and tail come from the family's layout (torchvision:
+``features`` for MobileNet / EfficientNet / ConvNeXt, ``layers`` for MNASNet, stem + ``layer1..4`` for
+ResNet / ResNeXt / Wide-ResNet, stem + ``trunk_output`` for RegNet; timm: the modules of
+``forward_features`` in order), and one dry forward pass in eval mode gives the feature width, the total
+stride (the smallest input) and the default split: the first block that works at the final resolution, so
+the tail is the last stage or two. Preprocessing comes from the weights (torchvision's
+``weights.transforms()``, timm's ``resolve_model_data_config``). timm is imported only for a ``timm/`` name.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchvision import models
+
+TIMM = "timm/"
+# torchvision families whose layout is known: name prefix -> how its blocks are laid out.
+FEATURES = ("mobilenet_", "efficientnet_", "convnext_")
+FAMILIES = "MobileNet, EfficientNet, ConvNeXt, MNASNet, ResNet, ResNeXt, Wide-ResNet, RegNet"
+# The weights the project provisions offline for MobileNetV2 (its DEFAULT, V2, is another file).
+PINNED = {"mobilenet_v2": "IMAGENET1K_V1"}
+KNOWN_SHA256 = {"mobilenet_v2-b0353104.pth": "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"}
+PROBE_SIDE = 64  # the dry forward's input side: small, and a multiple of every family's total stride
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to build, split and feed one backbone, derived from the model itself.
+
+    Attributes:
+        name: as given: a torchvision model name, or ``timm/NAME``.
+        width: channels of the last block's output (the pooled feature width, read from the model).
+        num_blocks: how many blocks there are to split (trunk = blocks[:split], tail = blocks[split:]).
+        default_split: the first block at the final resolution: the tail is the last stage or two.
+        min_image_size: the total stride, so the last block still sees one pixel.
+        data: the weights' preprocessing: image_size, resize_size, mean, std, interpolation.
+        weights_file: the weights file's name (in the torch hub or timm cache, or given with --weights).
+        url: where the weights come from where downloading is allowed (None for timm: its hub).
+        sha256: the full expected hash where the project knows it, else None.
+        hub_id: timm's Hugging Face hub id of the weights, else None.
+    """
+
+    name: str
+    width: int
+    num_blocks: int
+    default_split: int
+    min_image_size: int
+    data: dict
+    weights_file: str | None
+    url: str | None
+    sha256: str | None
+    hub_id: str | None = None
+
+    @property
+    def source(self) -> str:
+        return "timm" if self.name.startswith(TIMM) else "torchvision"
+
+    @property
+    def sha256_prefix(self) -> str | None:
+        """torchvision's file names carry the first hex digits of their sha256 (``name-7f5810bc.pth``)."""
+        found = re.search(r"-([0-9a-f]{6,})\.", self.weights_file or "")
+        return found.group(1) if found else None
+
+    def build(self) -> nn.Module:
+        """The model with random weights: never downloads."""
+        return build_model(self.name)
+
+    def blocks(self, model: nn.Module) -> nn.Sequential:
+        return blocks_of(self.name, model)
+
+
+def build_model(name: str, **kwargs) -> nn.Module:
+    if name.startswith(TIMM):
+        return _timm().create_model(name[len(TIMM):], pretrained=False, **kwargs)
+    return models.get_model(name, weights=None)
+
+
+def blocks_of(name: str, model: nn.Module) -> nn.Sequential:
+    """The model's feature blocks in the order its forward runs them (the very modules, not copies)."""
+    if name.startswith(TIMM):
+        return _timm_blocks(model)
+    return _family(name)(model)
+
+
+def _family(name: str) -> Callable[[nn.Module], nn.Sequential]:
+    if name.startswith(FEATURES):
+        return lambda m: m.features
+    if name.startswith("mnasnet"):
+        return lambda m: m.layers
+    if name.startswith(("resnet", "resnext", "wide_resnet")):
+        return lambda m: nn.Sequential(nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool), m.layer1, m.layer2,
+                                       m.layer3, m.layer4)
+    if name.startswith("regnet_"):
+        return lambda m: nn.Sequential(m.stem, *m.trunk_output)
+    raise ValueError(f"backbone {name!r}: its structure is not one this project splits into trunk and tail; "
+                     f"use a torchvision {FAMILIES} model, or a timm CNN as timm/NAME")
+
+
+# timm's modules after forward_features: pooling and the classifier head, under their usual names.
+_TIMM_HEAD = ("global_pool", "head", "head_drop", "fc", "classifier", "flatten", "pre_logits", "conv_head_pool")
+_TIMM_STAGES = ("blocks", "stages", "layers", "features")
+
+
+def _timm_blocks(model: nn.Module) -> nn.Sequential:
+    """The children before the pooling/head, with a stage container's stages as blocks of their own."""
+    head = set(_TIMM_HEAD) | {model.pretrained_cfg.get("classifier", "")}
+    blocks = []
+    for name, child in model.named_children():
+        if name in head:
+            break
+        blocks += list(child) if name in _TIMM_STAGES and isinstance(child, nn.Sequential) else [child]
+    return nn.Sequential(*blocks)
+
+
+def _timm():
+    try:
+        import timm
+    except ModuleNotFoundError:
+        raise ValueError("timm/ backbones need timm: pip install timm (or the project's [timm] extra)") from None
+    return timm
+
+
+# Every spec derived so far in this process, by name (tests may put their own here).
+BACKBONES: dict[str, BackboneSpec] = {}
+
+
+def get_spec(name: str) -> BackboneSpec:
+    """The spec of backbone ``name``, derived once per process (a random-init model and one small forward
+    pass, with torch's random state restored afterwards, so asking never changes a seeded run).
+
+    Raises:
+        ValueError: an unknown name, or a model whose structure this project cannot split.
+    """
+    if name not in BACKBONES:
+        BACKBONES[name] = _derive(name)
+    return BACKBONES[name]
+
+
+def _derive(name: str) -> BackboneSpec:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a backbone is a torchvision model name or timm/NAME, got {name!r}")
+    if not name.startswith(TIMM) and name not in models.list_models(module=models):
+        raise ValueError(f"unknown backbone {name!r}: not a torchvision classification model "
+                         f"(torchvision.models.list_models()); for timm write timm/NAME")
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(name)
+        blocks = blocks_of(name, model).eval()
+        sides, width = _dry_run(blocks)
+    final = sides[-1]
+    default_split = next(i for i, side in enumerate(sides) if side == final)
+    weights = _weights_info(name, model)
+    return BackboneSpec(name, width, len(blocks), default_split, PROBE_SIDE // final, **weights)
+
+
+@torch.no_grad()
+def _dry_run(blocks: nn.Sequential) -> tuple[list[int], int]:
+    """(spatial side after each block, channels of the last) for a PROBE_SIDE input."""
+    x = torch.zeros(1, 3, PROBE_SIDE, PROBE_SIDE)
+    sides = []
+    for block in blocks:
+        x = block(x)
+        sides.append(int(x.shape[-1]))
+    return sides, int(x.shape[1])
+
+
+def _weights_info(name: str, model: nn.Module) -> dict:
+    if name.startswith(TIMM):
+        return _timm_weights(model)
+    entry = weights_entry(name)
+    t = entry.transforms()
+    data = {"image_size": int(t.crop_size[0]), "resize_size": int(t.resize_size[0]),
+            "mean": tuple(float(v) for v in t.mean), "std": tuple(float(v) for v in t.std),
+            "interpolation": t.interpolation.value}
+    filename = entry.url.rsplit("/", 1)[-1]
+    return {"data": data, "weights_file": filename, "url": entry.url, "sha256": KNOWN_SHA256.get(filename)}
+
+
+def weights_entry(name: str, filename: str | None = None) -> models.WeightsEnum:
+    """The torchvision weights of ``name``: the one whose file is ``filename`` when given (a user's own file),
+    else the project's pinned entry, else the model's DEFAULT."""
+    enum = models.get_model_weights(name)
+    if filename is not None:
+        for entry in enum:
+            if entry.url.rsplit("/", 1)[-1] == filename:
+                return entry
+    return enum[PINNED[name]] if name in PINNED else enum.DEFAULT
+
+
+def _timm_weights(model: nn.Module) -> dict:
+    cfg = _timm().data.resolve_model_data_config(model)
+    size = int(cfg["input_size"][-1])
+    data = {"image_size": size, "resize_size": int(round(size / cfg["crop_pct"])),
+            "mean": tuple(float(v) for v in cfg["mean"]), "std": tuple(float(v) for v in cfg["std"]),
+            "interpolation": str(cfg["interpolation"])}
+    pretrained = model.pretrained_cfg
+    url = pretrained.get("url") or None
+    hub_id = pretrained.get("hf_hub_id") or None
+    # Weights on timm's hub have no file name of their own: the cache names them after the hub id.
+    filename = url.rsplit("/", 1)[-1] if url else f"{(hub_id or 'timm').replace('/', '--')}.safetensors"
+    return {"data": data, "weights_file": filename, "url": url, "sha256": None, "hub_id": hub_id}
