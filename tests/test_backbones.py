@@ -9,17 +9,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import calibrate_batchnorm
 
 import probe.compare as compare
-import solution
+from probe.backbone import BirdNet, get_spec
+from probe.synthetic import make_synthetic, write_grader_layout
+from probe.weights import WeightsError, load_pretrained, sha256_of
+
 from finetune.checkpoint import Classifier
 from finetune.cli import settings
 from finetune.config import preset
 from finetune.train import fine_tune
-from probe.backbone import BirdNet, get_spec
-from probe.synthetic import make_synthetic, write_grader_layout
-from probe.weights import WeightsError, load_pretrained, sha256_of
+
+import solution
+
+from conftest import calibrate_batchnorm
 
 try:
     import timm  # noqa: F401 - an optional extra: its models are tested where it is installed
