@@ -24,23 +24,25 @@ def train_classifier(train_gt: dict, train_img_dir: str, fast_train: bool = True
     """Train the bird classifier on ``train_gt`` ({filename: class_id}) and the images in ``train_img_dir``.
 
     Args:
-        fast_train: True runs the same pipeline on the small 'fast' preset, on the CPU, writing nothing and
-            never downloading (pretrained weights from the local torch cache, else random init with a
-            warning). False runs the shipped 'full' preset, which reproduces ``birds_model.pt``; it needs
-            the pretrained weights (cached, or downloaded by torchvision where the network allows).
+        fast_train: True runs the same pipeline on the small 'fast' preset (on the shipped recipe's backbone),
+            on the CPU, writing nothing and never downloading (pretrained weights from the local cache, else
+            random init with a warning). False runs the shipped recipe (``finetune.shipped``: the model's
+            own, in a built grader file; else the 'full' preset), which reproduces ``birds_model.pt``; it
+            needs the pretrained weights (cached, or downloaded where the network allows).
 
     Returns:
         The trained :class:`Classifier`; ``model.save("birds_model.pt")`` writes the checkpoint.
     """
     with no_tempdir_probe():  # training only: see the module docstring
-        from finetune.config import preset
+        from finetune.config import shipped
+        from finetune.shipped import RECIPE
         from finetune.train import fine_tune
 
     images = labelled_from_gt(train_gt, train_img_dir, where="train_gt")
     # The grader layout keeps classes.txt at the data root, two levels above train/images.
     images = replace(images, class_names=read_class_names(Path(train_img_dir).parent.parent / "classes.txt",
                                                           images.num_classes))
-    cfg = preset("fast" if fast_train else "full")
+    cfg = shipped(fast_train, RECIPE)
     weights = "if-cached" if fast_train else "required"
     result = fine_tune(images, cfg, weights, allow_download=not fast_train, accelerator="cpu", devices=1)
     return result.classifier

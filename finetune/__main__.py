@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, FinetuneConf
     p.add_argument("--log-dir", type=Path, help="write Lightning's CSV (and TensorBoard) training logs here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--verbose", action="store_true", help="also Lightning's own messages and the full config")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # field=value may come before or after the flags
     paths, overrides = split_positionals(args.args)
     if len(paths) > 1:
         fail(PROG, f"one DATA_DIR at most, got {paths}; overrides are field=value")

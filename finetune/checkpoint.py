@@ -45,11 +45,15 @@ class Classifier(nn.Module):
         class_names: one name per class id (None: the ids themselves).
         tta_crops: more centre crops to average over, as shares of the shorter side
             (``FinetuneConfig.tta_crops``).
+        recipe: the ``FinetuneConfig`` fields that trained it (plain values), so a grader file built for this
+            model trains the same recipe; None for checkpoints written before it was stored.
     """
 
     def __init__(self, net: BirdNet, net_cfg: NetConfig, data_cfg: DataConfig, tta_flip: bool,
-                 class_names: Sequence[str] | None = None, tta_crops: Sequence[float] = ()):
+                 class_names: Sequence[str] | None = None, tta_crops: Sequence[float] = (),
+                 recipe: dict | None = None):
         super().__init__()
+        self.recipe = recipe
         self.net = net
         self.net_cfg = net_cfg
         self.data_cfg = data_cfg
@@ -95,6 +99,7 @@ class Classifier(nn.Module):
             "tta_flip": bool(self.tta_flip),
             "tta_crops": list(self.tta_crops),
             "class_names": list(self.class_names) if self.class_names is not None else None,
+            "recipe": self.recipe,
             "state_dict": {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()},
         }
 
@@ -124,8 +129,20 @@ class Classifier(nn.Module):
         _require(isinstance(crops, list) and len(crops) <= MAX_TTA_CROPS
                  and all(type(c) is float and 0.0 < c <= 1.0 for c in crops), path,
                  f"'tta_crops' must be a list of at most {MAX_TTA_CROPS} floats in (0, 1]")
+        recipe = ckpt.get("recipe")  # absent from checkpoints written before the recipe was stored
+        _require(recipe is None or _plain(recipe), path, "'recipe' must be None or a dict of plain values")
         net = _restored(net_cfg, ckpt["state_dict"], path)
-        return cls(net.eval(), net_cfg, data_cfg, ckpt["tta_flip"], names, crops).eval()
+        return cls(net.eval(), net_cfg, data_cfg, ckpt["tta_flip"], names, crops, recipe).eval()
+
+
+def _plain(value, depth: int = 0) -> bool:
+    """A small tree of str keys and str / number / bool / None / list leaves (what a recipe holds)."""
+    if isinstance(value, dict):
+        return depth < 3 and len(value) <= 100 and all(isinstance(k, str) and _plain(v, depth + 1)
+                                                       for k, v in value.items())
+    if isinstance(value, list):
+        return len(value) <= 100 and all(_plain(v, depth + 1) for v in value)
+    return value is None or isinstance(value, (str, int, float, bool))
 
 
 def _fix(path) -> str:

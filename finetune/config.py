@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 from probe.backbone import NetConfig, get_spec
 from probe.linear import ProbeFit
 from probe.preprocess import TRAIN_IMAGE_SIZE, DataConfig, data_config
-from probe.settings import ConfigError, check_choice, check_int, check_number, require
+from probe.settings import ConfigError, check_choice, check_int, check_number, overridden, require
 
 from finetune.checkpoint import MAX_IMAGE_SIZE, MAX_MEMBERS, MAX_TTA_CROPS
 
@@ -145,6 +145,17 @@ class FinetuneConfig:
         """The first trainable block: ``split``, else the backbone's own default."""
         return self.split if self.split is not None else get_spec(self.backbone).default_split
 
+    def to_dict(self) -> dict:
+        """Plain values (tuples as lists): what a checkpoint stores as its recipe."""
+        return _plain(asdict(self))
+
+    @classmethod
+    def from_dict(cls, fields: dict) -> "FinetuneConfig":
+        """The config a :meth:`to_dict` (or any subset of its fields) describes, each field checked."""
+        flat = {f"probe.{k}": v for k, v in fields.get("probe", {}).items()}
+        flat.update({k: v for k, v in fields.items() if k != "probe"})
+        return overridden(cls(), flat)
+
     def net_config(self, num_classes: int) -> NetConfig:
         """What rebuilds this run's network for ``num_classes`` species (stored in the checkpoint)."""
         return NetConfig(self.backbone, num_classes, self.trunk_split, self.dropout, self.pooling, self.members)
@@ -168,6 +179,22 @@ PRESETS: dict[str, FinetuneConfig] = {
     "fast": FinetuneConfig(image_size=160, views=1, epochs=1, limit_train_batches=8, probe=ProbeFit(Cs=(0.01,)),
                            train_precision="fp32"),
 }
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return [_plain(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def shipped(fast_train: bool, recipe: dict | None = None) -> FinetuneConfig:
+    """What the grader interface trains: ``recipe`` (the shipped model's, written into the grader file by the
+    build), else the 'full' preset; with ``fast_train`` the 'fast' smoke run on the same backbone."""
+    full = FinetuneConfig.from_dict(recipe) if recipe is not None else PRESETS["full"]
+    if not fast_train:
+        return full
+    fast = PRESETS["fast"]
+    return fast if full.backbone == fast.backbone else replace(fast, backbone=full.backbone, split=None)
 
 
 def preset(name: str, **overrides) -> FinetuneConfig:

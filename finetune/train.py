@@ -253,7 +253,7 @@ def _result(train: LabelledImages, cfg: FinetuneConfig, net: BirdNet, data: Trun
     """The one place a run's result is assembled: the classifier and what was measured."""
     val_acc = cached_accuracy(net, data.val_set, run.trainer) if data.val_set is not None else None
     classifier = Classifier(net.cpu(), cfg.net_config(train.num_classes), cfg.data_config(), cfg.tta_flip,
-                            train.class_names, cfg.tta_crops).eval()
+                            train.class_names, cfg.tta_crops, cfg.to_dict()).eval()
     return FinetuneResult(classifier, cfg, run.fitted, val_acc, [row for m in run.modules for row in m.history],
                           data.cache_bytes, len(train), sum(m.samples_seen for m in run.modules), data.shards,
                           run.trainer.is_global_zero, sw)

@@ -97,6 +97,8 @@ def coerce(value, hint, field: str):
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
+        if type(value) in args:  # an exact match first: 8 stays an int in ``float | int``
+            return value
         for option in args:
             try:
                 return coerce(value, option, field)

@@ -145,3 +145,19 @@ def test_the_comparison_lists_absent_weights_instead_of_skipping_them(tmp_path):
                                random_init=True)
     assert measured[0]["extract_images_per_s"] > 0 and 0 <= measured[0]["probe_test"] <= 1
     assert "| regnet_y_400mf |" in compare.markdown(measured)
+
+
+def test_the_grader_interface_trains_the_shipped_recipes_backbone(tmp_path, monkeypatch):
+    import finetune.shipped
+
+    recipe = preset("full", backbone="resnet18", split=None).to_dict()
+    monkeypatch.setattr(finetune.shipped, "RECIPE", recipe)  # what the build writes into the grader file
+    images = make_synthetic(num_classes=3, per_class=4, size=48, seed=0)
+    train_dir = write_grader_layout(tmp_path / "data", "train", images)
+    gt = dict(zip(images.names, images.labels.tolist()))
+    with pytest.warns(UserWarning, match="random init"):  # no resnet18 weights here: the smoke run says so
+        model = solution.train_classifier(gt, str(train_dir / "images"), fast_train=True)
+    assert model.net_cfg.backbone == "resnet18" and model.recipe["image_size"] == preset("fast").image_size
+    path = tmp_path / "m.pt"
+    model.save(path)
+    assert Classifier.load(path).recipe == model.recipe  # the checkpoint knows how it was trained

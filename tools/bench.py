@@ -296,7 +296,7 @@ def parse_args(argv: list[str] | None) -> BenchOptions:
     p.add_argument("--compute-batches", type=int, default=BenchOptions.compute_batches,
                    help="timed batches of 16 per compute-limit measurement")
     p.add_argument("--no-progress", action="store_true")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)  # field=value may come before or after the flags
     compare = tuple(c for c in a.compare if c != a.preset)
     opts = BenchOptions(a.data_dir, a.out, a.preset, (), compare, a.baseline, a.baseline_epochs,
                         a.baseline_image_size, a.random_init, a.compute_batches, not a.no_progress)
