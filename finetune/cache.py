@@ -35,13 +35,15 @@ class CacheBudgetError(RuntimeError):
 
 def trunk_activations(net: BirdNet, images: LabelledImages, transform, cfg: FinetuneConfig, desc: str,
                       progress: bool = True, device: torch.device | str = "cpu",
-                      out_device: torch.device | str = "cpu", echo: bool | None = None) -> torch.Tensor:
-    """(N, C, h, w) trunk activations of ``transform(image)`` for every image, in ``cfg.cache_dtype``."""
+                      out_device: torch.device | str = "cpu", echo: bool | None = None,
+                      first_batch=None) -> torch.Tensor:
+    """(N, C, h, w) trunk activations of ``transform(image)`` for every image, in ``cfg.cache_dtype``;
+    ``first_batch`` is ``probe.features.extract``'s."""
     dataset = ImageDataset(images.sources, images.names, transform)
     acts, _ = extract(
         net.forward_trunk, make_loader(dataset, cfg.extract_batch_size), precision=cfg.precision,
         out_dtype=getattr(torch, cfg.cache_dtype), desc=desc, progress=progress, device=device, out_device=out_device,
-        echo=echo,
+        echo=echo, first_batch=first_batch,
     )
     return acts
 

@@ -69,6 +69,7 @@ class TrunkCacheData(L.LightningDataModule):
         self.shards: list[list[int]] = []
         self.samples_per_epoch: int | None = None
         self.cache_bytes = 0
+        self.planned_bytes = 0
         self.setup_seconds = 0.0
         self.pin_memory = False
         self.member = 0  # the ensemble member the next fit trains: its own data order
@@ -107,8 +108,10 @@ class TrunkCacheData(L.LightningDataModule):
         cache_device = self._cache_device(device, len(shard), len(shard_fit), trainer.num_devices)
         kwargs = dict(progress=self.progress, device=device, out_device=cache_device, echo=True)
         data_cfg = self.cfg.data_config()
+        views_to_extract = len(shard) + len(shard_fit) * self.cfg.views
         with self.sw("centre view"):
-            centre = centre_activations(self.net, self.images.subset(shard), data_cfg, self.cfg, **kwargs)
+            centre = centre_activations(self.net, self.images.subset(shard), data_cfg, self.cfg,
+                                        first_batch=lambda n, s: self._cost(views_to_extract, n, s), **kwargs)
         with self.sw("augmented views"):
             views = augmented_activations(self.net, self.images.subset(shard_fit), data_cfg, self.cfg,
                                           rank=rank, **kwargs)
@@ -117,10 +120,19 @@ class TrunkCacheData(L.LightningDataModule):
         self.pin_memory = device.type == "cuda" and cache_device.type == "cpu"
         self.setup_seconds = time.perf_counter() - start
 
+    def _cost(self, views: int, n: int, seconds: float) -> None:
+        """The cost up front: the cache's size and, from the first timed batch, about how long it takes."""
+        if self.progress or self.trainer.is_global_zero:
+            rate = n / max(seconds, 1e-9)
+            print(f"trunk cache: {self.planned_bytes / 2**20:.1f} MiB for {views} image views at "
+                  f"{self.cfg.image_size} px; first batch {rate:.1f} img/s, so about {views / rate:.0f} s to extract",
+                  flush=True)
+
     def _cache_device(self, device: torch.device, n_images: int, n_fit: int, ranks_here: int) -> torch.device:
         """Where the cache goes: an accelerator's memory when it takes at most half of what is free there
         (no copy per batch; the rest is for training), else this machine's RAM, within the budget."""
         nbytes = (n_images + n_fit * self.cfg.views) * bytes_per_view(self.net, self.cfg)  # centres + views
+        self.planned_bytes = nbytes
         if device.type == "cuda" and nbytes <= 0.5 * torch.cuda.mem_get_info(device)[0]:
             return device
         check_budget(nbytes, self.cache_budget, images=n_images, views=self.cfg.views + 1,
