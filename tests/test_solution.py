@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import snapshot
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 from PIL import Image
 from torch import nn
@@ -465,6 +467,33 @@ def test_built_file_embeds_modules_verbatim_each_in_its_own_namespace(tmp_path):
     written = sorted(p.relative_to(upload).as_posix() for p in upload.rglob("*"))
     assert written == ["__pycache__", f"__pycache__/classification.{sys.implementation.cache_tag}.pyc",
                        "classification.py"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text() | st.text(alphabet="\\'\"\n\r\t\x00\u2028ab"))
+def test_embedded_source_literal_reads_back_exactly(text):
+    """Any text survives the table's encoding: quote runs, backslashes (a last one too), CR, NUL, U+2028."""
+    literal = _build_tool()._literal(text)
+    assert ast.literal_eval(literal) == text
+    assert literal.count("\n") == text.count("\n") + 1  # the source's own line breaks, as they are
+
+
+def test_importer_is_installed_once_and_refuses_a_module_it_would_shadow(monkeypatch):
+    build = _build_tool()
+    monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))  # restored after the test
+    origin = "/nowhere/classification.py"
+    table = {"embedded_toy": (True, "X = 1\n"), "embedded_toy.sub": (False, "from . import X\nY = X + 1\n")}
+    importer = build.install_importer(table, origin)
+    assert build.install_importer(table, origin) is importer and sys.meta_path[0] is importer  # once, first
+    try:
+        sub = importlib.import_module("embedded_toy.sub")
+        assert sub.Y == 2 and sub.__file__ == origin + "/embedded_toy/sub.py" and sub.__loader__ is importer
+        assert sys.modules["embedded_toy"].__path__ == [origin + "/embedded_toy"]
+    finally:
+        for name in table:
+            sys.modules.pop(name, None)
+    with pytest.raises(ImportError, match="solution is already imported from"):  # this test module imported it
+        build.install_importer({"solution": (False, "")}, "/elsewhere/classification.py")
 
 
 @pytest.mark.parametrize("files, refusal", [

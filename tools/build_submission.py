@@ -256,13 +256,19 @@ import sys
 '''
 
 
+def _escape(ch: str) -> str:
+    """One character of a module's source as it is written inside a ``'''`` string literal."""
+    if ch == "'":
+        return "\\'"  # so the text never holds the closing quotes, nor ends on a quote that would join them
+    if ch == "\n" or (ch.isprintable() and ch != "\\"):
+        return ch
+    return repr(ch)[1:-1]  # a backslash, a tab, a carriage return (a line break to the compiler), a NUL...
+
+
 def _literal(source: str) -> str:
-    """``source`` as a Python expression: one repr()'d string per source line, which survives any text."""
-    lines = source.splitlines(keepends=True)
-    if not lines:
-        return "''"
-    body = "\n".join(f"        {line!r}" for line in lines)
-    return f"(\n{body}\n    )"
+    """``source`` as one string literal that reads like the file: its lines as they are, in a ``'''`` string,
+    with only quotes, backslashes and unprintable characters escaped (one token: cheap to compile)."""
+    return "'''\\\n" + "".join(map(_escape, source)) + "'''"
 
 
 def _table(plan: Plan, root: Path) -> str:
