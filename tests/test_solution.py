@@ -5,7 +5,7 @@ without this project. Random-init networks and generated images only."""
 from __future__ import annotations
 
 import ast
-import importlib.util
+import importlib
 from collections import Counter
 import io
 import json
@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import snapshot
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 from PIL import Image
 from torch import nn
@@ -36,6 +38,7 @@ from probe.backbone import NetConfig, build_net
 from probe.preprocess import data_config
 from probe.data import read_gt
 from probe.synthetic import make_synthetic, write_grader_layout
+from tools.grader_check import PROJECT_GUARD
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 64
@@ -203,55 +206,60 @@ def test_fast_train_and_classify_write_nothing_and_stay_offline(tmp_path, offlin
 
 
 def _build_tool():
-    spec = importlib.util.spec_from_file_location("build_submission_under_test", ROOT / "tools" / "build_submission.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("tools.build_submission")
 
 
 def _imported_packages(source: str) -> set[str]:
+    """The top-level packages of every absolute import, at any depth (relative ones stay in the project)."""
     packages = set()
     for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.ImportFrom):
-            assert node.level == 0, f"relative import at line {node.lineno}"
+        if isinstance(node, ast.ImportFrom) and node.level == 0:
             packages.add(node.module.split(".")[0])
         elif isinstance(node, ast.Import):
             packages |= {alias.name.split(".")[0] for alias in node.names}
     return packages
 
 
-def _training_section(source: str) -> str:
-    """The text of the built file's training section (a string literal defined on first training call)."""
+def _embedded(source: str) -> dict[str, tuple[bool, str]]:
+    """The built file's table ``MODULES = {name: (is_package, source)}``, read as a literal."""
     (node,) = [n for n in ast.parse(source).body if isinstance(n, ast.Assign)
-               and getattr(n.targets[0], "id", None) == "_TRAINING_SOURCE"]
-    return node.value.value
+               and getattr(n.targets[0], "id", None) == "MODULES"]
+    return ast.literal_eval(node.value)
 
 
 def test_built_file_imports_only_grader_packages():
-    source = _build_tool().build_source()
+    build = _build_tool()
+    source = build.build_source()
     compile(source, "classification.py", "exec")
-    training = _training_section(source)
-    compile(training, "training section", "exec")
-    eager, lazy = _imported_packages(source), _imported_packages(training)
+    modules = _embedded(source)
+    plan = build.plan_modules()
+    # the file's own code: the importer (standard library) and the re-export from the embedded entry
+    assert _imported_packages(source) - {"solution"} <= set(sys.stdlib_module_names)
+    assert set(modules) == set(plan.classify) | set(plan.training)
+    assert {"solution", "probe.data", "finetune.checkpoint"} <= set(plan.classify)
+    assert {"finetune.train", "finetune.module", "probe.linear"} <= set(plan.training)
+    assert not any(name.startswith("tools") or name.endswith("__main__") for name in modules)
+    assert not {"probe.pipeline", "probe.synthetic", "finetune.cv", "finetune.predict"} & set(modules)  # unused
+    eager = set().union(*(_imported_packages(modules[name][1]) for name in plan.classify))
+    lazy = set().union(*(_imported_packages(modules[name][1]) for name in plan.training))
     assert {"torch", "torchvision", "numpy", "PIL"} <= eager  # it parsed real imports
     assert {"lightning", "sklearn"} <= lazy and not {"lightning", "sklearn"} & eager  # training only
+    for name, (is_package, text) in modules.items():  # verbatim copies of the files
+        assert text == build.module_path(ROOT, name).read_text()
+        assert is_package == (name in {"probe", "finetune", "probe.weights"})
+        compile(text, name, "exec")
     for packages in (eager, lazy):
-        assert not packages & set(PROJECT_PACKAGES)
         assert not packages & GONE_IN_PY312
-        assert packages <= GRADER_PACKAGES | set(sys.stdlib_module_names), packages - GRADER_PACKAGES
-    defined = {n.name for n in ast.parse(source).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
-    assert {"train_classifier", "classify"} <= defined
-    assert {"fine_tune", "LPFTModule"} <= {n.name for n in ast.parse(training).body
-                                          if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        assert packages - set(PROJECT_PACKAGES) <= GRADER_PACKAGES | set(sys.stdlib_module_names)
+    assert "from solution import classify, train_classifier" in source  # the grader's two names
 
 
 # Runs in a fresh interpreter with the upload folder as cwd. Even where this project is pip-installed
-# (scripts/setup.sh installs it editable), its packages are made unimportable, as at the grader.
-SUBPROCESS = """
-import json, sys
-for name in {blocked!r}:
-    sys.modules[name] = None
-for name in {blocked!r}:
+# (scripts/setup.sh installs it editable), the grader check's guard makes the on-disk project unimportable.
+SUBPROCESS = PROJECT_GUARD + """
+import json
+args = json.loads(sys.argv[1])
+for name in PROJECT:
     try:
         __import__(name)
     except ImportError:
@@ -260,9 +268,8 @@ for name in {blocked!r}:
         raise SystemExit(name + " is importable")
 import classification
 after_import = sorted(m for m in ("lightning", "sklearn", "torchmetrics") if m in sys.modules)
-args = json.loads(sys.argv[1])
 assert classification.__file__ == args["file"], classification.__file__
-gt = {{}}
+gt = {}
 with open(args["gt"]) as f:
     next(f)
     for line in f:
@@ -272,11 +279,17 @@ result = classification.classify(args["model"], args["test"])
 after_classify = sorted(m for m in ("lightning", "sklearn", "torchmetrics") if m in sys.modules)
 model = classification.train_classifier(gt, args["train"], fast_train=True)
 again = classification.classify(args["model"], args["test"])
-leaked = sorted(m for m, mod in sys.modules.items() if mod is not None and m.split(".")[0] in {blocked!r})
-print(json.dumps({{"result": result, "again": again, "model": type(model).__name__, "leaked": leaked,
+print(json.dumps({"result": result, "again": again, "model": type(model).__name__,
+                  "not_embedded": not_embedded(classification), "loaded": project_modules(),
                   "after_import": after_import, "after_classify": after_classify,
-                  "trained_with": sorted(m for m in ("lightning", "sklearn") if m in sys.modules)}}))
+                  "trained_with": sorted(m for m in ("lightning", "sklearn") if m in sys.modules)}))
 """
+
+
+def _child_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env.update(PYTHONDONTWRITEBYTECODE="1", TORCH_HOME=str(tmp_path / "empty_torch_home"))
+    return env
 
 
 def test_built_file_runs_without_the_project(tmp_path):
@@ -291,16 +304,15 @@ def test_built_file_runs_without_the_project(tmp_path):
     assert sorted(p.name for p in upload.iterdir()) == ["birds_model.pt", "classification.py"]
     assert (upload / "birds_model.pt").read_bytes() == model.read_bytes()
 
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-    env.update(PYTHONDONTWRITEBYTECODE="1", TORCH_HOME=str(tmp_path / "empty_torch_home"))
     args = {"file": str(upload / "classification.py"), "gt": str(data / "train" / "gt.csv"),
             "train": str(data / "train" / "images"), "model": str((upload / "birds_model.pt").resolve()),
             "test": str(test_dir)}
-    proc = subprocess.run([sys.executable, "-c", SUBPROCESS.format(blocked=PROJECT_PACKAGES), json.dumps(args)],
-                          cwd=upload, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", SUBPROCESS, json.dumps(args)],
+                          cwd=upload, env=_child_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["leaked"] == [] and out["model"] == "Classifier"
+    assert out["not_embedded"] == [] and out["model"] == "Classifier"
+    assert {"solution", "probe.data", "finetune.train"} <= set(out["loaded"])  # loaded, from the table only
     # importing the file and classifying need neither Lightning nor scikit-learn; training loads them
     assert out["after_import"] == [] and out["after_classify"] == []
     assert out["trained_with"] == ["lightning", "sklearn"] and out["again"] == out["result"]
@@ -326,6 +338,7 @@ def test_importing_the_built_file_and_classifying_write_nothing_beyond_torch(tmp
     folder = _odd_folder(tmp_path / "test")
     out, ours = trace_writes.run(sys.executable, upload, folder, None)
     assert not out["lightning"] and not out["sklearn"] and set(out["labels"]) == _expected_names(folder)
+    assert out["not_embedded"] == [] and out["project_modules"] > 5
 
     def normalised(lines: list[str]) -> Counter:  # pids and random temp names differ from run to run
         return Counter(re.sub(r"^\d+\s+|/trace_writes_\w+/temp/\w+|= \d+$", "", line) for line in lines)
@@ -339,47 +352,167 @@ def test_importing_the_built_file_and_classifying_write_nothing_beyond_torch(tmp
     assert not normalised(ours) - normalised(theirs), sorted(normalised(ours) - normalised(theirs))  # as a multiset
 
 
-def _fake_project(root: Path, files: dict[str, str]) -> None:
+# --------------------------------------------------------------------------- the builder, on toy projects
+
+
+def _fake_project(root: Path, files: dict[str, str]) -> Path:
     for rel, text in {"probe/__init__.py": "", "finetune/__init__.py": "", **files}.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_text(text)
+        (root / rel).write_text(text, encoding="utf-8")
+    return root
 
 
-FAKE = {
-    "probe/a.py": "import torch\nA = 1\n",
-    "probe/b.py": "from probe.a import A\nB = A + 1\n",
-    "finetune/t.py": "import sklearn\nfrom probe.b import B\ndef fine_tune():\n    return B * 10\n",
-    "solution.py": "from probe.b import B\n\ndef train_classifier():\n    from finetune.t import fine_tune\n"
-                   "    return fine_tune()\n\ndef classify():\n    return B\n",
+# Private names shared by three modules, an import alias, a relative import, a function-level project
+# import outside solution.py, and source text no triple-quoted literal could carry.
+TOY_B = (
+    "from probe.a import A as AA\n"
+    "\n"
+    "# a quote run, backslashes, a line continuation and a non-ASCII letter: \u00e9\n"
+    "TRICKY = \"''' \\\\ \"\n"
+    "LONG = 1 + \\\n"
+    "    2\n"
+    "\n"
+    "\n"
+    "def _helper():\n"
+    "    return 'b'\n"
+    "\n"
+    "\n"
+    "B = AA.name + _helper()\n"
+    "\n"
+    "\n"
+    "def lazy():\n"
+    "    from probe.lazy import L\n"
+    "    return L\n"
+    "\n"
+    "\n"
+    "def fail():\n"
+    "    raise ValueError('boom from b')\n"
+)
+TOY = {
+    "probe/a.py": "import os\n\n\ndef _helper():\n    return 'a'\n\n\nclass A:\n    name = _helper()\n",
+    "probe/b.py": TOY_B,
+    "probe/lazy.py": "L = 'lazy'\n",
+    "probe/unused.py": "import requests\n",  # imported by nothing: neither embedded nor checked
+    "finetune/t.py": "import sklearn\n\nfrom probe.b import B\nfrom .u import U\n\n\ndef _helper():\n"
+                     "    return 't'\n\n\ndef fine_tune():\n    return B + U + _helper()\n",
+    "finetune/u.py": "U = 'u'\n",
+    "solution.py": "from probe.b import B, LONG, TRICKY, lazy\n\n\ndef train_classifier(train_gt, train_img_dir, "
+                   "fast_train=True):\n    from finetune.t import fine_tune\n    return fine_tune()\n\n\n"
+                   "def classify(model_path, test_img_dir):\n    return {'B': B, 'TRICKY': TRICKY, 'LONG': LONG, "
+                   "'lazy': lazy()}\n",
 }
 
 
-def test_build_orders_modules_from_imports_and_defers_training(tmp_path, monkeypatch):
+def test_build_plans_classify_and_training_parts(tmp_path):
     build = _build_tool()
-    _fake_project(tmp_path, FAKE)
-    monkeypatch.setattr(build, "ROOT", tmp_path)
-    assert build.module_order() == (["probe.a", "probe.b", "solution"], ["finetune.t"])
-    source = build.build_source()
-    assert source.index("A = 1") < source.index("B = A + 1") < source.index("def classify")
-    namespace = {"__name__": "classification", "__file__": str(tmp_path / "classification.py")}
-    exec(compile(source, "classification.py", "exec"), namespace)
-    assert namespace["classify"]() == 2 and "fine_tune" not in namespace  # training not defined yet
-    assert namespace["train_classifier"]() == 20 and "fine_tune" in namespace
+    plan = build.plan_modules(_fake_project(tmp_path, TOY), "solution")
+    assert sorted(plan.classify) == ["probe", "probe.a", "probe.b", "probe.lazy", "solution"]
+    assert sorted(plan.training) == ["finetune", "finetune.t", "finetune.u"]
+    assert plan.classify["probe.lazy"] == ("solution.py:1", "probe/b.py:17")  # the chain a refusal names
+    assert plan.modules["probe.b"].source == TOY_B and plan.modules["probe"].is_package
+
+
+TOY_CHILD = PROJECT_GUARD + """
+import importlib.util, inspect, json, traceback
+import classification
+out = {"classify": classification.classify("birds_model.pt", "images")}
+out["after_classify"] = sorted(m for m in ("sklearn", "finetune.t") if m in sys.modules)
+out["train"] = classification.train_classifier({}, "images")
+out["after_train"] = sorted(m for m in ("sklearn", "finetune.t") if m in sys.modules)
+import probe.b
+try:
+    probe.b.fail()
+except ValueError:
+    out["traceback"] = traceback.format_exc()
+out["getsource"] = inspect.getsource(probe.b.fail)
+out["file"] = probe.b.__file__
+out["path"] = list(sys.modules["probe"].__path__)
+try:
+    import probe.unused
+except ModuleNotFoundError as err:
+    out["unused"] = str(err)
+spec = importlib.util.spec_from_file_location("classification_again", classification.__file__)
+again = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(again)  # the file imported a second time reuses its importer
+out["importers"] = sum(type(f).__name__ == "EmbeddedImporter" for f in sys.meta_path)
+out["same"] = again.classify is classification.classify
+out["not_embedded"] = not_embedded(classification)
+out["loaded"] = project_modules()
+print("TOY " + json.dumps(out))
+"""
+
+
+def test_built_file_embeds_modules_verbatim_each_in_its_own_namespace(tmp_path):
+    upload = tmp_path / "upload"
+    upload.mkdir()
+    source = _build_tool().build_source(_fake_project(tmp_path / "toy", TOY), "solution")
+    (upload / "classification.py").write_text(source, encoding="utf-8")
+    env = {k: v for k, v in _child_env(tmp_path).items() if k != "PYTHONDONTWRITEBYTECODE"}  # see the end
+    proc = subprocess.run([sys.executable, "-c", TOY_CHILD], cwd=upload, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("TOY ", 1)[1])
+    assert out["classify"] == {"B": "ab", "TRICKY": "''' \\ ", "LONG": 3, "lazy": "lazy"}  # private names apart
+    assert out["train"] == "abut" and out["after_classify"] == [] and out["after_train"] == ["finetune.t", "sklearn"]
+    embedded = str(upload / "classification.py")
+    line = TOY_B.splitlines().index("    raise ValueError('boom from b')") + 1
+    frame = f'File "{embedded}/probe/b.py", line {line}, in fail\n    raise ValueError(\'boom from b\')'
+    assert frame in out["traceback"]  # the module's own file, line and source text
+    assert out["getsource"].startswith("def fail():") and out["file"] == f"{embedded}/probe/b.py"
+    assert out["path"] == [f"{embedded}/probe"] and "probe.unused" in out["unused"]
+    assert out["importers"] == 1 and out["same"] and out["not_embedded"] == []
+    assert out["loaded"] == ["finetune", "finetune.t", "finetune.u", "probe", "probe.a", "probe.b", "probe.lazy",
+                             "solution"]
+    # bytecode was allowed: the interpreter cached classification.py itself, the importer wrote nothing
+    written = sorted(p.relative_to(upload).as_posix() for p in upload.rglob("*"))
+    assert written == ["__pycache__", f"__pycache__/classification.{sys.implementation.cache_tag}.pyc",
+                       "classification.py"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text() | st.text(alphabet="\\'\"\n\r\t\x00\u2028ab"))
+def test_embedded_source_literal_reads_back_exactly(text):
+    """Any text survives the table's encoding: quote runs, backslashes (a last one too), CR, NUL, U+2028."""
+    literal = _build_tool()._literal(text)
+    assert ast.literal_eval(literal) == text
+    assert literal.count("\n") == text.count("\n") + 1  # the source's own line breaks, as they are
+
+
+def test_importer_is_installed_once_and_refuses_a_module_it_would_shadow(monkeypatch):
+    build = _build_tool()
+    monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))  # restored after the test
+    origin = "/nowhere/classification.py"
+    table = {"embedded_toy": (True, "X = 1\n"), "embedded_toy.sub": (False, "from . import X\nY = X + 1\n")}
+    importer = build.install_importer(table, origin)
+    assert build.install_importer(table, origin) is importer and sys.meta_path[0] is importer  # once, first
+    try:
+        sub = importlib.import_module("embedded_toy.sub")
+        assert sub.Y == 2 and sub.__file__ == origin + "/embedded_toy/sub.py" and sub.__loader__ is importer
+        assert sys.modules["embedded_toy"].__path__ == [origin + "/embedded_toy"]
+    finally:
+        for name in table:
+            sys.modules.pop(name, None)
+    with pytest.raises(ImportError, match="solution is already imported from"):  # this test module imported it
+        build.install_importer({"solution": (False, "")}, "/elsewhere/classification.py")
 
 
 @pytest.mark.parametrize("files, refusal", [
-    ({"probe/c.py": "from typing import Callable\n", "probe/d.py": "from collections.abc import Callable\n",
-      "solution.py": "from probe.c import *\nfrom probe.d import *\n"}, "binds 'Callable'"),
-    ({"probe/c.py": "def f():\n    import sklearn\n", "solution.py": "from probe.c import f\n"}, "classify must not"),
-    ({"probe/c.py": "import os, probe.a\n", "probe/a.py": "", "solution.py": "from probe.c import *\n"}, "split it"),
-    ({"probe/c.py": "from .a import x\n", "solution.py": "from probe.c import *\n"}, "relative import"),
-    ({"probe/c.py": "import requests\n", "solution.py": "from probe.c import *\n"}, "does not have"),
-    ({"probe/c.py": "def f():\n    from probe.a import x\n", "probe/a.py": "x = 1\n",
-      "solution.py": "from probe.c import f\n"}, "only solution.py may"),
+    ({"probe/c.py": "def f():\n    import sklearn\n", "solution.py": "from probe.c import f\n"},
+     r"probe/c.py:2 imports 'sklearn', and classify needs this module \(solution.py:1\)"),
+    ({"probe/c.py": "def f():\n    from probe.d import g\n", "probe/d.py": "import lightning\ng = 1\n",
+      "solution.py": "from probe.c import f\n"},
+     r"probe/d.py:1 imports 'lightning', and classify needs this module \(solution.py:1 -> probe/c.py:2\)"),
+    ({"solution.py": "def classify():\n    import sklearn\n"}, r"solution.py:2 imports 'sklearn'"),
+    ({"probe/c.py": "import requests\n", "solution.py": "from probe.c import *\n"},
+     r"probe/c.py:1 imports 'requests', which the grader does not have"),
+    ({"finetune/t.py": "import wandb\n", "solution.py": "def train_classifier():\n    import finetune.t\n"},
+     r"finetune/t.py:1 imports 'wandb', which the grader does not have"),
+    ({"solution.py": "from probe.missing import x\n"},
+     r"solution.py:1 imports probe.missing, which is not a project module"),
+    ({"probe/c.py": "from ...x import y\n", "solution.py": "import probe.c\n"},
+     r"probe/c.py:1: .*beyond top-level"),
 ])
-def test_build_refuses(tmp_path, monkeypatch, files, refusal):
+def test_build_refuses(tmp_path, files, refusal):
     build = _build_tool()
-    _fake_project(tmp_path, files)
-    monkeypatch.setattr(build, "ROOT", tmp_path)
     with pytest.raises(SystemExit, match=refusal):
-        build.build_source()
+        build.build_source(_fake_project(tmp_path, files), "solution")

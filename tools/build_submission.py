@@ -1,229 +1,299 @@
-"""Build the grader upload from the project's own modules: one ``classification.py`` + ``birds_model.pt``.
+"""Build the grader upload: one ``classification.py`` that embeds the project's modules, + ``birds_model.pt``.
 
     python tools/build_submission.py --model birds_model.pt --out submission/
 
-The single file is the project modules that ``solution.py`` uses, in an order derived from their imports
-(a topological sort), with their intra-project imports removed; nothing is kept by hand. Two parts:
+``classification.py`` carries every project module that ``solution.py`` needs, verbatim, in a table
+``MODULES = {module name: (is_package, source)}``, and a small importer over that table
+(:class:`EmbeddedImporter`, copied from this file), which it puts at the front of ``sys.meta_path`` when it
+is imported; it then re-exports ``train_classifier`` and ``classify`` from the embedded ``solution``. Every
+module keeps its own namespace, its imports run unchanged, tracebacks name the module's own file and line,
+and nothing is written to disk.
 
-- the modules ``solution.py`` imports at its top (and theirs): what ``classify`` needs, run on import;
-- the modules it imports inside a function (training: Lightning, scikit-learn): kept as source text and
-  defined on the first call of ``train_classifier``, so ``import classification`` and ``classify`` never
-  import Lightning (whose import probes the temp dir with a file) nor scikit-learn.
+Which modules: those the import statements reach, read with ``ast`` (module level and inside functions alike;
+``if __name__ == "__main__":`` blocks never run there and are skipped), in two parts:
 
-The build refuses a top-level name defined by two modules, a relative import, a project import inside a
-function anywhere but ``solution.py``, a training-only package in the first part, and any package the
-grader does not have.
+- classify's: ``solution.py`` and every module its imports outside ``train_classifier`` reach, following
+  each import of those modules wherever it sits. The build proves that this part imports neither Lightning
+  (whose import probes the temp dir with a file) nor scikit-learn, so ``import classification`` and
+  ``classify`` never load them;
+- training's: what the imports inside ``train_classifier`` reach beyond that, loaded by those ordinary
+  imports on its first call.
+
+The build refuses an import of a package the grader does not have (GRADER.md), of a project module that
+does not exist, and of a training-only package in classify's part, naming the file and the line.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
-import graphlib
+import importlib.abc
+import importlib.util
+import inspect
+import os
 import shutil
 import sys
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune.checkpoint import Classifier
 
 ROOT = Path(__file__).resolve().parent.parent
 ENTRY = "solution"
-PROJECT_PACKAGES = {"probe", "finetune", "solution", "tools"}
+TRAINING_FUNCTION = "train_classifier"  # the entry's imports inside it are training's part
 # What the grader has (GRADER.md), plus the standard library.
 GRADER_PACKAGES = {"torch", "torchvision", "lightning", "pytorch_lightning", "sklearn", "numpy", "PIL", "tqdm",
                    "timm", "albumentations", "cv2"}
 TRAINING_ONLY = {"lightning", "pytorch_lightning", "sklearn"}  # never imported by `import classification`
-SECTION = "_TRAINING_SOURCE"
 
 
-def module_file(name: str) -> Path:
-    """'probe.data' -> probe/data.py (or probe/data/__init__.py for a package)."""
-    path = ROOT.joinpath(*name.split("."))
-    return path.with_suffix(".py") if path.with_suffix(".py").is_file() else path / "__init__.py"
+# --------------------------------------------------------------------------- copied into classification.py
 
 
-def _tops(node: ast.AST) -> list[str]:
-    """The top-level packages an import statement imports from ('.' for a relative one); [] for others."""
-    if isinstance(node, ast.ImportFrom):
-        return [(node.module or "").split(".")[0] if node.level == 0 else "."]
-    if isinstance(node, ast.Import):
-        return [alias.name.split(".")[0] for alias in node.names]
-    return []
+class EmbeddedImporter(importlib.abc.MetaPathFinder, importlib.abc.ExecutionLoader):
+    """Finds and loads modules from an in-memory table ``{name: (is_package, source)}``; writes nothing.
+
+    A module's file is named ``<origin>/<its path in the project>`` (``.../classification.py/probe/data.py``):
+    no such file exists, so ``linecache`` and ``traceback`` ask :meth:`get_source` for its lines. Code is
+    compiled by ``ExecutionLoader.get_code`` (``dont_inherit``: each module's own ``__future__`` imports).
+    """
+
+    def __init__(self, modules: dict[str, tuple[bool, str]], origin: str):
+        self.modules = modules
+        self.origin = origin
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname not in self.modules:
+            return None  # not embedded: the next finder looks
+        return importlib.util.spec_from_file_location(fullname, self.get_filename(fullname), loader=self)
+
+    def get_filename(self, fullname: str) -> str:
+        path = os.path.join(self.origin, *fullname.split("."))
+        return os.path.join(path, "__init__.py") if self.is_package(fullname) else path + ".py"
+
+    def is_package(self, fullname: str) -> bool:
+        return self._entry(fullname)[0]
+
+    def get_source(self, fullname: str) -> str:
+        return self._entry(fullname)[1]
+
+    def _entry(self, fullname: str) -> tuple[bool, str]:
+        if fullname not in self.modules:
+            raise ImportError(f"{fullname} is not embedded in {self.origin}", name=fullname)
+        return self.modules[fullname]
 
 
-def _top(node: ast.AST) -> str | None:
-    """The one top-level package an import statement imports from (mixing a project package with another in
-    one ``import`` is refused), or None for a non-import."""
-    tops = _tops(node)
-    if len(set(tops) & PROJECT_PACKAGES) and len(set(tops)) > 1:
-        raise SystemExit(f"build: line {node.lineno} imports {tops} in one statement; split it.")
-    return tops[0] if tops else None
+def install_importer(modules: dict[str, tuple[bool, str]], origin: str) -> EmbeddedImporter:
+    """Put an importer of ``modules`` first in ``sys.meta_path``, once per ``origin`` (importing the file again
+    reuses it), after checking that no module of the same name is already imported: it would shadow ours."""
+    for finder in sys.meta_path:
+        if type(finder).__name__ == "EmbeddedImporter" and finder.origin == origin:
+            return finder
+    for name in modules:
+        if sys.modules.get(name) is not None:
+            raise ImportError(f"{name} is already imported from {getattr(sys.modules[name], '__file__', None)}; "
+                              f"it would shadow the copy embedded in {origin}", name=name)
+    importer = EmbeddedImporter(modules, origin)
+    sys.meta_path.insert(0, importer)
+    return importer
 
 
-def _imported_module(node: ast.stmt) -> str:
-    return node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
+# --------------------------------------------------------------------------- reading the project's imports
+
+
+@dataclass
+class Module:
+    """One project module as the build sees it: its file, and what each of its import statements reaches."""
+
+    name: str
+    path: Path
+    is_package: bool
+    source: str
+    # (project module or top-level package, line, whether it sits in the entry's training function)
+    edges: list[tuple[str, int, bool]] = field(default_factory=list)
+    external: list[tuple[str, int, bool]] = field(default_factory=list)
+
+
+def module_path(root: Path, name: str) -> Path | None:
+    """'probe.data' -> root/probe/data.py, or root/probe/data/__init__.py for a package; None if neither."""
+    path = root.joinpath(*name.split("."))
+    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def _is_main_guard(node: ast.stmt) -> bool:
-    return isinstance(node, ast.If) and "__main__" in ast.unparse(node.test) and "__name__" in ast.unparse(node.test)
+    return isinstance(node, ast.If) and ast.unparse(node.test) == "__name__ == '__main__'"
 
 
-def nested_project_imports(tree: ast.Module) -> list[ast.stmt]:
-    """Project imports below the module level (inside functions), main guards excepted."""
-    found = []
+def _import_statements(tree: ast.Module, is_entry: bool) -> Iterator[tuple[ast.Import | ast.ImportFrom, bool]]:
+    """Every import statement at any depth, with whether it sits in the entry's training function."""
     for node in tree.body:
-        if _is_main_guard(node) or _top(node) is not None:
-            continue
-        found += [n for n in ast.walk(node) if _top(n) in PROJECT_PACKAGES]
-    return found
+        if _is_main_guard(node):
+            continue  # never runs in the uploaded file: the module is imported, not run
+        training = is_entry and isinstance(node, ast.FunctionDef) and node.name == TRAINING_FUNCTION
+        for sub in ast.walk(node):
+            if isinstance(sub, (ast.Import, ast.ImportFrom)):
+                yield sub, training
 
 
-def dependencies(name: str) -> tuple[list[str], list[str]]:
-    """(modules imported at the top, modules imported inside functions) of project module ``name``."""
-    tree = ast.parse(module_file(name).read_text())
-    top = [_imported_module(n) for n in tree.body if _top(n) in PROJECT_PACKAGES]
-    nested = [_imported_module(n) for n in nested_project_imports(tree)]
-    if nested and name != ENTRY:
-        raise SystemExit(f"build: {name} imports {nested} inside a function; only {ENTRY}.py may (training only).")
-    return top, nested
+def _targets(node: ast.Import | ast.ImportFrom, package: str, where: str) -> list[tuple[str, bool]]:
+    """(absolute module name, whether it must be a module) for what a statement may import: for
+    ``from m import n``, ``m`` must be, ``m.n`` may be (n is a submodule or a name defined in m)."""
+    if isinstance(node, ast.Import):
+        return [(alias.name, True) for alias in node.names]
+    try:
+        base = importlib.util.resolve_name("." * node.level + (node.module or ""), package)
+    except ImportError as err:  # a relative import above the top package, or in a top-level module
+        raise SystemExit(f"build: {where}:{node.lineno}: {err}") from None
+    return [(base, True)] + [(f"{base}.{alias.name}", False) for alias in node.names if alias.name != "*"]
 
 
-def closure(roots: list[str]) -> dict[str, list[str]]:
-    """{module: its top-level project imports} for ``roots`` and everything they import, transitively."""
-    graph, todo = {}, list(roots)
-    while todo:
-        name = todo.pop()
-        if name not in graph:
-            graph[name] = dependencies(name)[0]
-            todo += graph[name]
-    return graph
+def read_module(root: Path, name: str, entry: str) -> Module:
+    """Parse one project module and sort each import it makes into project edges and external packages."""
+    path = module_path(root, name)
+    module = Module(name, path, path.name == "__init__.py", importlib.util.decode_source(path.read_bytes()))
+    package = name if module.is_package else name.rpartition(".")[0]
+    where = path.relative_to(root).as_posix()
+    for node, training in _import_statements(ast.parse(module.source, where), name == entry):
+        for target, required in _targets(node, package, where):
+            top = target.partition(".")[0]
+            if module_path(root, top) is None:
+                module.external.append((top, node.lineno, training))
+            elif module_path(root, target) is not None:
+                module.edges.append((target, node.lineno, training))
+            elif required:
+                raise SystemExit(f"build: {where}:{node.lineno} imports {target}, which is not a project module.")
+    _check_grader_has(module, where)
+    return module
 
 
-def module_order() -> tuple[list[str], list[str]]:
-    """(eager modules, training modules), each in dependency order, the entry last among the eager ones."""
-    top, nested = dependencies(ENTRY)
-    eager = closure(top)
-    training = {k: v for k, v in closure(nested).items() if k not in eager}
-
-    def order(graph: dict[str, list[str]]) -> list[str]:
-        sorter = graphlib.TopologicalSorter({k: [d for d in graph[k] if d in graph] for k in sorted(graph)})
-        return list(sorter.static_order())
-
-    return order(eager) + [ENTRY], order(training)
+def _check_grader_has(module: Module, where: str) -> None:
+    for package, line, _ in module.external:
+        if package not in GRADER_PACKAGES and package not in sys.stdlib_module_names:
+            raise SystemExit(f"build: {where}:{line} imports {package!r}, which the grader does not have.")
 
 
-def _bindings(tree: ast.Module, rel: str) -> dict[str, str]:
-    """{top-level name: what binds it}: a definition of this module, or an import (the same import in two
-    modules binds the same thing and is no clash)."""
+# --------------------------------------------------------------------------- the two parts
+
+
+Chain = tuple[str, ...]
+
+
+@dataclass
+class Plan:
+    """The modules to embed, as the two parts of the module docstring, each {name: how it was reached}."""
+
+    modules: dict[str, Module]
+    classify: dict[str, Chain]
+    training: dict[str, Chain]
+
+
+def _parents(name: str) -> list[str]:
+    """'a.b.c' -> ['a', 'a.b']: importing a module first imports each package above it."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def _reach(root: Path, plan: Plan, starts: dict[str, Chain], entry: str, seen: dict[str, Chain]) -> dict[str, Chain]:
+    """{module: a shortest import chain (the file:line of each hop) that reaches it} for ``starts`` and all
+    they import, ``seen`` excepted."""
     found = {}
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
-            found[node.name] = f"defined in {rel}"
-        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            for t in targets:
-                names = t.elts if isinstance(t, ast.Tuple) else [t]
-                found.update({n.id: f"defined in {rel}" for n in names if isinstance(n, ast.Name)})
-        elif isinstance(node, ast.Import) and _top(node) not in PROJECT_PACKAGES:
-            found.update({(a.asname or a.name.split(".")[0]): f"import {a.name}" for a in node.names})
-        elif isinstance(node, ast.ImportFrom) and _top(node) not in PROJECT_PACKAGES | {"__future__"}:
-            found.update({(a.asname or a.name): f"from {node.module} import {a.name}" for a in node.names})
+    todo = deque(starts.items())
+    while todo:
+        name, chain = todo.popleft()  # breadth first: the chain a refusal names is a shortest one
+        if name in seen or name in found:
+            continue
+        found[name] = chain
+        if name not in plan.modules:
+            plan.modules[name] = read_module(root, name, entry)
+        module = plan.modules[name]
+        where = module.path.relative_to(root).as_posix()
+        todo += [(p, chain) for p in _parents(name)]
+        todo += [(t, (*chain, f"{where}:{line}")) for t, line, training in module.edges if not training]
     return found
 
 
-def module_body(name: str, seen: dict[str, str], training: bool) -> tuple[list[str], str]:
-    """(external import lines, body source) of one module, checking names and imports."""
-    path = module_file(name)
-    source, rel = path.read_text(), path.relative_to(ROOT).as_posix()
-    tree = ast.parse(source)
-    for bound, binding in _bindings(tree, rel).items():
-        if seen.setdefault(bound, binding) != binding:
-            raise SystemExit(f"build: {rel} binds {bound!r} ({binding}), already bound by another module "
-                             f"({seen[bound]}); rename one.")
-    if not training:  # classify's part: not even a function may import a training-only package
-        for node in ast.walk(tree):
-            if set(_tops(node)) & TRAINING_ONLY:
-                raise SystemExit(f"build: {rel}:{node.lineno} imports {_tops(node)}; classify must not need it.")
-    lines, imports, drop = source.splitlines(), [], set()
-    for i, node in enumerate(tree.body):
-        top = _top(node)
-        is_docstring = i == 0 and isinstance(node, ast.Expr) and isinstance(getattr(node, "value", None), ast.Constant)
-        if top is not None or _is_main_guard(node) or is_docstring:
-            drop.update(range(node.lineno - 1, node.end_lineno))
-        if top == ".":
-            raise SystemExit(f"build: {rel} uses a relative import; use an absolute one.")
-        if top is None or top == "__future__" or top in PROJECT_PACKAGES:
-            continue
-        for package in _tops(node):
-            if package not in GRADER_PACKAGES and package not in sys.stdlib_module_names:
-                raise SystemExit(f"build: {rel} imports {package!r}, which the grader does not have.")
-        if top in TRAINING_ONLY and not training:
-            raise SystemExit(f"build: {rel} imports {top!r} but classify needs it; import it only for training.")
-        imports.append(ast.unparse(node))
-    _load_training_instead(tree, lines, drop)
-    body = "\n".join(line for n, line in enumerate(lines) if n not in drop).strip()
-    return imports, f"# {'-' * 20} {rel} {'-' * 20}\n{body}\n"
+def plan_modules(root: Path = ROOT, entry: str = ENTRY) -> Plan:
+    """Which modules to embed (classify's part, then training's), with the proof that classify's part
+    imports no training-only package."""
+    plan = Plan({}, {}, {})
+    plan.classify = _reach(root, plan, {entry: ()}, entry, {})
+    entry_file = plan.modules[entry].path.relative_to(root).as_posix()
+    starts = {t: (f"{entry_file}:{line}",) for t, line, training in plan.modules[entry].edges if training}
+    plan.training = _reach(root, plan, starts, entry, plan.classify)
+    for name, chain in plan.classify.items():
+        module = plan.modules[name]
+        for package, line, training in module.external:
+            if package in TRAINING_ONLY and not (name == entry and training):
+                how = " -> ".join(chain) or "it is the entry"
+                raise SystemExit(f"build: {module.path.relative_to(root).as_posix()}:{line} imports {package!r}, "
+                                 f"and classify needs this module ({how}); import it only for training.")
+    return plan
 
 
-def _load_training_instead(tree: ast.Module, lines: list[str], drop: set[int]) -> None:
-    """Replace the first project import inside each function with a call that defines the training section."""
-    done_blocks = set()
-    for node in nested_project_imports(tree):
-        block = id(_enclosing_block(tree, node))
-        drop.update(range(node.lineno - 1, node.end_lineno))
-        if block not in done_blocks:
-            done_blocks.add(block)
-            indent = lines[node.lineno - 1][: node.col_offset]
-            lines[node.lineno - 1] = f"{indent}_import_training()"
-            drop.discard(node.lineno - 1)
+# --------------------------------------------------------------------------- writing classification.py
 
 
-def _enclosing_block(tree: ast.Module, target: ast.stmt) -> ast.AST:
-    for node in ast.walk(tree):
-        for field in ("body", "orelse", "finalbody"):
-            if target in getattr(node, field, []):
-                return node
-    return tree
+HEADER = '''"""Bird-species classifier for the grader: train_classifier() and classify().
 
+Generated by tools/build_submission.py from the birds-lpft project; edit the project, not this file.
+The project's modules travel verbatim in MODULES below. EmbeddedImporter serves them to ordinary imports
+(each module under its own name, in its own namespace), and the last lines put it first in sys.meta_path
+and re-export train_classifier and classify from the embedded solution module. Training modules (Lightning,
+scikit-learn) load only when train_classifier imports them.
+"""
 
-LOADER = f'''
+from __future__ import annotations
 
-def _import_training() -> None:
-    """Define the training code (Lightning, scikit-learn) in this module, once, on the first training call.
-
-    It is kept as text so that importing this file and ``classify`` never import Lightning (whose import
-    probes the temp dir with a file) nor scikit-learn; the project itself imports it inside the function.
-    """
-    if {SECTION} is not None:
-        # compile() inherits this file's `from __future__ import annotations`, as the modules had it themselves
-        source, name = {SECTION}, __file__ + " (training section)"
-        globals()["{SECTION}"] = None
-        linecache.cache[name] = (len(source), None, source.splitlines(True), name)  # tracebacks show its lines
-        exec(compile(source, name, "exec"), globals())
+import importlib.abc
+import importlib.util
+import os
+import sys
 '''
 
 
-def build_source() -> str:
-    """The text of the self-contained ``classification.py``."""
-    eager, training = module_order()
-    seen: dict[str, str] = {}
-    parts = {"eager": ([], []), "training": ([], [])}
-    for part, names in (("training", training), ("eager", eager)):
-        imports, bodies = parts[part]
-        for name in names:
-            mod_imports, body = module_body(name, seen, training=part == "training")
-            imports += [i for i in mod_imports if i not in imports]
-            bodies.append(body)
-    section = "\n".join(parts["training"][0]) + "\n\n\n" + "\n\n".join(parts["training"][1])
-    if "'''" in section or section.endswith("\\"):
-        raise SystemExit("build: the training modules contain ''' (or end with a backslash); the section is r'''...'''.")
-    header = ('"""Bird-species classifier for the grader: train_classifier() and classify().\n\n'
-              "Generated by tools/build_submission.py from the birds-lpft project's modules; edit those, not this.\n"
-              '"""\n\nfrom __future__ import annotations\n\n')
-    eager_imports, eager_bodies = parts["eager"][0] + ["import linecache"], parts["eager"][1]  # LOADER's
-    return (header + "\n".join(dict.fromkeys(eager_imports)) + "\n\n\n" + "\n\n".join(eager_bodies[:-1])
-            + f"\n\n# {'-' * 20} training section {'-' * 20}\n{SECTION} = r'''\n{section}'''\n" + LOADER
-            + "\n\n" + eager_bodies[-1])
+def _escape(ch: str) -> str:
+    """One character of a module's source as it is written inside a ``'''`` string literal."""
+    if ch == "'":
+        return "\\'"  # so the text never holds the closing quotes, nor ends on a quote that would join them
+    if ch == "\n" or (ch.isprintable() and ch != "\\"):
+        return ch
+    return repr(ch)[1:-1]  # a backslash, a tab, a carriage return (a line break to the compiler), a NUL...
+
+
+def _literal(source: str) -> str:
+    """``source`` as one string literal that reads like the file: its lines as they are, in a ``'''`` string,
+    with only quotes, backslashes and unprintable characters escaped (one token: cheap to compile)."""
+    return "'''\\\n" + "".join(map(_escape, source)) + "'''"
+
+
+def _table(plan: Plan, root: Path) -> str:
+    """The text of ``MODULES = {...}``, classify's part first; each entry says which part it belongs to."""
+    rows = []
+    for part, names in (("classify's part", plan.classify), ("training's part", plan.training)):
+        for name in sorted(names):
+            module = plan.modules[name]
+            rows.append(f"    # {module.path.relative_to(root).as_posix()} ({part})\n"
+                        f"    {name!r}: ({module.is_package}, {_literal(module.source)}),")
+    return "MODULES = {\n" + "\n".join(rows) + "\n}\n"
+
+
+def build_source(root: Path = ROOT, entry: str = ENTRY) -> str:
+    """The text of the self-contained ``classification.py`` for the project at ``root``."""
+    plan = plan_modules(root, entry)
+    table = _table(plan, root)
+    embedded = {name: (plan.modules[name].is_package, plan.modules[name].source) for name in plan.modules}
+    if ast.literal_eval(table.partition("=")[2]) != embedded:
+        raise AssertionError("build: the embedded table does not read back as the modules' sources")
+    importer = inspect.getsource(EmbeddedImporter) + "\n\n" + inspect.getsource(install_importer)
+    tail = (f"install_importer(MODULES, __file__)\n"
+            f"from {entry} import classify, train_classifier  # noqa: E402 - served by the importer above\n\n"
+            '__all__ = ["classify", "train_classifier"]\n')
+    return HEADER + "\n\n" + importer + "\n\n" + table + "\n" + tail
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -235,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     code = build_source()
     compile(code, "classification.py", "exec")
-    (args.out / "classification.py").write_text(code)
+    (args.out / "classification.py").write_text(code, encoding="utf-8")
     if args.model.resolve() != (args.out / "birds_model.pt").resolve():
         shutil.copyfile(args.model, args.out / "birds_model.pt")
     print(f"built {args.out / 'classification.py'} ({len(code.splitlines())} lines) and {args.out / 'birds_model.pt'}")

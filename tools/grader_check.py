@@ -3,12 +3,14 @@
     python tools/grader_check.py DATA_DIR [--submission submission/] [--python PYTHON]
 
 A child process, started in an empty folder holding only ``classification.py`` and ``birds_model.pt``,
-with the project's packages blocked from import, CUDA hidden, the network unreachable (its own network namespace where
-``unshare -n`` works, and Python sockets blocked in any case), and fresh HOME, TMPDIR and TORCH_HOME
-(so no pretrained weights, as on the grader), does the grader's steps (GRADER.md): read ``train/gt.csv``,
-``train_classifier(..., fast_train=True)``, ``classify(model_path, test_dir)``, format the lines, score.
+with the on-disk project blocked from import (only the file's embedded copies load), CUDA hidden, the network
+unreachable (its own network namespace where ``unshare -n`` works, and Python sockets blocked in any case),
+and fresh HOME, TMPDIR and TORCH_HOME (so no pretrained weights, as on the grader), does the grader's steps
+(GRADER.md): read ``train/gt.csv``, ``train_classifier(..., fast_train=True)``, ``classify(model_path,
+test_dir)``, format the lines, score.
 The parent compares every file under the four writable places before and after, and scores the same
-model with the project's own evaluation. Exit status 1 on any write, missing key or non-int label.
+model with the project's own evaluation. Exit status 1 on any write, missing key, non-int label, or project
+module that did not come from the file's embedded table.
 """
 
 from __future__ import annotations
@@ -26,16 +28,40 @@ from pathlib import Path
 from probe.data import load_split_dir
 from finetune.checkpoint import Classifier
 
-CHILD = r"""
-import csv, json, os, socket, sys, time
+# First in every child: the project may be installed in this interpreter (editable: a finder in sys.meta_path),
+# and the single file must not lean on it. A blocking finder goes first in sys.meta_path; the file's own
+# importer then goes in front of it, so its embedded modules load and any other project import fails.
+# ``not_embedded`` (called after the run) names each loaded project module that came from anywhere else.
+PROJECT_GUARD = r"""
+import importlib.abc, os, sys
+PROJECT = ("probe", "finetune", "solution", "tools")
+
+class ProjectBlocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in PROJECT:
+            raise ModuleNotFoundError(f"{name} is not embedded in classification.py (the project is blocked)",
+                                      name=name)
+        return None
+
+sys.meta_path.insert(0, ProjectBlocker())
+
+def project_modules():
+    return sorted(n for n, m in sys.modules.items() if m is not None and n.partition(".")[0] in PROJECT)
+
+def not_embedded(classification):
+    own = os.path.join(classification.__file__, "")  # the embedded modules' files are named under it
+    loaders = [f for f in sys.meta_path if getattr(f, "origin", None) == classification.__file__]
+    specs = {n: getattr(sys.modules[n], "__spec__", None) for n in project_modules()}
+    return [n for n, spec in specs.items()
+            if spec is None or spec.loader not in loaders or not (spec.origin or "").startswith(own)]
+"""
+
+CHILD = PROJECT_GUARD + r"""
+import csv, json, socket, time
 
 def _blocked(*args, **kwargs):
     raise OSError("network blocked by grader_check")
 socket.socket.connect = socket.socket.connect_ex = socket.create_connection = socket.getaddrinfo = _blocked
-
-# The project may be installed in this interpreter (editable); the single file must not lean on it.
-for name in ("probe", "finetune", "solution", "tools"):
-    sys.modules[name] = None  # any import of it now raises ImportError
 
 data = sys.argv[1]
 def peak():  # VmHWM: ru_maxrss would include the parent's peak, carried across fork+exec
@@ -60,6 +86,8 @@ with open(os.path.join(data, "test", "gt.csv")) as f:
 out["missing"] = sorted(k for k in gt if k not in pred)
 out["accuracy"] = sum(pred.get(k) == v for k, v in gt.items()) / len(gt)
 out["images"], out["lines"] = len(os.listdir(test_dir)), len(lines)
+out["project_modules"] = len(project_modules())
+out["not_embedded"] = not_embedded(classification)
 print("GRADER_CHECK " + json.dumps(out))
 """
 
@@ -138,8 +166,11 @@ def report(out: dict, wall: float, network: str, changed: dict, own: float) -> b
     print(f"accuracy (grader-style): {out['accuracy']:.4f}; project's own evaluation: {own:.4f}; "
           f"{'equal' if abs(out['accuracy'] - own) < 1e-12 else 'DIFFERENT'}")
     print(f"missing keys: {len(out['missing'])}, non-int labels: {len(out['non_int'])}")
+    print(f"project modules loaded: {out['project_modules']}, not from classification.py's embedded table: "
+          f"{out['not_embedded'] or 'none'}")
     print("files created or changed in workdir, HOME, TMPDIR, TORCH_HOME: " + (json.dumps(writes) if writes else "none"))
-    return not writes and not out["missing"] and not out["non_int"] and abs(out["accuracy"] - own) < 1e-12
+    ok = not writes and not out["missing"] and not out["non_int"] and not out["not_embedded"]
+    return ok and abs(out["accuracy"] - own) < 1e-12
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ semaphore in /dev/shm); ``strace -f`` does not. The child runs in a fresh copy o
 fresh HOME and TMPDIR, CUDA hidden, optionally under an address-space limit (``ulimit -v``), and
 PYTHONDONTWRITEBYTECODE=1 (a ``__pycache__`` next to the uploaded file would be the importing
 interpreter's write, before any of its code runs). Prints each create, truncate, open-for-writing, rename,
-delete or mkdir, how many files got a label, the time and the peak memory. Exit status 1 on any write or
-any file without an integer label.
+delete or mkdir, how many files got a label, the time and the peak memory. As in ``grader_check``, the
+on-disk project is blocked (only the file's embedded modules load). Exit status 1 on any write, any file
+without an integer label, or any project module that did not come from the file's embedded table.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ import tempfile
 from pathlib import Path
 
 from probe.data import list_image_files
+from tools.grader_check import PROJECT_GUARD
 
-CHILD = r"""
-import json, os, sys, time
+CHILD = PROJECT_GUARD + r"""
+import json, time
 t = time.perf_counter()
 import classification
 imported = time.perf_counter() - t
@@ -36,7 +38,9 @@ seconds = time.perf_counter() - t
 with open("/proc/self/status") as f:
     peak = next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
 print("TRACE_RESULT " + json.dumps({"labels": pred, "import_s": imported, "classify_s": seconds, "peak_mib": peak,
-                                    "lightning": "lightning" in sys.modules, "sklearn": "sklearn" in sys.modules}))
+                                    "lightning": "lightning" in sys.modules, "sklearn": "sklearn" in sys.modules,
+                                    "project_modules": len(project_modules()),
+                                    "not_embedded": not_embedded(classification)}))
 """
 SYSCALLS = "openat,open,creat,mkdir,mkdirat,rename,renameat,renameat2,unlink,unlinkat,truncate,ftruncate,link,symlink"
 WRITING = re.compile(r"O_CREAT|O_TRUNC|O_WRONLY|O_RDWR|\b(creat|mkdir|mkdirat|rename\w*|unlink\w*|truncate|link|symlink)\(")
@@ -100,10 +104,12 @@ def main(argv: list[str] | None = None) -> None:
           f"({len(out['labels']) / max(out['classify_s'], 1e-9):.1f} files/s), peak RSS {out['peak_mib']:.0f} MiB"
           + (f", address space limited to {int(args.limit_as) // 1024} MiB" if args.limit_as else ""))
     print(f"files without an integer label: {unlabelled or 'none'}")
+    print(f"project modules loaded: {out['project_modules']}, not from classification.py's embedded table: "
+          f"{out['not_embedded'] or 'none'}")
     print(f"write-type syscalls (strace -f): {len(found)}")
     for line in found:
         print("  " + line)
-    sys.exit(1 if found or unlabelled else 0)
+    sys.exit(1 if found or unlabelled or out["not_embedded"] else 0)
 
 
 if __name__ == "__main__":
