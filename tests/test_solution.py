@@ -42,9 +42,10 @@ from tools.grader_check import PROJECT_GUARD
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 64
-# What the grader has (GRADER.md; tqdm comes with lightning), plus the standard library.
-GRADER_PACKAGES = {"torch", "torchvision", "timm", "lightning", "pytorch_lightning", "albumentations", "numpy", "PIL",
-                   "sklearn", "cv2", "tqdm"}
+# What the grader has (GRADER.md; tqdm comes with lightning, huggingface_hub and safetensors with timm), plus
+# the standard library.
+GRADER_PACKAGES = {"torch", "torchvision", "timm", "huggingface_hub", "safetensors", "lightning", "pytorch_lightning",
+                   "albumentations", "numpy", "PIL", "sklearn", "cv2", "tqdm"}
 GONE_IN_PY312 = {"distutils", "imp", "asynchat", "asyncore", "smtpd"}  # the grader runs Python 3.12
 PROJECT_PACKAGES = ("probe", "finetune", "solution", "tools")
 

@@ -31,12 +31,14 @@ import importlib.abc
 import importlib.util
 import inspect
 import os
-import shutil
 import sys
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from probe.cli import check_output_dir, fail
+from probe.outputs import copy_file, write_text
 
 from finetune.checkpoint import Classifier
 
@@ -44,8 +46,16 @@ ROOT = Path(__file__).resolve().parent.parent
 ENTRY = "solution"
 TRAINING_FUNCTION = "train_classifier"  # the entry's imports inside it are training's part
 # What the grader has (GRADER.md), plus the standard library.
+# huggingface_hub and safetensors come with timm (its own requirements), for timm/ backbones' weights.
 GRADER_PACKAGES = {"torch", "torchvision", "lightning", "pytorch_lightning", "sklearn", "numpy", "PIL", "tqdm",
-                   "timm", "albumentations", "cv2"}
+                   "timm", "huggingface_hub", "safetensors", "albumentations", "cv2"}
+RECIPE_MODULE = "finetune.shipped"  # its copy in the grader file holds the shipped model's recipe
+# Levers a recipe may leave out, each imported only where a recipe that uses it runs, with the test of the
+# recipe (a FinetuneConfig) that says it is needed: a grader file carries only what its model's recipe needs.
+OPTIONAL = {
+    "finetune.levers": lambda cfg: cfg.ema_decay > 0 or cfg.mix != "none",
+    "probe.ensemble": lambda cfg: cfg.members > 1,
+}
 TRAINING_ONLY = {"lightning", "pytorch_lightning", "sklearn"}  # never imported by `import classification`
 
 
@@ -282,11 +292,37 @@ def _table(plan: Plan, root: Path) -> str:
     return "MODULES = {\n" + "\n".join(rows) + "\n}\n"
 
 
-def build_source(root: Path = ROOT, entry: str = ENTRY) -> str:
-    """The text of the self-contained ``classification.py`` for the project at ``root``."""
+def shipped_recipe_source(recipe: dict) -> str:
+    """The grader file's ``finetune.shipped``: the recipe ``train_classifier(fast_train=False)`` trains."""
+    return ('"""The recipe this grader file trains with fast_train=False: the shipped model\'s own, written by '
+            'tools/build_submission.py."""\n\nfrom __future__ import annotations\n\n'
+            f"RECIPE: dict | None = {recipe!r}\n")
+
+
+def tailored(plan: Plan, recipes: list) -> Plan:
+    """The plan without the optional levers none of ``recipes`` (the configs the file trains) needs."""
+    unneeded = {name for name, needed in OPTIONAL.items() if not any(needed(cfg) for cfg in recipes)}
+    return Plan(plan.modules, {k: v for k, v in plan.classify.items() if k not in unneeded},
+                {k: v for k, v in plan.training.items() if k not in unneeded})
+
+
+def _with_recipe(plan: Plan, recipe: dict) -> Plan:
+    from finetune.config import FinetuneConfig, shipped
+
+    if RECIPE_MODULE in plan.modules:
+        plan.modules[RECIPE_MODULE].source = shipped_recipe_source(recipe)
+    return tailored(plan, [shipped(False, recipe), shipped(True, recipe), FinetuneConfig.from_dict(recipe)])
+
+
+def build_source(root: Path = ROOT, entry: str = ENTRY, recipe: dict | None = None) -> str:
+    """The text of the self-contained ``classification.py`` for the project at ``root``; with ``recipe`` (the
+    shipped model's), its ``finetune.shipped`` holds that recipe and it carries only the levers it uses."""
     plan = plan_modules(root, entry)
+    if recipe is not None:
+        plan = _with_recipe(plan, recipe)
     table = _table(plan, root)
-    embedded = {name: (plan.modules[name].is_package, plan.modules[name].source) for name in plan.modules}
+    names = {**plan.classify, **plan.training}
+    embedded = {name: (plan.modules[name].is_package, plan.modules[name].source) for name in names}
     if ast.literal_eval(table.partition("=")[2]) != embedded:
         raise AssertionError("build: the embedded table does not read back as the modules' sources")
     importer = inspect.getsource(EmbeddedImporter) + "\n\n" + inspect.getsource(install_importer)
@@ -296,19 +332,54 @@ def build_source(root: Path = ROOT, entry: str = ENTRY) -> str:
     return HEADER + "\n\n" + importer + "\n\n" + table + "\n" + tail
 
 
+PROG = "python tools/build_submission.py"
+
+
+def recipe_of(model: Classifier, preset_name: str | None) -> dict:
+    """The recipe the grader file trains: ``--preset``'s, else the one the checkpoint stores, else 'full'; it
+    must describe the shipped model's network, or the file could not reproduce it."""
+    from finetune.config import PRESETS, FinetuneConfig
+
+    if preset_name is not None:
+        if preset_name not in PRESETS:
+            fail(PROG, f"--preset {preset_name!r}: choose one of {sorted(PRESETS)}")
+        recipe = PRESETS[preset_name].to_dict()
+    elif model.recipe is not None:
+        recipe = model.recipe
+    else:
+        recipe = PRESETS["full"].to_dict()
+    rebuilt = FinetuneConfig.from_dict(recipe).net_config(model.net_cfg.num_classes)
+    if rebuilt == model.net_cfg:
+        return recipe
+    problem = (f"the recipe builds {rebuilt}, but the model is {model.net_cfg}: the file's fast_train=False "
+               "would not reproduce it")
+    if preset_name is not None or model.recipe is not None:
+        fail(PROG, f"{problem}; pass the --preset that trained it")
+    print(f"warning: the checkpoint stores no recipe (written before recipes were), so the file trains the "
+          f"'full' preset; {problem}. Retrain it, or pass the --preset that trained it.", file=sys.stderr)
+    return recipe
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, required=True, help="checkpoint from `python -m finetune ... --out`")
     p.add_argument("--out", type=Path, default=ROOT / "submission")
+    p.add_argument("--preset", help="the recipe the file trains (default: the one the checkpoint stores)")
     args = p.parse_args(argv)
-    Classifier.load(args.model)  # refuse to ship a file that is not a loadable checkpoint
-    args.out.mkdir(parents=True, exist_ok=True)
-    code = build_source()
+    check_output_dir(PROG, "--out", args.out)
+    try:
+        model = Classifier.load(args.model)  # refuse to ship a file that is not a loadable checkpoint
+    except ValueError as err:
+        fail(PROG, f"--model: {err}")
+    recipe = recipe_of(model, args.preset)
+    code = build_source(recipe=recipe)
     compile(code, "classification.py", "exec")
-    (args.out / "classification.py").write_text(code, encoding="utf-8")
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_text(args.out / "classification.py", code)
     if args.model.resolve() != (args.out / "birds_model.pt").resolve():
-        shutil.copyfile(args.model, args.out / "birds_model.pt")
-    print(f"built {args.out / 'classification.py'} ({len(code.splitlines())} lines) and {args.out / 'birds_model.pt'}")
+        copy_file(args.model, args.out / "birds_model.pt")
+    print(f"built {args.out / 'classification.py'} ({len(code.splitlines())} lines) and {args.out / 'birds_model.pt'}"
+          f"; fast_train=False trains {recipe['backbone']} at {recipe['image_size']} px, split {recipe['split']}")
 
 
 if __name__ == "__main__":
