@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ast
 import importlib
-from collections import Counter
 import io
 import json
 import os
@@ -15,30 +14,34 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
-
-import numpy as np
-import pytest
-from conftest import snapshot
-from hypothesis import given, settings
-from hypothesis import strategies as st
-import torch
-from PIL import Image
-from torch import nn
-
-import solution
 
 # Training imports Lightning lazily; where matplotlib is installed (this venv has it for the benchmark, the
 # grader does not), torchmetrics' import of it builds a font cache in ~/.cache/matplotlib on first import.
 # That is matplotlib's write, not ours: import it here, before any test watches HOME.
 import lightning  # noqa: E402,F401
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from torch import nn
+
+from probe.backbone import NetConfig, build_net
+from probe.data import read_gt
+from probe.preprocess import data_config
+from probe.synthetic import make_synthetic, write_grader_layout
+
 from finetune.checkpoint import Classifier
 from finetune.config import PRESETS
-from probe.backbone import NetConfig, build_net
-from probe.preprocess import data_config
-from probe.data import read_gt
-from probe.synthetic import make_synthetic, write_grader_layout
+
+import solution
+
 from tools.grader_check import PROJECT_GUARD
+
+from conftest import snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 64

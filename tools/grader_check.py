@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from probe.data import load_split_dir
+
 from finetune.checkpoint import Classifier
 
 # First in every child: the project may be installed in this interpreter (editable: a finder in sys.meta_path),
@@ -130,7 +131,8 @@ def run_child(python: str, data: Path, places: dict[str, Path]) -> tuple[dict, f
 
 def own_accuracy(model: Path, data: Path) -> float:
     """The project's own evaluation of the same model on ``data/test``."""
-    return Classifier.load(model).score(load_split_dir(data, "test"))
+    classifier = Classifier.load(model)
+    return classifier.score(load_split_dir(data, "test", num_classes=classifier.net_cfg.num_classes))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -149,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
             shutil.copy2(args.submission / name, places["workdir"] / name)
         before = {name: snapshot(path) for name, path in places.items()}
         out, wall, network = run_child(args.python, args.data_dir, places)
-        changed = {name: sorted(set(snapshot(path).items()) ^ set(before[name].items())) for name, path in places.items()}
+        changed = {name: sorted(set(snapshot(path).items()) ^ set(before[name].items()))
+                   for name, path in places.items()}
     own = own_accuracy(args.submission / "birds_model.pt", args.data_dir)
     ok = report(out, wall, network, changed, own)
     sys.exit(0 if ok else 1)
@@ -159,8 +162,10 @@ def report(out: dict, wall: float, network: str, changed: dict, own: float) -> b
     writes = {name: sorted({path for path, _ in diff}) for name, diff in changed.items() if diff}
     print(f"network: {network}; CUDA hidden; HOME, TMPDIR, TORCH_HOME fresh (no pretrained weights)")
     print(f"import classification: {out['import_s']:.1f}s")
-    print(f"train_classifier(fast_train=True): {out['fast_train_s']:.1f}s, peak RSS {out['fast_train_peak_mb']:.0f} MiB")
-    print(f"classify: {out['images']} files in {out['classify_s']:.1f}s ({out['images'] / out['classify_s']:.1f} images/s), "
+    print(f"train_classifier(fast_train=True): {out['fast_train_s']:.1f}s, "
+          f"peak RSS {out['fast_train_peak_mb']:.0f} MiB")
+    print(f"classify: {out['images']} files in {out['classify_s']:.1f}s "
+          f"({out['images'] / out['classify_s']:.1f} images/s), "
           f"peak RSS {out['peak_mb']:.0f} MiB")
     print(f"whole child process: {wall:.1f}s")
     print(f"accuracy (grader-style): {out['accuracy']:.4f}; project's own evaluation: {own:.4f}; "
@@ -168,7 +173,8 @@ def report(out: dict, wall: float, network: str, changed: dict, own: float) -> b
     print(f"missing keys: {len(out['missing'])}, non-int labels: {len(out['non_int'])}")
     print(f"project modules loaded: {out['project_modules']}, not from classification.py's embedded table: "
           f"{out['not_embedded'] or 'none'}")
-    print("files created or changed in workdir, HOME, TMPDIR, TORCH_HOME: " + (json.dumps(writes) if writes else "none"))
+    shown = json.dumps(writes) if writes else "none"
+    print("files created or changed in workdir, HOME, TMPDIR, TORCH_HOME: " + shown)
     ok = not writes and not out["missing"] and not out["non_int"] and not out["not_embedded"]
     return ok and abs(out["accuracy"] - own) < 1e-12
 

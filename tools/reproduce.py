@@ -26,7 +26,7 @@ from solution import train_classifier
 
 def compare(retrained: Classifier, shipped: Classifier, data_dir: Path) -> dict:
     """Both models' accuracy on ``data_dir/test`` (``Classifier.score``) and how often they predict the same."""
-    test = load_split_dir(data_dir, "test")
+    test = load_split_dir(data_dir, "test", num_classes=shipped.net_cfg.num_classes)
     agree = np.mean(retrained.predict(test.sources, test.names) == shipped.predict(test.sources, test.names))
     return {"retrained": retrained.score(test), "shipped": shipped.score(test), "agree": float(agree),
             "images": len(test)}

@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 from probe.data import list_image_files
+
 from tools.grader_check import PROJECT_GUARD
 
 CHILD = PROJECT_GUARD + r"""
@@ -43,7 +44,8 @@ print("TRACE_RESULT " + json.dumps({"labels": pred, "import_s": imported, "class
                                     "not_embedded": not_embedded(classification)}))
 """
 SYSCALLS = "openat,open,creat,mkdir,mkdirat,rename,renameat,renameat2,unlink,unlinkat,truncate,ftruncate,link,symlink"
-WRITING = re.compile(r"O_CREAT|O_TRUNC|O_WRONLY|O_RDWR|\b(creat|mkdir|mkdirat|rename\w*|unlink\w*|truncate|link|symlink)\(")
+WRITING = re.compile(r"O_CREAT|O_TRUNC|O_WRONLY|O_RDWR"
+                     r"|\b(creat|mkdir|mkdirat|rename\w*|unlink\w*|truncate|link|symlink)\(")
 
 
 def writes(trace: str) -> list[str]:
