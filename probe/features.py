@@ -75,6 +75,14 @@ def make_loader(dataset: Dataset, batch_size: int, num_workers: int = 0) -> Data
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
 
 
+def _forward(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, device, precision: str) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    if x.ndim == 4:  # (B, V, 3, H, W) batches of several views per image are laid out by ``fn``
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(precision, device):
+        return fn(x)
+
+
 @torch.inference_mode()
 def extract(fn: Callable[[torch.Tensor], torch.Tensor], loader: DataLoader, *, precision: str = "fp32",
             out_dtype: torch.dtype = torch.float32, desc: str = "features", progress: bool = True,
@@ -100,11 +108,7 @@ def extract(fn: Callable[[torch.Tensor], torch.Tensor], loader: DataLoader, *, p
     start = time.perf_counter()
     with progress_bar(progress, total=n, desc=desc, unit="img", leave=False) as bar:
         for x, index in loader:
-            x = x.to(device, non_blocking=True)
-            if x.ndim == 4:  # (B, V, 3, H, W) batches of several views per image are laid out by ``fn``
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(precision, device):
-                y = fn(x)
+            y = _forward(fn, x, device, precision)
             if out is None:  # preallocate once: no list of chunks and no second copy from torch.cat
                 out = torch.empty((n, *y.shape[1:]), dtype=out_dtype, device=out_device)
             out[index.to(out.device)] = y.to(out.device, out_dtype)

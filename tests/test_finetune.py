@@ -273,7 +273,7 @@ def test_fine_tune_trains_from_the_probe_head(monkeypatch):
     cfg = replace(TINY, probe=ProbeFit(Cs=(1.0,)), members=2)
     nets, probes = [], []
 
-    def calibrated_net(net_cfg, weights, allow_download=False):
+    def calibrated_net(net_cfg, weights, allow_download=False, weights_file=None):
         assert (weights, allow_download, net_cfg.num_classes, net_cfg.members) == ("none", False, k, 2)
         nets.append(calibrate_batchnorm(build_net(net_cfg), _inputs(images)))
         return nets[-1]

@@ -142,7 +142,10 @@ def test_ctrl_c_during_training_exits_130_and_keeps_the_old_model(saved, tmp_pat
     cmd = [sys.executable, "-m", "finetune", "--random-init", "--preset", "fast", "--image-size", str(SIZE),
            "epochs=500", "--no-progress", "--out", str(path)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT back to its default in the child: a runner started in the background (nohup, &) passes it on
+    # ignored, and Python would then never raise KeyboardInterrupt.
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stdout:  # the last trunk view is cached: the epochs run next
         if line.startswith("view 1/1"):
             break
