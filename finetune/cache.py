@@ -10,16 +10,17 @@ cannot fit stops at once with the figure and the ways out instead of being kille
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from probe.backbone import BirdNet
 from probe.data import LabelledImages
-from probe.features import extract, make_loader
-from probe.images import ImageDataset
+from probe.features import extract
+from probe.images import ImageDataset, open_rgb_many
 from probe.preprocess import DataConfig, EvalTransform, TrainTransform
 
 from finetune.config import FinetuneConfig
@@ -33,17 +34,97 @@ class CacheBudgetError(RuntimeError):
     """The trunk cache would not fit in its memory budget; the message gives the figure and the ways out."""
 
 
-def trunk_activations(net: BirdNet, images: LabelledImages, transform, cfg: FinetuneConfig, desc: str,
-                      progress: bool = True, device: torch.device | str = "cpu",
-                      out_device: torch.device | str = "cpu", echo: bool | None = None,
-                      first_batch=None) -> torch.Tensor:
-    """(N, C, h, w) trunk activations of ``transform(image)`` for every image, in ``cfg.cache_dtype``;
-    ``first_batch`` is ``probe.features.extract``'s."""
-    dataset = ImageDataset(images.sources, images.names, transform)
+@dataclass(frozen=True)
+class View:
+    """One cached view of every image: a preset of ``probe.preprocess`` (or :class:`Mirrored`) and, for a
+    random one, the seed of its own random stream (None: deterministic)."""
+
+    name: str
+    transform: Callable
+    seed: int | None = None
+
+
+def cache_views(data_cfg: DataConfig, cfg: FinetuneConfig, rank: int = 0) -> list[View]:
+    """What stage two caches: the centre view (the one ``classify`` sees), then ``cfg.views`` augmented views,
+    each seeded on its own (and per rank, so a sharded run's ranks draw differently)."""
+    train = TrainTransform(data_cfg, scale=cfg.crop_scale, jitter=cfg.jitter)
+    return [View("centre view", EvalTransform(data_cfg))] + [
+        View(f"view {v + 1}/{cfg.views}", train, cfg.seed * 1000 + v + 7919 * rank) for v in range(cfg.views)]
+
+
+def _stream(seed: int) -> torch.Tensor:
+    """The state a random view's stream starts from: ``torch.manual_seed(seed)`` and then the one int64 a
+    DataLoader iterator draws for its base seed, as each view's own pass over the images drew it before the
+    views were extracted together (so the cache, and the model, are bit-identical to those passes')."""
+    outer = torch.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        torch.empty((), dtype=torch.int64).random_()
+        return torch.get_rng_state()
+    finally:
+        torch.set_rng_state(outer)
+
+
+class ViewsDataset(ImageDataset):
+    """``((V, 3, S, S) views, index)`` of each image: the file decoded once for every view that decodes alike
+    (``probe.images.open_rgb_many``), each view's preset applied to it.
+
+    torchvision's random transforms draw from torch's global generator and take no generator of their own,
+    so each random view keeps its own stream: its state is swapped in for that view's draws and saved after,
+    and the global generator is left as it was. The streams advance in image order, so the images must be
+    read in order, each once (a sequential loader, no workers).
+    """
+
+    def __init__(self, images: LabelledImages, views: Sequence[View]):
+        super().__init__(images.sources, images.names, views[0].transform)
+        self.views = list(views)
+        self.sides = [getattr(v.transform, "min_side", None) for v in self.views]
+        self.streams = {k: _stream(v.seed) for k, v in enumerate(self.views) if v.seed is not None}
+        self.next = 0
+
+    def __getitem__(self, i: int):
+        if self.streams and i != self.next:
+            raise RuntimeError(f"random views are drawn in image order: asked for image {i}, expected {self.next}")
+        self.next = i + 1
+        return super().__getitem__(i)
+
+    def _load(self, i: int) -> torch.Tensor:
+        decoded = open_rgb_many(self.sources[i], self.names[i], self.sides)
+        return torch.stack([self._view(k, img) for k, img in enumerate(decoded)])
+
+    def _view(self, k: int, img) -> torch.Tensor:
+        state = self.streams.get(k)
+        if state is None:
+            return self.views[k].transform(img)
+        outer = torch.get_rng_state()
+        torch.set_rng_state(state)
+        try:
+            return self.views[k].transform(img)
+        finally:
+            self.streams[k] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+
+def extract_views(net: BirdNet, images: LabelledImages, views: Sequence[View], cfg: FinetuneConfig,
+                  desc: str = "trunk cache", progress: bool = True, device: torch.device | str = "cpu",
+                  out_device: torch.device | str = "cpu", echo: bool | None = None,
+                  first_batch=None) -> list[torch.Tensor]:
+    """One (N, C, h, w) stack of trunk activations per view, in ``cfg.cache_dtype``, from one pass over the
+    images: each decoded once, its views run through the trunk in batches of ``cfg.extract_batch_size``
+    (the batches each view's own pass would make). ``first_batch`` is ``probe.features.extract``'s."""
+    if len(images) == 0:
+        dtype = getattr(torch, cfg.cache_dtype)
+        return [torch.empty(0, dtype=dtype, device=out_device) for _ in views]
+
+    def trunk(x: torch.Tensor) -> list[torch.Tensor]:  # (B, V, 3, S, S) -> V maps (B, C, h, w)
+        return [net.forward_trunk(x[:, v].contiguous(memory_format=torch.channels_last)) for v in range(x.shape[1])]
+
+    # a generator of its own for the loader's base seed, which it would otherwise draw from the global one
+    loader = DataLoader(ViewsDataset(images, views), batch_size=cfg.extract_batch_size, generator=torch.Generator())
     acts, _ = extract(
-        net.forward_trunk, make_loader(dataset, cfg.extract_batch_size), precision=cfg.precision,
-        out_dtype=getattr(torch, cfg.cache_dtype), desc=desc, progress=progress, device=device, out_device=out_device,
-        echo=echo, first_batch=first_batch,
+        trunk, loader, precision=cfg.precision,
+        out_dtype=getattr(torch, cfg.cache_dtype), desc=desc, progress=progress, device=device,
+        out_device=out_device, echo=echo, first_batch=first_batch,
     )
     return acts
 
@@ -58,26 +139,6 @@ class Mirrored:
 
     def __call__(self, img) -> torch.Tensor:
         return torch.flip(self.preset(img), dims=[-1])
-
-
-def centre_activations(net: BirdNet, images: LabelledImages, data_cfg: DataConfig, cfg: FinetuneConfig,
-                       desc: str = "centre view", mirrored: bool = False, **kwargs) -> torch.Tensor:
-    """Trunk activations of the deterministic evaluation view (the one ``classify`` sees), or of its mirror."""
-    transform = Mirrored(EvalTransform(data_cfg)) if mirrored else EvalTransform(data_cfg)
-    return trunk_activations(net, images, transform, cfg, desc, **kwargs)
-
-
-def augmented_activations(net: BirdNet, images: LabelledImages, data_cfg: DataConfig, cfg: FinetuneConfig,
-                          rank: int = 0, **kwargs) -> list[torch.Tensor]:
-    """``cfg.views`` tensors of (N, C, h, w): one seeded random augmentation of every image each."""
-    transform = TrainTransform(data_cfg, scale=cfg.crop_scale, jitter=cfg.jitter)
-    views = []
-    for v in range(cfg.views):
-        # torchvision's random transforms draw from torch's global RNG; loading is in-process, so this
-        # seed fixes view v exactly (and gives each rank of a sharded run its own draws).
-        torch.manual_seed(cfg.seed * 1000 + v + 7919 * rank)
-        views.append(trunk_activations(net, images, transform, cfg, f"view {v + 1}/{cfg.views}", **kwargs))
-    return views
 
 
 @torch.inference_mode()
@@ -155,3 +216,4 @@ class CachedViews(Dataset):
     @property
     def nbytes(self) -> int:
         return sum(s.element_size() * s.nelement() for s in self.stacks)
+

@@ -34,11 +34,11 @@ from probe.cli import Written, check_output_file, fail, layout_inputs, run_inter
 from probe.data import DataError, LabelledImages, load_split_dir
 from probe.features import autocast
 from probe.outputs import write_text
-from probe.preprocess import with_crop_fraction
+from probe.preprocess import EvalTransform, with_crop_fraction
 from probe.settings import ConfigError
 from probe.weights import WeightsError, pretrained_net
 
-from finetune.cache import augmented_activations, centre_activations
+from finetune.cache import Mirrored, View, cache_views, extract_views
 from finetune.cli import candidate
 from finetune.config import FinetuneConfig
 from finetune.datamodule import TrunkCacheData
@@ -72,19 +72,19 @@ class TrunkCache:
 def build_cache(images: LabelledImages, cfg: FinetuneConfig, views: int, weights: str, progress: bool,
                 crops: tuple[float, ...] = ()) -> TrunkCache:
     """Centre, mirrored centre and ``views`` augmented views of every image, with the pretrained network, and
-    each TTA crop in ``crops`` with its mirror."""
+    each TTA crop in ``crops`` with its mirror: one pass over the images, each decoded once."""
     start = time.perf_counter()
     net = pretrained_net(replace(cfg, members=1).net_config(images.num_classes), weights)
     data_cfg = cfg.data_config()
-
-    def view_and_mirror(view_cfg, names):
-        return tuple(centre_activations(net, images, view_cfg, cfg, name, mirrored=m, progress=progress)
-                     for name, m in zip(names, (False, True)))
-
-    centre, mirror = view_and_mirror(data_cfg, ("centre view", "mirrored centre"))
-    stacks = augmented_activations(net, images, data_cfg, replace(cfg, views=views), progress=progress)
-    extra = {f: view_and_mirror(with_crop_fraction(data_cfg, f), (f"crop {f}", f"crop {f} mirrored")) for f in crops}
-    return TrunkCache(net, centre, mirror, stacks, time.perf_counter() - start, extra)
+    centre, *augmented = cache_views(data_cfg, replace(cfg, views=views))
+    plan = [centre, View("mirrored centre", Mirrored(centre.transform)), *augmented]
+    for f in crops:
+        crop = EvalTransform(with_crop_fraction(data_cfg, f))
+        plan += [View(f"crop {f}", crop), View(f"crop {f} mirrored", Mirrored(crop))]
+    stacks = dict(zip((v.name for v in plan), extract_views(net, images, plan, cfg, progress=progress)))
+    extra = {f: (stacks[f"crop {f}"], stacks[f"crop {f} mirrored"]) for f in crops}
+    return TrunkCache(net, stacks["centre view"], stacks["mirrored centre"], [stacks[v.name] for v in augmented],
+                      time.perf_counter() - start, extra)
 
 
 STANDARD = 0.0  # held_out_logits' key of the standard centre view (whatever crop fraction the weights use)

@@ -23,7 +23,7 @@ from probe.backbone import BirdNet
 from probe.data import LabelledImages, stratified_split
 from probe.timing import Stopwatch
 
-from finetune.cache import CachedViews, augmented_activations, bytes_per_view, centre_activations, check_budget
+from finetune.cache import CachedViews, bytes_per_view, cache_views, check_budget, extract_views
 from finetune.config import FinetuneConfig
 from finetune.distributed import gather_rows, shards_by_rank
 
@@ -42,7 +42,7 @@ class TrunkCacheData(L.LightningDataModule):
         images: the training set (every rank is given all of it and keeps its shard).
         net: the pretrained network whose trunk makes the cache.
         cfg: the run's settings (preprocessing: ``cfg.data_config()``).
-        stopwatch: receives the extraction times (centre view, augmented views).
+        stopwatch: receives the extraction time ('trunk cache').
         cache_budget: bytes the cache may use on this machine (None: no check).
         progress: progress bars and per-step lines.
 
@@ -103,30 +103,31 @@ class TrunkCacheData(L.LightningDataModule):
         fit_idx, val_idx = stage_two_split(self.labels, self.cfg)
         shard = np.arange(len(self.images))[rank::world]
         shard_fit = np.intersect1d(shard, fit_idx)
+        shard_val = np.intersect1d(shard, val_idx)
         device = trainer.strategy.root_device
         self.net.to(device).eval()  # extraction sees the eval network; LPFTModule.on_train_start sets training mode
         cache_device = self._cache_device(device, len(shard), len(shard_fit), trainer.num_devices)
         kwargs = dict(progress=self.progress, device=device, out_device=cache_device, echo=True)
-        data_cfg = self.cfg.data_config()
-        views_to_extract = len(shard) + len(shard_fit) * self.cfg.views
-        with self.sw("centre view"):
-            centre = centre_activations(self.net, self.images.subset(shard), data_cfg, self.cfg,
-                                        first_batch=lambda n, s: self._cost(views_to_extract, n, s), **kwargs)
-        with self.sw("augmented views"):
-            views = augmented_activations(self.net, self.images.subset(shard_fit), data_cfg, self.cfg,
-                                          rank=rank, **kwargs)
-        self._datasets(trainer, centre, views, shard, shard_fit, val_idx)
+        views = cache_views(self.cfg.data_config(), self.cfg, rank)
+        planned = len(shard_fit) * len(views) + len(shard_val)
+        with self.sw("trunk cache"):  # one pass: each fit image decoded once for its centre and augmented views
+            stacks = extract_views(self.net, self.images.subset(shard_fit), views, self.cfg,
+                                   first_batch=lambda n, s: self._cost(planned, n, s), **kwargs)
+            val_centre = extract_views(self.net, self.images.subset(shard_val), views[:1], self.cfg,
+                                       desc="validation centre view", **kwargs)[0]
+        self._datasets(trainer, stacks, val_centre, shard_fit, shard_val)
         self.shards = shards_by_rank(trainer, shard)
         self.pin_memory = device.type == "cuda" and cache_device.type == "cpu"
         self.setup_seconds = time.perf_counter() - start
 
     def _cost(self, views: int, n: int, seconds: float) -> None:
-        """The cost up front: the cache's size and, from the first timed batch, about how long it takes."""
-        if self.progress or self.trainer.is_global_zero:
+        """The cost up front, on rank 0: the cache's size and, from the first timed batch, about how long it
+        takes to extract."""
+        if self.trainer.is_global_zero:
             rate = n / max(seconds, 1e-9)
             print(f"trunk cache: {self.planned_bytes / 2**20:.1f} MiB for {views} image views at "
-                  f"{self.cfg.image_size} px; first batch {rate:.1f} img/s, so about {views / rate:.0f} s to extract",
-                  flush=True)
+                  f"{self.cfg.image_size} px; first batch {rate:.1f} views/s, so about {views / rate:.0f} s to "
+                  "extract", flush=True)
 
     def _cache_device(self, device: torch.device, n_images: int, n_fit: int, ranks_here: int) -> torch.device:
         """Where the cache goes: an accelerator's memory when it takes at most half of what is free there
@@ -139,16 +140,14 @@ class TrunkCacheData(L.LightningDataModule):
                      image_size=self.cfg.image_size, ranks_here=ranks_here)
         return torch.device("cpu")
 
-    def _datasets(self, trainer: L.Trainer, centre: torch.Tensor, views: list[torch.Tensor], shard: np.ndarray,
-                  shard_fit: np.ndarray, val_idx: np.ndarray) -> None:
-        fit_rows = np.flatnonzero(np.isin(shard, shard_fit))
-        self.fit_centre = centre if len(fit_rows) == len(centre) else centre[torch.as_tensor(fit_rows)]
-        self.fit_index = shard[fit_rows]
-        self.train_set = CachedViews([self.fit_centre, *views], self.labels[shard_fit])
-        val_rows = np.flatnonzero(np.isin(shard, val_idx))
-        sizes = gather_rows(trainer, torch.tensor([[len(self.train_set), len(val_rows)]])).tolist()
+    def _datasets(self, trainer: L.Trainer, stacks: list[torch.Tensor], val_centre: torch.Tensor,
+                  shard_fit: np.ndarray, shard_val: np.ndarray) -> None:
+        self.fit_centre = stacks[0]
+        self.fit_index = shard_fit
+        self.train_set = CachedViews(stacks, self.labels[shard_fit])
+        sizes = gather_rows(trainer, torch.tensor([[len(self.train_set), len(shard_val)]])).tolist()
         if min(v for _, v in sizes) > 0:  # a rank without validation images would leave the others waiting
-            self.val_set = CachedViews([centre[torch.as_tensor(val_rows)]], self.labels[shard[val_rows]])
+            self.val_set = CachedViews([val_centre], self.labels[shard_val])
         self.cache_bytes = self.train_set.nbytes + (self.val_set.nbytes if self.val_set else 0)
         # DDP needs the same number of steps on every rank: each draws as many samples as the smallest shard.
         self.samples_per_epoch = None if trainer.world_size == 1 else min(t for t, _ in sizes)

@@ -62,13 +62,17 @@ def progress_bar(show: bool, **kwargs):
 class ExtractStats:
     images: int
     seconds: float
+    views: int = 1  # network inputs per image (several views of it)
 
     @property
     def images_per_s(self) -> float:
         return self.images / max(self.seconds, 1e-9)
 
     def line(self, desc: str) -> str:
-        return f"{desc}: {self.images} images in {self.seconds:.1f}s ({self.images_per_s:.1f} img/s)"
+        if self.views == 1:
+            return f"{desc}: {self.images} images in {self.seconds:.1f}s ({self.images_per_s:.1f} img/s)"
+        return (f"{desc}: {self.images} images x {self.views} views in {self.seconds:.1f}s "
+                f"({self.images_per_s * self.views:.1f} views/s)")
 
 
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int = 0) -> DataLoader:
@@ -84,42 +88,49 @@ def _forward(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, device
 
 
 @torch.inference_mode()
-def extract(fn: Callable[[torch.Tensor], torch.Tensor], loader: DataLoader, *, precision: str = "fp32",
-            out_dtype: torch.dtype = torch.float32, desc: str = "features", progress: bool = True,
-            device: torch.device | str = "cpu", out_device: torch.device | str = "cpu",
-            echo: bool | None = None,
-            first_batch: Callable[[int, float], None] | None = None) -> tuple[torch.Tensor, ExtractStats]:
+def extract(fn: Callable[[torch.Tensor], torch.Tensor | list[torch.Tensor]], loader: DataLoader, *,
+            precision: str = "fp32", out_dtype: torch.dtype = torch.float32, desc: str = "features",
+            progress: bool = True, device: torch.device | str = "cpu", out_device: torch.device | str = "cpu",
+            echo: bool | None = None, first_batch: Callable[[int, float], None] | None = None):
     """Run ``fn`` over every batch of ``loader`` and stack the outputs in RAM, in dataset order.
 
-    4-D inputs go in channels-last, which is ~1.7x faster for MobileNet-style convolutions on a CPU.
+    4-D inputs go in channels-last, which is ~1.7x faster for MobileNet-style convolutions on a CPU. ``fn``
+    may return a list of tensors (one per view of a (B, V, 3, H, W) batch): each is stacked on its own.
 
     Args:
         device: where ``fn`` runs (its module must be there already); batches are moved to it.
         out_device: where the stacked outputs are kept (an accelerator's memory, or the CPU's).
         echo: print one line with the count, time and throughput at the end (default: with the bar).
-        first_batch: called with (images, seconds) once the first batch is done.
+        first_batch: called with (network inputs, seconds) once the first batch is done.
 
     Returns:
-        (outputs of shape (N, ...) in ``out_dtype``, throughput stats)
+        (outputs of shape (N, ...) in ``out_dtype``, or a list of them, and throughput stats)
     """
     n = len(loader.dataset)
-    out = None
+    outs = None
+    many = False
     done = 0
     start = time.perf_counter()
     with progress_bar(progress, total=n, desc=desc, unit="img", leave=False) as bar:
         for x, index in loader:
             y = _forward(fn, x, device, precision)
-            if out is None:  # preallocate once: no list of chunks and no second copy from torch.cat
-                out = torch.empty((n, *y.shape[1:]), dtype=out_dtype, device=out_device)
-            out[index.to(out.device)] = y.to(out.device, out_dtype)
+            many = isinstance(y, (list, tuple))
+            ys = list(y) if many else [y]
+            if outs is None:  # preallocate once: no list of chunks and no second copy from torch.cat
+                outs = [torch.empty((n, *t.shape[1:]), dtype=out_dtype, device=out_device) for t in ys]
+            at = index.to(out_device)
+            for out, t in zip(outs, ys):
+                out[at] = t.to(out_device, out_dtype)
             done += len(x)
             bar.update(len(x))
             if first_batch is not None and done == len(x):  # a measured rate, before the long work goes on
-                first_batch(done, time.perf_counter() - start)
+                first_batch(done * len(ys), time.perf_counter() - start)
     if done != n:
         raise RuntimeError(f"{desc}: the loader gave {done} of {n} images")
-    stats = ExtractStats(n, time.perf_counter() - start)
+    stats = ExtractStats(n, time.perf_counter() - start, len(outs) if many else 1)
     if progress if echo is None else echo:
         print(stats.line(desc))
-    # no images: nothing ran, so the output's shape is unknown
-    return (out.contiguous() if out is not None else torch.empty(0, dtype=out_dtype, device=out_device)), stats
+    if outs is None:  # no images: nothing ran, so the output's shape is unknown
+        return torch.empty(0, dtype=out_dtype, device=out_device), stats
+    outs = [out.contiguous() for out in outs]
+    return (outs if many else outs[0]), stats

@@ -73,6 +73,40 @@ def open_rgb(source: Source, name: str | None = None, *, min_side: int | None = 
         ) from err
 
 
+def open_rgb_many(source: Source, name: str | None, min_sides: Sequence[int | None]) -> list[Image.Image]:
+    """:func:`open_rgb` at each of ``min_sides``, decoding the file once per distinct decoding.
+
+    Views that need different sides usually decode alike (an image under 4x the larger need is decoded at
+    full size for both), so the file is decoded once and the same image is returned for them; where the
+    draft scale or reduction differs, each gets exactly the pixels ``open_rgb`` would give it alone.
+    """
+    label = name or ("<bytes>" if isinstance(source, bytes) else str(source))
+    try:
+        with _opened(source, label) as img:
+            keys = [_decoding(img, side) for side in min_sides]
+    except DataError:
+        raise
+    except Exception:  # noqa: BLE001 - let open_rgb raise its own DataError, naming the file
+        keys = list(range(len(min_sides)))
+    decoded: dict = {}
+    for key, side in zip(keys, min_sides):
+        if key not in decoded:
+            decoded[key] = open_rgb(source, name, min_side=side)
+    return [decoded[key] for key in keys]
+
+
+def _decoding(img: Image.Image, min_side: int | None) -> tuple:
+    """What :func:`open_rgb` does differently for ``min_side``: its draft request and its reduction factor."""
+    if min_side is None:
+        return (None, 1)
+    w, h = img.size
+    scale = OVERSAMPLE * min_side / max(1, min(w, h))
+    if img.format == "JPEG":
+        return ((math.ceil(w * scale), math.ceil(h * scale)) if scale <= 0.5 else None, 1)
+    factor = min(w, h) // max(1, OVERSAMPLE * min_side)
+    return (None, factor if factor >= 2 else 1)
+
+
 @contextmanager
 def _opened(source: Source, label: str) -> Iterator[Image.Image]:
     """``Image.open`` with the decompression-bomb check deferred to :func:`_check_pixels`.

@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from probe.backbone import NetConfig, build_net
 from probe.data import load_split_dir, stratified_split
+from probe.features import extract
 from probe.images import ImageDataset
 from probe.linear import LinearProbe, ProbeFit, fit_probe, init_head_from_probe
 from probe.preprocess import EvalTransform, data_config, with_crop_fraction
@@ -25,7 +27,7 @@ from probe.synthetic import make_synthetic, write_grader_layout
 import finetune.__main__ as finetune_cli
 import finetune.stage_one as finetune_stage_one
 import finetune.train as finetune_train
-from finetune.cache import CachedViews, augmented_activations, centre_activations
+from finetune.cache import CachedViews, Mirrored, View, ViewsDataset, cache_views, extract_views
 from finetune.checkpoint import Classifier
 from finetune.config import PRESETS, preset
 from finetune.datamodule import TrunkCacheData, stage_two_split
@@ -204,7 +206,7 @@ def test_stage_one_head_equals_probe_decision_function():
     data_cfg = data_config(cfg.backbone, cfg.image_size)
     net = calibrate_batchnorm(build_net(NetConfig(cfg.backbone, k, cfg.trunk_split, cfg.dropout)), _inputs(images))
 
-    centre = centre_activations(net, images, data_cfg, cfg, progress=False)
+    (centre,) = extract_views(net, images, cache_views(data_cfg, cfg)[:1], cfg, progress=False)
     assert centre.dtype == torch.float16 and centre.shape == (len(images), 96, 4, 4)
     feats = pooled_from_trunk(net, centre).numpy()
     assert feats.shape == (len(images), net.head.in_features) and feats.std() > 1e-3
@@ -331,24 +333,61 @@ def test_cached_views_indexing():
         CachedViews([torch.zeros(6, 2)], labels)
 
 
-def test_augmented_activations_are_seeded_and_differ_across_views():
+def test_augmented_views_are_seeded_and_differ_across_views():
     images = make_synthetic(num_classes=2, per_class=3, size=48, seed=5)
     cfg = replace(TINY, views=2, cache_dtype="float32", seed=7)
     data_cfg = data_config(cfg.backbone, cfg.image_size)
     net = build_net(NetConfig(cfg.backbone, 2, cfg.trunk_split)).eval()
 
-    first = augmented_activations(net, images, data_cfg, cfg, progress=False)
+    state = torch.get_rng_state()
+    centre, *first = extract_views(net, images, cache_views(data_cfg, cfg), cfg, progress=False)
+    assert torch.equal(torch.get_rng_state(), state)  # the global generator is left as it was
     torch.rand(1000)  # whatever the global RNG did in between
-    second = augmented_activations(net, images, data_cfg, cfg, progress=False)
+    second = extract_views(net, images, cache_views(data_cfg, cfg)[1:], cfg, progress=False)
     assert len(first) == len(second) == cfg.views
     for a, b in zip(first, second):
         assert a.shape == (len(images), 96, 4, 4) and a.dtype == torch.float32 and a.abs().max() > 0
-        assert torch.equal(a, b)
+        assert torch.equal(a, b)  # a view's draws do not depend on which other views share the pass
     assert not torch.equal(first[0], first[1])
-    centre = centre_activations(net, images, data_cfg, cfg, progress=False)
     assert not torch.equal(first[0], centre)
-    other_seed = augmented_activations(net, images, data_cfg, replace(cfg, seed=8), progress=False)
+    other_seed = extract_views(net, images, cache_views(data_cfg, replace(cfg, seed=8))[1:], cfg, progress=False)
     assert not torch.equal(other_seed[0], first[0])
+
+
+def _one_pass_per_view(net, images, views, cfg) -> list[torch.Tensor]:
+    """The cache as it was extracted before views shared a pass: each view a pass of its own over the images
+    (every image decoded again), a random one after ``torch.manual_seed`` of its seed."""
+    out = []
+    for view in views:
+        if view.seed is not None:
+            torch.manual_seed(view.seed)
+        dataset = ImageDataset(images.sources, images.names, view.transform)
+        loader = DataLoader(dataset, batch_size=cfg.extract_batch_size)
+        out.append(extract(net.forward_trunk, loader, precision=cfg.precision, out_dtype=torch.float16,
+                           progress=False)[0])
+    return out
+
+
+@pytest.mark.parametrize("size", [48, 400, 700])  # JPEG drafting: none; the centre view only; every view, unlike
+def test_one_pass_gives_the_cache_of_one_pass_per_view_bit_for_bit(tmp_path, size):
+    images = make_synthetic(num_classes=2, per_class=5, size=size, seed=2)
+    write_grader_layout(tmp_path, "train", images)  # JPEG files: decoded (and drafted) as real photos are
+    images = load_split_dir(tmp_path, "train")
+    cfg = replace(TINY, views=3, extract_batch_size=4, jitter=0.3)
+    net = build_net(NetConfig(cfg.backbone, 2, cfg.trunk_split)).eval()
+    views = cache_views(data_config(cfg.backbone, cfg.image_size), cfg, rank=1)
+    views.insert(1, View("mirror", Mirrored(views[0].transform)))
+    fused = extract_views(net, images, views, cfg, progress=False)
+    for name, a, b in zip([v.name for v in views], fused, _one_pass_per_view(net, images, views, cfg)):
+        assert torch.equal(a, b), name
+
+
+def test_random_views_refuse_to_be_read_out_of_order():
+    images = make_synthetic(num_classes=2, per_class=2, size=48, seed=2)
+    dataset = ViewsDataset(images, cache_views(data_config(TINY.backbone, SIZE), replace(TINY, views=1)))
+    dataset[0]
+    with pytest.raises(RuntimeError, match="image order"):
+        dataset[0]
 
 
 # --------------------------------------------------------------------------- the checkpoint

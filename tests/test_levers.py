@@ -45,21 +45,20 @@ def test_folds_are_stratified_disjoint_covering_and_seeded():
 def test_cache_is_built_once_per_trunk_setting(tmp_path, monkeypatch, capsys):
     write_grader_layout(tmp_path, "train", make_synthetic(num_classes=3, per_class=6, size=40, seed=0))
     calls = []
-    real = finetune_cache.trunk_activations
+    real = finetune_cache.extract_views
 
-    def counted(net, images, transform, cfg, desc, *args, **kwargs):
-        calls.append((cfg.image_size, desc, len(images)))
-        return real(net, images, transform, cfg, desc, *args, **kwargs)
+    def counted(net, images, views, cfg, *args, **kwargs):
+        calls.append((cfg.image_size, tuple(v.name for v in views), len(images)))
+        return real(net, images, views, cfg, *args, **kwargs)
 
-    monkeypatch.setattr(finetune_cache, "trunk_activations", counted)
+    monkeypatch.setattr(cv, "extract_views", counted)
     base = f"fast:image_size={SIZE},limit_train_batches=1,batch_size=8"
     rows = cv.main([str(tmp_path), "--random-init", "--folds", "2", "--out", str(tmp_path / "cv.json"),
                     "--candidates", f"{base},views=2", f"{base},views=1,ema_decay=0.9", f"{base},members=2",
                     "fast:image_size=48,limit_train_batches=1,batch_size=8"])
-    # one cache for the three 32 px candidates (centre, mirror, 2 views), one for the 48 px one (1 view)
-    assert sorted(calls) == sorted([(SIZE, "centre view", 18), (SIZE, "mirrored centre", 18),
-                                    (SIZE, "view 1/2", 18), (SIZE, "view 2/2", 18),
-                                    (48, "centre view", 18), (48, "mirrored centre", 18), (48, "view 1/1", 18)])
+    # one pass for the three 32 px candidates (centre, mirror, 2 views), one for the 48 px one (1 view)
+    assert sorted(calls) == sorted([(SIZE, ("centre view", "mirrored centre", "view 1/2", "view 2/2"), 18),
+                                    (48, ("centre view", "mirrored centre", "view 1/1"), 18)])
     assert [len(r["folds"]) for r in rows] == [2, 2, 2, 2]
     for r in rows:
         assert all(0.0 <= a <= 1.0 for a in r["folds"]) and r["mean"] == pytest.approx(np.mean(r["folds"]))
@@ -73,13 +72,13 @@ def test_cache_is_built_once_per_trunk_setting(tmp_path, monkeypatch, capsys):
 def test_tta_crops_are_cached_once_and_every_scheme_scores_the_same_tails(tmp_path, monkeypatch):
     write_grader_layout(tmp_path, "train", make_synthetic(num_classes=3, per_class=6, size=40, seed=0))
     calls = []
-    real = finetune_cache.trunk_activations
+    real = finetune_cache.extract_views
 
-    def counted(net, images, transform, cfg, desc, *args, **kwargs):
-        calls.append(desc)
-        return real(net, images, transform, cfg, desc, *args, **kwargs)
+    def counted(net, images, views, cfg, *args, **kwargs):
+        calls.extend(v.name for v in views)
+        return real(net, images, views, cfg, *args, **kwargs)
 
-    monkeypatch.setattr(finetune_cache, "trunk_activations", counted)
+    monkeypatch.setattr(cv, "extract_views", counted)
     base = f"fast:image_size={SIZE},limit_train_batches=1,batch_size=8"
     rows = cv.main([str(tmp_path), "--random-init", "--folds", "2", "--candidates", base,
                     f"{base},tta_crops=(1.0,)", f"{base},tta_crops=(0.75, 1.0),tta_flip=False"])
