@@ -22,7 +22,10 @@ from probe.pipeline import ProbeConfig, run_probe
 from probe.preprocess import TRAIN_IMAGE_SIZE
 from probe.weights import WeightsError, cache_path, has_pretrained, missing
 
-COLUMNS = ("backbone", "probe val", "probe test", "C", "width", "extract img/s", "cache MiB/1k/view", "weights")
+# (table heading, row key), in table order
+COLUMNS = (("backbone", "backbone"), ("probe val", "probe_val"), ("probe test", "probe_test"), ("C", "C"),
+           ("width", "width"), ("extract img/s", "extract_images_per_s"),
+           ("cache MiB/1k/view", "cache_mib_per_1k_view"), ("weights", "weights"))
 
 
 def compare(train: LabelledImages, test: LabelledImages | None, names: list[str], cfg: ProbeConfig, *,
@@ -66,16 +69,13 @@ def _cell(row: dict, key: str) -> str:
         f"{value:.1f}" if isinstance(value, float) else str(value)
 
 
-KEYS = ("backbone", "probe_val", "probe_test", "C", "width", "extract_images_per_s", "cache_mib_per_1k_view", "weights")
-
-
 def markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines = ["| " + " | ".join(heading for heading, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows:
         if "error" in row:
             lines.append(f"| {row['backbone']} | " + " | ".join("-" for _ in COLUMNS[1:-1]) + f" | {row['error']} |")
         else:
-            lines.append("| " + " | ".join(_cell(row, k) for k in KEYS) + " |")
+            lines.append("| " + " | ".join(_cell(row, key) for _, key in COLUMNS) + " |")
     return "\n".join(lines) + "\n"
 
 
