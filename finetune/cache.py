@@ -108,7 +108,7 @@ class ViewsDataset(ImageDataset):
 def extract_views(net: BirdNet, images: LabelledImages, views: Sequence[View], cfg: FinetuneConfig,
                   desc: str = "trunk cache", progress: bool = True, device: torch.device | str = "cpu",
                   out_device: torch.device | str = "cpu", echo: bool | None = None,
-                  first_batch=None) -> list[torch.Tensor]:
+                  first_batch=None, prefetch: bool = False) -> list[torch.Tensor]:
     """One (N, C, h, w) stack of trunk activations per view, in ``cfg.cache_dtype``, from one pass over the
     images: each decoded once, its views run through the trunk in batches of ``cfg.extract_batch_size``
     (the batches each view's own pass would make). ``first_batch`` is ``probe.features.extract``'s."""
@@ -124,7 +124,7 @@ def extract_views(net: BirdNet, images: LabelledImages, views: Sequence[View], c
     acts, _ = extract(
         trunk, loader, precision=cfg.precision,
         out_dtype=getattr(torch, cfg.cache_dtype), desc=desc, progress=progress, device=device,
-        out_device=out_device, echo=echo, first_batch=first_batch,
+        out_device=out_device, echo=echo, first_batch=first_batch, prefetch=prefetch,
     )
     return acts
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import queue
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -79,6 +81,51 @@ def make_loader(dataset: Dataset, batch_size: int, num_workers: int = 0) -> Data
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
 
 
+class prefetched:
+    """Iterate ``iterable`` in a background thread, at most ``depth`` items ahead: decoding and preprocessing
+    (Pillow and torch release the GIL) overlap the network's forward pass on the caller's thread. Errors in
+    the thread are raised in the caller; leaving the loop early (an error, Ctrl-C) stops the thread."""
+
+    _END = object()
+
+    def __init__(self, iterable, depth: int = 2):
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._produce, args=(iterable,), daemon=True)
+        self.thread.start()
+
+    def _produce(self, iterable) -> None:
+        try:
+            for item in iterable:
+                if not self._put(item):
+                    return
+            self._put(self._END)
+        except BaseException as err:  # noqa: BLE001 - handed to the caller's thread, raised there
+            self._put(err)
+
+    def _put(self, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self):
+        try:
+            while True:
+                item = self.queue.get()
+                if item is self._END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.stop.set()
+            self.thread.join()
+
+
 def _forward(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, device, precision: str) -> torch.Tensor:
     x = x.to(device, non_blocking=True)
     if x.ndim == 4:  # (B, V, 3, H, W) batches of several views per image are laid out by ``fn``
@@ -91,46 +138,51 @@ def _forward(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, device
 def extract(fn: Callable[[torch.Tensor], torch.Tensor | list[torch.Tensor]], loader: DataLoader, *,
             precision: str = "fp32", out_dtype: torch.dtype = torch.float32, desc: str = "features",
             progress: bool = True, device: torch.device | str = "cpu", out_device: torch.device | str = "cpu",
-            echo: bool | None = None, first_batch: Callable[[int, float], None] | None = None):
+            echo: bool | None = None, first_batch: Callable[[int, float], None] | None = None,
+            prefetch: bool = False):
     """Run ``fn`` over every batch of ``loader`` and stack the outputs in RAM, in dataset order.
 
-    4-D inputs go in channels-last, which is ~1.7x faster for MobileNet-style convolutions on a CPU. ``fn``
-    may return a list of tensors (one per view of a (B, V, 3, H, W) batch): each is stacked on its own.
-
-    Args:
+    4-D inputs go in channels-last (~1.7x faster for MobileNet-style convolutions on a CPU). ``fn`` may return
+    a list of tensors (one per view of a (B, V, 3, H, W) batch): each is stacked on its own. Args:
         device: where ``fn`` runs (its module must be there already); batches are moved to it.
         out_device: where the stacked outputs are kept (an accelerator's memory, or the CPU's).
         echo: print one line with the count, time and throughput at the end (default: with the bar).
         first_batch: called with (network inputs, seconds) once the first batch is done.
+        prefetch: load the next batches in a background thread (:class:`prefetched`) while this one runs.
 
-    Returns:
-        (outputs of shape (N, ...) in ``out_dtype``, or a list of them, and throughput stats)
+    Returns (outputs of shape (N, ...) in ``out_dtype``, or a list of them, and throughput stats).
     """
     n = len(loader.dataset)
-    outs = None
+    outs: list[torch.Tensor] = []
     many = False
     done = 0
     start = time.perf_counter()
     with progress_bar(progress, total=n, desc=desc, unit="img", leave=False) as bar:
-        for x, index in loader:
+        for x, index in (prefetched(loader) if prefetch else loader):
             y = _forward(fn, x, device, precision)
             many = isinstance(y, (list, tuple))
-            ys = list(y) if many else [y]
-            if outs is None:  # preallocate once: no list of chunks and no second copy from torch.cat
-                outs = [torch.empty((n, *t.shape[1:]), dtype=out_dtype, device=out_device) for t in ys]
-            at = index.to(out_device)
-            for out, t in zip(outs, ys):
-                out[at] = t.to(out_device, out_dtype)
+            _store(outs, list(y) if many else [y], index, n, out_dtype, out_device)
             done += len(x)
             bar.update(len(x))
             if first_batch is not None and done == len(x):  # a measured rate, before the long work goes on
-                first_batch(done * len(ys), time.perf_counter() - start)
+                first_batch(done * len(outs), time.perf_counter() - start)
     if done != n:
         raise RuntimeError(f"{desc}: the loader gave {done} of {n} images")
     stats = ExtractStats(n, time.perf_counter() - start, len(outs) if many else 1)
     if progress if echo is None else echo:
         print(stats.line(desc))
-    if outs is None:  # no images: nothing ran, so the output's shape is unknown
+    if not outs:  # no images: nothing ran, so the output's shape is unknown
         return torch.empty(0, dtype=out_dtype, device=out_device), stats
     outs = [out.contiguous() for out in outs]
     return (outs if many else outs[0]), stats
+
+
+def _store(outs: list[torch.Tensor], ys: list[torch.Tensor], index: torch.Tensor, n: int, dtype: torch.dtype,
+           device) -> None:
+    """Write a batch's outputs at their dataset rows, allocating the (n, ...) outputs at the first batch (no
+    list of chunks, and no second copy from ``torch.cat``)."""
+    if not outs:
+        outs.extend(torch.empty((n, *t.shape[1:]), dtype=dtype, device=device) for t in ys)
+    at = index.to(device)
+    for out, t in zip(outs, ys):
+        out[at] = t.to(device, dtype)

@@ -49,6 +49,34 @@ def views_per_second(pool: str, bf16: bool, image_size: int, steps: int, split: 
     return steps * batch / (time.perf_counter() - start)
 
 
+def tail_step(net, cfg, num_classes: int, steps: int = 20) -> float:
+    """Cached views per second of bare training steps of ``net``'s tail + head as ``cfg`` trains it (its
+    batch size, cache dtype and training precision), on random cached activations: no loader, no Lightning."""
+    from finetune.train import trainer_precision
+
+    top = net.top()
+    net.eval()  # BatchNorm pinned, as in training
+    acts = torch.randn(cfg.batch_size, *net.forward_trunk(
+        torch.zeros(1, 3, cfg.image_size, cfg.image_size)).shape[1:]).to(getattr(torch, cfg.cache_dtype))
+    y = torch.randint(0, num_classes, (cfg.batch_size,))
+    opt = torch.optim.AdamW([p for p in top.parameters() if p.requires_grad], lr=1e-4)
+    bf16 = trainer_precision(cfg, "cpu") == "bf16-mixed"
+
+    def step() -> None:
+        with autocast("bf16" if bf16 else "fp32"):
+            loss = F.cross_entropy(top(acts).float(), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    for _ in range(3):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * cfg.batch_size / (time.perf_counter() - start)
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=40)

@@ -1,0 +1,72 @@
+"""The speed work's pieces: the prefetching thread, and the benchmarks' arithmetic and parsing (their figures
+are printed by ``tools.speed`` and ``tools.backbones``, never asserted here)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from probe.features import prefetched
+from probe.settings import ConfigError
+
+from finetune.config import PRESETS
+
+from tools.backbones import for_backbone, markdown
+from tools.speed import Bare, parse_run, pipeline_rates
+
+
+def test_prefetched_keeps_order_and_raises_the_threads_error():
+    assert list(prefetched(range(50), depth=2)) == list(range(50))
+
+    def broken():
+        yield 1
+        raise ValueError("bad image")
+
+    got = []
+    with pytest.raises(ValueError, match="bad image"):
+        for item in prefetched(broken()):
+            got.append(item)
+    assert got == [1]
+
+
+def test_leaving_a_prefetched_loop_early_stops_its_thread():
+    before = threading.active_count()
+    for item in prefetched(iter(range(10**6)), depth=2):
+        if item == 3:
+            break
+    assert threading.active_count() == before
+
+
+def test_parse_run_reads_the_time_line_of_both_plans():
+    new = ("fine-tune: 37290 cached views in 500.0s (74.6 views/s)\n"
+           "time: read data 0.1s, test 4.3s, load network 0.1s, trunk cache 200.0s, probe 5.5s, fine-tune 500.0s; "
+           "peak RSS 2100 MiB\n")
+    old = new.replace("trunk cache 200.0s", "centre view 50.0s, augmented views 250.0s")
+    run, before = parse_run(new, 720.0, 2048 * 1024), parse_run(old, 800.0, 1024)
+    assert (run.extraction, run.stage_one, run.tail, run.tail_views, run.peak_rss_mib) == (200.0, 5.5, 500.0, 37290,
+                                                                                          2048.0)
+    assert before.extraction == 300.0
+    rates = pipeline_rates(run, images=2486, views=4)
+    assert rates["extraction"] == pytest.approx(2486 * 5 / 200) and rates["tail training"] == pytest.approx(74.58)
+    with pytest.raises(RuntimeError, match="no time line"):
+        parse_run("Traceback ...", 1.0, 0)
+
+
+def test_the_serial_bound_adds_each_pieces_time_per_image():
+    bare = Bare(decode=100.0, centre=200.0, augment=100.0, trunk=50.0, tail=90.0, views=4)
+    per_image = 1 / 100 + 1 / 200 + 4 / 100 + 5 / 50
+    assert bare.serial_bound() == pytest.approx(5 / per_image)
+    assert bare.serial_bound(decodes_per_view=True) == pytest.approx(5 / (per_image + 4 / 100))
+
+
+def test_backbone_costs_keep_a_split_only_where_it_belongs():
+    full = PRESETS["full"]
+    assert for_backbone(full, "mobilenet_v2", split_given=False).trunk_split == 11
+    assert for_backbone(full, "resnet18", split_given=False).split is None  # resnet18's own default
+    with pytest.raises(ConfigError, match="split"):  # a split given for another model's blocks is checked
+        for_backbone(full, "resnet18", split_given=True)
+    row = {"backbone": "resnet18", "split": 4, "extraction": 12.0, "tail": 16.5, "mib_per_1k": 977.0,
+           "fits": [5033, 10066, 40265]}
+    table = markdown([row], full)
+    assert "| resnet18 | 4 | 12.0 | 16.5 | 977 | 5,033 | 10,066 | 40,265 |" in table

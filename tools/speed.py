@@ -1,0 +1,254 @@
+"""``python -m tools.speed DATA_DIR [--old TREE] [--per-class N] [--rounds R] [field=value ...]``: each stage's
+rate in the pipeline next to the bare rate of the work it does, old code against new, in one run.
+
+The machine is noisy, so everything is measured in the same command:
+
+1. **bare rates**, in this process, on the first training images: decoding alone, each preset alone
+   (centre view, augmented view), the trunk alone on a random batch (the extraction's batch size, layout and
+   precision), and a bare tail step (forward, loss, backward, AdamW on random cached activations, BatchNorm
+   pinned; ``tools.tail_speed``). From them, the **serial bound** of extraction: the rate of decoding each
+   image once, applying its 1 + ``views`` presets and running the trunk on every view, one after the other,
+   with nothing overlapped (and the bound of the old plan, which decoded each image once per view);
+2. **the pipeline**: ``python -m finetune`` on a class-balanced subset of DATA_DIR's training images
+   (``--per-class``) in this tree and, with ``--old TREE``, in that checkout (the code before a change), one
+   after the other, ``--rounds`` times, each in a fresh process. Its ``time:`` line gives the seconds of
+   extraction, stage one and the tail's training; the process's wall time and peak RSS come from ``wait4``.
+
+Prints one table: bare rate, and per tree the pipeline's rate and its share of the bare rate. The subset
+(a gt.csv beside a link to the image folder) and the checkpoints live in a temporary folder, removed at the
+end; nothing else is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from probe.cli import fail, run_interruptible
+from probe.data import DataError, LabelledImages, load_split_dir
+from probe.features import autocast, resolve_precision
+from probe.images import open_rgb
+from probe.preprocess import EvalTransform, TrainTransform
+from probe.settings import ConfigError, overridden, split_overrides
+
+from finetune.config import PRESETS, FinetuneConfig
+
+from tools.tail_speed import tail_step
+
+STAGES = ("extraction", "stage one", "tail training", "whole run")
+
+
+def _rate(fn, items: int, repeats: int = 1) -> float:
+    """``items`` per second of ``fn()``, the best of ``repeats`` timed calls after one warm-up call."""
+    fn()
+    best = min(_seconds(fn) for _ in range(repeats))
+    return items / max(best, 1e-9)
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class Bare:
+    """Bare rates (per second) of the pipeline's pieces, measured alone."""
+
+    decode: float
+    centre: float
+    augment: float
+    trunk: float
+    tail: float
+    views: int
+
+    def serial_bound(self, decodes_per_view: bool = False) -> float:
+        """Views per second of decode + presets + trunk in series, nothing overlapped: each image decoded
+        once for its 1 + ``views`` views (or, ``decodes_per_view``, once per view, as the old plan did)."""
+        decodes = (1 + self.views) if decodes_per_view else 1
+        per_image = decodes / self.decode + 1 / self.centre + self.views / self.augment + (1 + self.views) / self.trunk
+        return (1 + self.views) / per_image
+
+
+def bare_rates(images: LabelledImages, cfg: FinetuneConfig, samples: int = 64) -> Bare:
+    """Each piece alone, on ``samples`` of the training images (the trunk and tail on random tensors: their
+    cost is the shape's)."""
+    from probe.backbone import build_net
+
+    data_cfg = cfg.data_config()
+    centre, train = EvalTransform(data_cfg), TrainTransform(data_cfg, scale=cfg.crop_scale, jitter=cfg.jitter)
+    subset = images.subset(range(min(samples, len(images))))
+    side = max(centre.min_side, train.min_side)
+    decoded = [open_rgb(s, n, min_side=side) for s, n in zip(subset.sources, subset.names)]
+    n = len(decoded)
+    decode = _rate(lambda: [open_rgb(s, m, min_side=side) for s, m in zip(subset.sources, subset.names)], n)
+    centre_rate = _rate(lambda: [centre(img) for img in decoded], n)
+    augment_rate = _rate(lambda: [train(img) for img in decoded], n)
+    torch.manual_seed(0)
+    net = build_net(replace(cfg, members=1).net_config(images.num_classes)).eval()
+    x = torch.randn(cfg.extract_batch_size, 3, cfg.image_size, cfg.image_size).contiguous(
+        memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def trunk_batch():
+        with autocast(cfg.precision):
+            net.forward_trunk(x)
+
+    trunk = _rate(lambda: [trunk_batch() for _ in range(4)], 4 * len(x), repeats=2)
+    tail = tail_step(net, cfg, images.num_classes, steps=20)
+    return Bare(decode, centre_rate, augment_rate, trunk, tail, cfg.views)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One ``python -m finetune`` process: its stage seconds and what it did."""
+
+    extraction: float
+    stage_one: float
+    tail: float
+    wall: float
+    tail_views: int
+    peak_rss_mib: float
+
+
+TIME_LINE = re.compile(r"^time: (.*); peak RSS", re.MULTILINE)
+TAIL_LINE = re.compile(r"^fine-tune: (\d+) cached views", re.MULTILINE)
+
+
+def parse_run(out: str, wall: float, peak_kib: int) -> Run:
+    """The stage seconds of a run's ``time:`` line: extraction is 'trunk cache' (one pass) or 'centre view'
+    + 'augmented views' (a pass per view, the code before)."""
+    line = TIME_LINE.search(out)
+    views = TAIL_LINE.search(out)
+    if line is None or views is None:
+        raise RuntimeError(f"no time line in the run's output:\n{out[-3000:]}")
+    seconds = {k: float(v.rstrip("s")) for k, v in (p.rsplit(" ", 1) for p in line.group(1).split(", "))}
+    extraction = seconds.get("trunk cache", seconds.get("centre view", 0.0) + seconds.get("augmented views", 0.0))
+    return Run(extraction, seconds["probe"], seconds["fine-tune"], wall, int(views.group(1)), peak_kib / 1024)
+
+
+def run_pipeline(tree: Path, data: Path, settings: list[str], scratch: Path, tag: str) -> Run:
+    """``python -m finetune`` in ``tree`` (its own code, this interpreter), timed as a whole."""
+    out = scratch / f"{tag}.pt"
+    cmd = [sys.executable, "-m", "finetune", str(data), "--out", str(out), "--no-progress", *settings]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=tree, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONPATH": str(tree)})
+    text = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{tree}: python -m finetune exited {proc.returncode}:\n{text[-3000:]}")
+    return parse_run(text, wall, usage.ru_maxrss)
+
+
+def subset_layout(data: Path, images: LabelledImages, per_class: int | None, scratch: Path) -> tuple[Path, int]:
+    """A grader layout of the first ``per_class`` training images of each class (None: all), its gt.csv
+    beside a link to the real image folder; (its root, its image count)."""
+    counts: dict[int, int] = {}
+    keep = []
+    for name, label in zip(images.names, images.labels.tolist()):
+        if per_class is None or counts.get(label, 0) < per_class:
+            counts[label] = counts.get(label, 0) + 1
+            keep.append((name, label))
+    root = scratch / "data"
+    (root / "train").mkdir(parents=True)
+    (root / "train" / "images").symlink_to((data / "train" / "images").resolve())
+    lines = ["filename,class_id"] + [f"{n},{c}" for n, c in keep]
+    (root / "train" / "gt.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    if (data / "classes.txt").is_file():
+        shutil.copyfile(data / "classes.txt", root / "classes.txt")
+    return root, len(keep)
+
+
+def pipeline_rates(run: Run, images: int, views: int) -> dict[str, float]:
+    return {"extraction": images * (1 + views) / max(run.extraction, 1e-9), "stage one": run.stage_one,
+            "tail training": run.tail_views / max(run.tail, 1e-9), "whole run": run.wall}
+
+
+def table(bare: Bare, runs: dict[str, list[Run]], images: int, views: int) -> str:
+    """Markdown: per stage its bare rate and, per tree, the pipeline's median over rounds and its share."""
+    bound = {"extraction": bare.serial_bound(), "tail training": bare.tail}
+    units = {"extraction": "views/s", "stage one": "s", "tail training": "views/s", "whole run": "s"}
+    head = "| stage | bare (serial bound) |" + "".join(f" {t} | share |" for t in runs)
+    rows = [head, "|---|---:|" + "---:|---:|" * len(runs)]
+    for stage in STAGES:
+        cells = [f"| {stage} ({units[stage]}) | {f'{bound[stage]:.1f}' if stage in bound else '-'} |"]
+        for tree_runs in runs.values():
+            value = statistics.median(pipeline_rates(r, images, views)[stage] for r in tree_runs)
+            share = f"{value / bound[stage]:.0%}" if stage in bound else "-"
+            cells.append(f" {value:.1f} | {share} |")
+        rows.append("".join(cells))
+    peaks = " / ".join(f"{t} {max(r.peak_rss_mib for r in rs):.0f} MiB" for t, rs in runs.items())
+    return "\n".join(rows) + f"\n\npeak RSS: {peaks}"
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    p = argparse.ArgumentParser(prog="python -m tools.speed", description=__doc__.split("\n")[0])
+    p.add_argument("data_dir", type=Path, help="grader layout (train/gt.csv, train/images/)")
+    p.add_argument("overrides", nargs="*", help="FinetuneConfig field=value overrides, given to both trees")
+    p.add_argument("--old", type=Path, help="a checkout of the code to compare against (e.g. `git worktree add`)")
+    p.add_argument("--per-class", type=int, default=None, help="training images per class (default: all)")
+    p.add_argument("--rounds", type=int, default=1, help="runs of each tree, alternating (medians reported)")
+    p.add_argument("--preset", default="full", choices=sorted(PRESETS))
+    return p, p.parse_intermixed_args(argv)
+
+
+def main(argv: list[str] | None = None) -> str:
+    p, args = parse_args(argv)
+    try:
+        cfg = overridden(PRESETS[args.preset], split_overrides(args.overrides))
+        if args.per_class is not None and args.per_class < 1:
+            raise ConfigError("--per-class", "must be at least 1")
+        if args.rounds < 1:
+            raise ConfigError("--rounds", "must be at least 1")
+        if args.old is not None and not (args.old / "finetune" / "__main__.py").is_file():
+            raise ConfigError("--old", f"{args.old} is not a checkout of this project (no finetune/__main__.py)")
+        images = load_split_dir(args.data_dir, "train")
+    except (ConfigError, DataError) as err:
+        fail(p.prog, str(err))
+    return run_interruptible(lambda written: _measure(args, cfg, images), p.prog)
+
+
+def _measure(args, cfg: FinetuneConfig, images: LabelledImages) -> str:
+    print(f"bare rates: {cfg.image_size} px, {resolve_precision(cfg.precision)} trunk, batch "
+          f"{cfg.extract_batch_size}; tail from block {cfg.trunk_split}, batch {cfg.batch_size}", flush=True)
+    bare = bare_rates(images, cfg)
+    print(f"decode {bare.decode:.0f} img/s, centre preset {bare.centre:.0f}, augmented preset {bare.augment:.0f}, "
+          f"trunk {bare.trunk:.1f} img/s, tail step {bare.tail:.1f} views/s; serial bound {bare.serial_bound():.1f} "
+          f"views/s (decoding once per view: {bare.serial_bound(decodes_per_view=True):.1f})", flush=True)
+    trees = {"new": Path(__file__).resolve().parents[1]}
+    if args.old is not None:
+        trees = {"old": args.old.resolve(), **trees}
+    settings = ["--preset", args.preset, *args.overrides]
+    scratch = Path(tempfile.mkdtemp(prefix="speed-"))
+    try:
+        data, n = subset_layout(args.data_dir, images, args.per_class, scratch)
+        runs: dict[str, list[Run]] = {t: [] for t in trees}
+        for r in range(args.rounds):
+            for tag, tree in trees.items():
+                run = run_pipeline(tree, data, settings, scratch, f"{tag}{r}")
+                runs[tag].append(run)
+                print(f"round {r + 1} {tag}: extraction {run.extraction:.1f}s, stage one {run.stage_one:.1f}s, "
+                      f"tail {run.tail:.1f}s, wall {run.wall:.1f}s, peak RSS {run.peak_rss_mib:.0f} MiB", flush=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    text = table(bare, runs, n, cfg.views)
+    print(f"\n{n} training images, {1 + cfg.views} views each\n\n{text}")
+    return text
+
+
+if __name__ == "__main__":
+    main()
