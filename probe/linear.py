@@ -80,10 +80,27 @@ def select_C(
     """
     if len(y_val) == 0 or len(Cs) == 1:  # nothing to choose with (e.g. one image per class), or nothing to choose
         return float(Cs[len(Cs) // 2]), {}
-    scores = {float(C): LinearProbe(C, random_state=random_state).fit(X_train, y_train).score(X_val, y_val) for C in Cs}
+    scores = path_scores(X_train, y_train, X_val, y_val, Cs, random_state)
     best = max(scores.values())
     standard_error = float(np.sqrt(best * (1.0 - best) / len(y_val)))
     return min(C for C, s in scores.items() if s >= best - standard_error), scores
+
+
+def path_scores(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_val: np.ndarray, Cs: Sequence[float],
+                random_state: int = 0) -> dict[float, float]:
+    """{C: validation accuracy} of :class:`LinearProbe` fits along the C path, each warm-started from the
+    solution at the next smaller C (the features standardised once): the same optimum as a cold fit per C,
+    reached in a fraction of the lbfgs iterations. Only the choice of C uses these fits; the probe that
+    becomes the head is refitted cold (:func:`fit_probe`)."""
+    X_train = np.asarray(X_train, dtype=np.float64)
+    scaler = StandardScaler().fit(X_train)
+    Xt, Xv = scaler.transform(X_train), scaler.transform(np.asarray(X_val, dtype=np.float64))
+    clf = LogisticRegression(max_iter=LinearProbe().max_iter, random_state=random_state, warm_start=True)
+    scores = {}
+    for C in sorted(float(c) for c in Cs):
+        clf.set_params(C=C).fit(Xt, y_train)
+        scores[C] = float(np.mean(clf.predict(Xv) == np.asarray(y_val)))
+    return {float(C): scores[float(C)] for C in Cs}
 
 
 @dataclass(frozen=True)

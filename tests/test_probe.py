@@ -11,7 +11,7 @@ import probe.__main__ as probe_cli
 from probe.backbone import NetConfig, build_net
 from probe.data import load_split_dir
 from probe.images import ImageDataset
-from probe.linear import LinearProbe, ProbeFit, init_head_from_probe, select_C
+from probe.linear import LinearProbe, ProbeFit, init_head_from_probe, path_scores, select_C
 from probe.pipeline import ProbeConfig, pooled_features, run_probe
 from probe.preprocess import EvalTransform, data_config
 from probe.synthetic import make_synthetic, write_grader_layout
@@ -152,6 +152,15 @@ def test_select_C_returns_grid_value_and_scores():
     se = np.sqrt(best * (1 - best) / 50)
     assert C == min(c for c, s in scores.items() if s >= best - se)  # the one-standard-error rule
     assert scores[C] == LinearProbe(C).fit(X[:100], y[:100]).score(X[100:], y[100:])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_warm_started_C_path_scores_every_C_as_a_cold_fit_does(seed):
+    X, y = _features(400, 10, 8, seed=seed)  # overlapping classes: accuracy varies with C
+    grid = (0.002, 0.005, 0.01, 0.02, 0.05, 0.5)
+    cold = {C: LinearProbe(C).fit(X[:300], y[:300]).score(X[300:], y[300:]) for C in grid}
+    assert len(set(cold.values())) > 1
+    assert path_scores(X[:300], y[:300], X[300:], y[300:], grid) == cold
 
 
 def test_select_C_prefers_strong_regularisation_on_ties():
