@@ -108,10 +108,11 @@ class ViewsDataset(ImageDataset):
 def extract_views(net: BirdNet, images: LabelledImages, views: Sequence[View], cfg: FinetuneConfig,
                   desc: str = "trunk cache", progress: bool = True, device: torch.device | str = "cpu",
                   out_device: torch.device | str = "cpu", echo: bool | None = None,
-                  first_batch=None, prefetch: bool = False) -> list[torch.Tensor]:
+                  first_batch=None, prefetch: bool = True) -> list[torch.Tensor]:
     """One (N, C, h, w) stack of trunk activations per view, in ``cfg.cache_dtype``, from one pass over the
     images: each decoded once, its views run through the trunk in batches of ``cfg.extract_batch_size``
-    (the batches each view's own pass would make). ``first_batch`` is ``probe.features.extract``'s."""
+    (the batches each view's own pass would make), the next batches decoded in a thread meanwhile (``prefetch``:
+    +12% on 2 cores, the same numbers). ``first_batch`` is ``probe.features.extract``'s."""
     if len(images) == 0:
         dtype = getattr(torch, cfg.cache_dtype)
         return [torch.empty(0, dtype=dtype, device=out_device) for _ in views]

@@ -23,7 +23,7 @@ from finetune.distributed import gather_rows
 
 
 @torch.inference_mode()
-def pooled_from_trunk(net: BirdNet, acts: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+def pooled_from_trunk(net: BirdNet, acts: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
     """(N, F) pooled features from cached trunk activations (N, C, h, w), in fp32 like training."""
     net.eval()
     return torch.cat([net.forward_head(net.forward_tail(acts[i:i + batch_size]), pre_logits=True)

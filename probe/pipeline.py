@@ -52,7 +52,7 @@ def pooled_features(net: BirdNet, images: LabelledImages, cfg: ProbeConfig, desc
     feats, _ = extract(
         lambda x: net.forward_head(net.forward_features(x), pre_logits=True),
         make_loader(dataset, cfg.extract_batch_size),
-        precision=cfg.precision, desc=desc, progress=progress,
+        precision=cfg.precision, desc=desc, progress=progress, prefetch=True,  # decoding overlaps the forward
     )
     return feats
 

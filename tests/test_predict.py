@@ -128,5 +128,5 @@ def test_cli_output_is_free_of_framework_noise(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = proc.stdout + proc.stderr
     assert [n for n in NOISE if n in text] == []
-    for stage in ("centre view:", "view 1/1:", "fine-tune:", "test accuracy:"):  # one line per stage stays
+    for stage in ("trunk cache: 64 images x 2 views", "fine-tune:", "test accuracy:"):  # one line per stage stays
         assert stage in proc.stdout

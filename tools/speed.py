@@ -138,10 +138,12 @@ def parse_run(out: str, wall: float, peak_kib: int) -> Run:
     return Run(extraction, seconds["probe"], seconds["fine-tune"], wall, int(views.group(1)), peak_kib / 1024)
 
 
-def run_pipeline(tree: Path, data: Path, settings: list[str], scratch: Path, tag: str) -> Run:
-    """``python -m finetune`` in ``tree`` (its own code, this interpreter), timed as a whole."""
+def run_pipeline(tree: Path, data: Path, settings: list[str], scratch: Path, tag: str, run_sh: bool = False) -> Run:
+    """``python -m finetune`` in ``tree`` (its own code, this interpreter), or the tree's own
+    ``scripts/run.sh`` (its set-up check, then its virtualenv's ``python -m finetune``), timed as a whole."""
     out = scratch / f"{tag}.pt"
-    cmd = [sys.executable, "-m", "finetune", str(data), "--out", str(out), "--no-progress", *settings]
+    main = ["bash", "scripts/run.sh"] if run_sh else [sys.executable, "-m", "finetune"]
+    cmd = [*main, str(data), "--out", str(out), "--no-progress", *settings]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=tree, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONPATH": str(tree)})
@@ -203,6 +205,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     p.add_argument("--per-class", type=int, default=None, help="training images per class (default: all)")
     p.add_argument("--rounds", type=int, default=1, help="runs of each tree, alternating (medians reported)")
     p.add_argument("--preset", default="full", choices=sorted(PRESETS))
+    p.add_argument("--run-sh", action="store_true", help="run each tree's scripts/run.sh (the README's main "
+                   "command) instead of this interpreter's python -m finetune")
     return p, p.parse_intermixed_args(argv)
 
 
@@ -239,7 +243,7 @@ def _measure(args, cfg: FinetuneConfig, images: LabelledImages) -> str:
         runs: dict[str, list[Run]] = {t: [] for t in trees}
         for r in range(args.rounds):
             for tag, tree in trees.items():
-                run = run_pipeline(tree, data, settings, scratch, f"{tag}{r}")
+                run = run_pipeline(tree, data, settings, scratch, f"{tag}{r}", args.run_sh)
                 runs[tag].append(run)
                 print(f"round {r + 1} {tag}: extraction {run.extraction:.1f}s, stage one {run.stage_one:.1f}s, "
                       f"tail {run.tail:.1f}s, wall {run.wall:.1f}s, peak RSS {run.peak_rss_mib:.0f} MiB", flush=True)
