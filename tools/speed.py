@@ -35,10 +35,11 @@ from pathlib import Path
 
 import torch
 
-from probe.cli import fail, run_interruptible
+from probe.cli import check_output_dir, fail, run_interruptible
 from probe.data import DataError, LabelledImages, load_split_dir
 from probe.features import autocast, resolve_precision
 from probe.images import open_rgb
+from probe.outputs import copy_file
 from probe.preprocess import EvalTransform, TrainTransform
 from probe.settings import ConfigError, overridden, split_overrides
 
@@ -205,6 +206,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     p.add_argument("--per-class", type=int, default=None, help="training images per class (default: all)")
     p.add_argument("--rounds", type=int, default=1, help="runs of each tree, alternating (medians reported)")
     p.add_argument("--preset", default="full", choices=sorted(PRESETS))
+    p.add_argument("--keep", type=Path, help="copy each run's checkpoint into this folder (TAG+ROUND.pt) to compare "
+                   "their predictions")
     p.add_argument("--run-sh", action="store_true", help="run each tree's scripts/run.sh (the README's main "
                    "command) instead of this interpreter's python -m finetune")
     return p, p.parse_intermixed_args(argv)
@@ -218,6 +221,7 @@ def main(argv: list[str] | None = None) -> str:
             raise ConfigError("--per-class", "must be at least 1")
         if args.rounds < 1:
             raise ConfigError("--rounds", "must be at least 1")
+        check_output_dir(p.prog, "--keep", args.keep)  # None: nothing kept, nothing to check
         if args.old is not None and not (args.old / "finetune" / "__main__.py").is_file():
             raise ConfigError("--old", f"{args.old} is not a checkout of this project (no finetune/__main__.py)")
         images = load_split_dir(args.data_dir, "train")
@@ -237,6 +241,8 @@ def _measure(args, cfg: FinetuneConfig, images: LabelledImages) -> str:
     if args.old is not None:
         trees = {"old": args.old.resolve(), **trees}
     settings = ["--preset", args.preset, *args.overrides]
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)  # checked before any work (check_output_dir)
     scratch = Path(tempfile.mkdtemp(prefix="speed-"))
     try:
         data, n = subset_layout(args.data_dir, images, args.per_class, scratch)
@@ -245,6 +251,8 @@ def _measure(args, cfg: FinetuneConfig, images: LabelledImages) -> str:
             for tag, tree in trees.items():
                 run = run_pipeline(tree, data, settings, scratch, f"{tag}{r}", args.run_sh)
                 runs[tag].append(run)
+                if args.keep is not None:
+                    copy_file(scratch / f"{tag}{r}.pt", args.keep / f"{tag}{r}.pt")
                 print(f"round {r + 1} {tag}: extraction {run.extraction:.1f}s, stage one {run.stage_one:.1f}s, "
                       f"tail {run.tail:.1f}s, wall {run.wall:.1f}s, peak RSS {run.peak_rss_mib:.0f} MiB", flush=True)
     finally:
