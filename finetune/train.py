@@ -21,6 +21,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+import torch.utils.deterministic
 
 from probe.backbone import BirdNet
 from probe.data import LabelledImages
@@ -70,7 +71,9 @@ def process_state_kept():
     sets (``seed_everything``'s PL_GLOBAL_SEED and PL_SEED_WORKERS, the DDP launcher's), and the SIGINT
     handler (Lightning ignores Ctrl-C once it has seen one)."""
     rng = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    deterministic = (torch.are_deterministic_algorithms_enabled(),
+                     torch.is_deterministic_algorithms_warn_only_enabled(),
+                     torch.utils.deterministic.fill_uninitialized_memory)
     threads = torch.get_num_threads()
     cudnn = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
     environ = dict(os.environ)
@@ -84,6 +87,7 @@ def process_state_kept():
         np.random.set_state(rng[1])
         torch.set_rng_state(rng[2])
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        torch.utils.deterministic.fill_uninitialized_memory = deterministic[2]
         torch.set_num_threads(threads)
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = cudnn
         for key in set(os.environ) - set(environ):
@@ -136,7 +140,12 @@ def make_trainer(cfg: FinetuneConfig, progress: bool, *, validate: bool, log_dir
     kwargs["callbacks"] = callbacks + list(trainer_kwargs.pop("callbacks", []))  # extras never replace ours
     kwargs.update(trainer_kwargs)
     with quiet_lightning(verbose):  # its accelerator summary and tips
-        return L.Trainer(**kwargs)
+        trainer = L.Trainer(**kwargs)
+    # Deterministic mode also fills every new tensor with NaN, to expose reads of uninitialised memory. No op
+    # here reads memory it did not write (the fast preset's model is bit-identical either way), and the
+    # filling cost every pass of extraction and training a memory write per tensor (docs/speed.md).
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    return trainer
 
 
 def _loggers(log_dir: Path | None) -> list | bool:

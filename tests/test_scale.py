@@ -16,6 +16,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+import torch.utils.deterministic
 
 from probe.data import load_split_dir, read_gt
 from probe.synthetic import make_synthetic, write_grader_layout
@@ -102,7 +103,8 @@ def test_budget_arithmetic_and_sizes():
 def _process_state() -> dict:
     return {
         "deterministic": (torch.are_deterministic_algorithms_enabled(),
-                          torch.is_deterministic_algorithms_warn_only_enabled()),
+                          torch.is_deterministic_algorithms_warn_only_enabled(),
+                          torch.utils.deterministic.fill_uninitialized_memory),
         "environ": dict(os.environ), "filters": list(warnings.filters),
         "rng": (random.getstate(), np.random.get_state()[1].tolist(), torch.get_rng_state().tolist()),
         "log_levels": {n: logging.getLogger(n).level for n in ("lightning.pytorch", "lightning.fabric")},
