@@ -223,6 +223,14 @@ def test_stage_one_head_equals_probe_decision_function():
     np.testing.assert_allclose(logits, d, rtol=0, atol=1e-4)
 
 
+def test_pooled_features_do_not_depend_on_the_batch_size():
+    # the shipped shape (block 11's input at 320 px); at a 4x4 map, batches of 1 or 7 differ by ~1e-11
+    net = build_net(NetConfig("mobilenet_v2", 3, 11, pooling="gem")).eval()
+    acts = torch.randn(24, 64, 20, 20).relu().half()
+    small = pooled_from_trunk(net, acts)  # the default batch, chosen for speed (the last one holds 8)
+    assert all(torch.equal(small, pooled_from_trunk(net, acts, batch_size=b)) for b in (7, 24))
+
+
 def test_fit_probe_chooses_C_on_a_split_then_refits_on_everything():
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(3), 8)
