@@ -80,7 +80,7 @@ def _check_results(results: dict, report: Path) -> None:
         assert 0 < r["start_rss_mib"] <= r["peak_rss_mib"], step
     pipeline, classify = results["pipeline"], results["classify"]
     assert pipeline["train_images_per_s"] > 0 and pipeline["cache_mib"] > 0 and pipeline["cache_images"] == 24
-    assert {"load network", "centre view", "probe", "augmented views", "fine-tune"} <= set(pipeline["stages"])
+    assert {"load network", "trunk cache", "probe", "fine-tune"} <= set(pipeline["stages"])
     assert [h["epoch"] for h in pipeline["history"]] == [1] and {"train_loss", "val_acc"} <= set(pipeline["history"][0])
     assert pipeline["checkpoint"] == str(report / bench.CHECKPOINT) and pipeline["config"]["val_fraction"] == 0.2
     assert classify["images"] == 12 and classify["images_per_s"] > 0 and classify["peak_rss_mib"] > 0
