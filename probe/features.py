@@ -158,8 +158,7 @@ def extract(fn: Callable[[torch.Tensor], torch.Tensor | list[torch.Tensor]], loa
     done = 0
     start = time.perf_counter()
     with progress_bar(progress, total=n, desc=desc, unit="img", leave=False) as bar:
-        # one batch ahead: enough to overlap, and a 16-image batch of several views is ~100 MB of floats
-        for x, index in (prefetched(loader, depth=1) if prefetch else loader):
+        for x, index in (prefetched(loader, depth=1) if prefetch else loader):  # 1 ahead: ~100 MB at 5 views
             y = _forward(fn, x, device, precision)
             many = isinstance(y, (list, tuple))
             _store(outs, list(y) if many else [y], index, n, out_dtype, out_device)

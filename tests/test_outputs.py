@@ -146,8 +146,8 @@ def test_ctrl_c_during_training_exits_130_and_keeps_the_old_model(saved, tmp_pat
     # ignored, and Python would then never raise KeyboardInterrupt.
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    for line in proc.stdout:  # the last trunk view is cached: the epochs run next
-        if line.startswith("view 1/1"):
+    for line in proc.stdout:  # every trunk view is cached ("trunk cache: N images x V views in ..."): epochs next
+        if line.startswith("trunk cache:") and " views in " in line:
             break
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
