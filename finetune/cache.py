@@ -56,13 +56,10 @@ def _stream(seed: int) -> torch.Tensor:
     """The state a random view's stream starts from: ``torch.manual_seed(seed)`` and then the one int64 a
     DataLoader iterator draws for its base seed, as each view's own pass over the images drew it before the
     views were extracted together (so the cache, and the model, are bit-identical to those passes')."""
-    outer = torch.get_rng_state()
-    try:
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         torch.empty((), dtype=torch.int64).random_()
         return torch.get_rng_state()
-    finally:
-        torch.set_rng_state(outer)
 
 
 class ViewsDataset(ImageDataset):
@@ -96,13 +93,12 @@ class ViewsDataset(ImageDataset):
         state = self.streams.get(k)
         if state is None:
             return self.views[k].transform(img)
-        outer = torch.get_rng_state()
-        torch.set_rng_state(state)
-        try:
-            return self.views[k].transform(img)
-        finally:
-            self.streams[k] = torch.get_rng_state()
-            torch.set_rng_state(outer)
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(state)
+            try:
+                return self.views[k].transform(img)
+            finally:
+                self.streams[k] = torch.get_rng_state()
 
 
 def extract_views(net: BirdNet, images: LabelledImages, views: Sequence[View], cfg: FinetuneConfig,
@@ -217,4 +213,3 @@ class CachedViews(Dataset):
     @property
     def nbytes(self) -> int:
         return sum(s.element_size() * s.nelement() for s in self.stacks)
-

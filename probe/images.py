@@ -99,11 +99,9 @@ def _decoding(img: Image.Image, min_side: int | None) -> tuple:
     """What :func:`open_rgb` does differently for ``min_side``: its draft request and its reduction factor."""
     if min_side is None:
         return (None, 1)
-    w, h = img.size
-    scale = OVERSAMPLE * min_side / max(1, min(w, h))
     if img.format == "JPEG":
-        return ((math.ceil(w * scale), math.ceil(h * scale)) if scale <= 0.5 else None, 1)
-    factor = min(w, h) // max(1, OVERSAMPLE * min_side)
+        return (_draft_request(img, min_side), 1)
+    factor = _reduce_factor(img, min_side)
     return (None, factor if factor >= 2 else 1)
 
 
@@ -132,17 +130,28 @@ def _draft(img: Image.Image, min_side: int) -> None:
     """Let a JPEG at least 4x larger than needed decode at a reduced DCT scale (1/2, 1/4 or 1/8) that keeps
     at least twice the needed side: the resize that follows still has 2x to antialias from, and every
     image under 4x the need decodes exactly as before (birds50-a's 500 px photos at any preset)."""
+    request = _draft_request(img, min_side) if img.format == "JPEG" else None
+    if request is not None:
+        img.draft("RGB", request)
+
+
+def _draft_request(img: Image.Image, min_side: int) -> tuple[int, int] | None:
+    """The size :func:`_draft` asks a JPEG's decoder for, or None where the image is under 4x the need."""
     w, h = img.size
     scale = OVERSAMPLE * min_side / max(1, min(w, h))
-    if img.format == "JPEG" and scale <= 0.5:
-        img.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
+    return (math.ceil(w * scale), math.ceil(h * scale)) if scale <= 0.5 else None
+
+
+def _reduce_factor(img: Image.Image, min_side: int) -> int:
+    """The integer shrink that keeps at least twice ``min_side`` (:func:`_reduced` applies it from 2)."""
+    return min(img.size) // max(1, OVERSAMPLE * min_side)
 
 
 def _reduced(img: Image.Image, min_side: int) -> Image.Image:
     """A non-JPEG at least 4x larger than needed, shrunk by an integer box filter to at least twice the
     needed side (what ``draft`` does for a JPEG), before the mode conversions, which hold several
     full-size copies at once."""
-    factor = min(img.size) // max(1, OVERSAMPLE * min_side)
+    factor = _reduce_factor(img, min_side)
     if img.format == "JPEG" or factor < 2 or img.mode not in ("L", "LA", "RGB", "RGBA", "I", "F", "P", "1"):
         return img
     return img.convert("RGBA" if img.mode in ("P", "LA") else "L" if img.mode == "1" else img.mode).reduce(factor)

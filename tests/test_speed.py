@@ -62,10 +62,10 @@ def test_the_serial_bound_adds_each_pieces_time_per_image():
 
 def test_backbone_costs_keep_a_split_only_where_it_belongs():
     full = PRESETS["full"]
-    assert for_backbone(full, "mobilenet_v2", split_given=False).trunk_split == 11
-    assert for_backbone(full, "resnet18", split_given=False).split is None  # resnet18's own default
+    assert for_backbone([], "mobilenet_v2").trunk_split == 11
+    assert for_backbone([], "resnet18").split is None  # resnet18's own default
     with pytest.raises(ConfigError, match="split"):  # a split given for another model's blocks is checked
-        for_backbone(full, "resnet18", split_given=True)
+        for_backbone(["split=11"], "resnet18")
     row = {"backbone": "resnet18", "split": 4, "extraction": 12.0, "tail": 16.5, "mib_per_1k": 977.0,
            "fits": [5033, 10066, 40265]}
     table = markdown([row], full)

@@ -29,10 +29,11 @@ from PIL import Image
 from probe.backbone import build_net
 from probe.cli import fail
 from probe.data import LabelledImages
-from probe.settings import ConfigError, overridden, split_overrides
+from probe.settings import ConfigError
 
 from finetune.cache import DEFAULT_BUDGET_SHARE, bytes_per_view, cache_views, extract_views
-from finetune.config import PRESETS, FinetuneConfig
+from finetune.cli import settings
+from finetune.config import FinetuneConfig
 
 from tools.tail_speed import tail_step
 
@@ -53,11 +54,10 @@ def photos(n: int, seed: int = 0) -> LabelledImages:
     return LabelledImages(tuple(f"{i:04d}.jpg" for i in range(n)), tuple(sources), np.zeros(n, dtype=np.int64), 2)
 
 
-def for_backbone(base: FinetuneConfig, name: str, split_given: bool) -> FinetuneConfig:
-    """``base`` on backbone ``name``: its split kept where it was given or is the preset's own backbone's,
-    else the backbone's default (a split counts one model's blocks)."""
-    keep = split_given or name == base.backbone
-    return replace(base, backbone=name, split=base.split if keep else None, members=1)
+def for_backbone(overrides: list[str], name: str) -> FinetuneConfig:
+    """The ``full`` preset with ``overrides`` on backbone ``name``, read as ``python -m finetune`` reads them
+    (``finetune.cli.settings``: the preset's split is kept only for its own backbone or where one is given)."""
+    return replace(settings("full", [*overrides, f"backbone={name}"]), members=1)
 
 
 def costs(cfg: FinetuneConfig, images: LabelledImages) -> dict:
@@ -94,9 +94,8 @@ def main(argv: list[str] | None = None) -> str:
     a = p.parse_args(argv)
     names = [t for t in a.args if "=" not in t] or [*TORCHVISION, *(TIMM if importlib.util.find_spec("timm") else ())]
     try:
-        changes = split_overrides([t for t in a.args if "=" in t])
-        cfg = overridden(PRESETS["full"], changes)
-        configs = [for_backbone(cfg, name, "split" in changes) for name in names]  # a bad name fails now
+        overrides = [t for t in a.args if "=" in t]
+        configs = [for_backbone(overrides, name) for name in names]  # a bad name or value fails now
     except ConfigError as err:
         fail(p.prog, str(err))
     images = photos(a.images)
@@ -104,7 +103,7 @@ def main(argv: list[str] | None = None) -> str:
     for c in configs:
         rows.append(costs(c, images))
         print(f"{c.backbone}: done", flush=True)
-    text = markdown(rows, cfg)
+    text = markdown(rows, configs[0])
     print(text)
     return text
 

@@ -39,10 +39,11 @@ from probe.cli import check_output_dir, fail, run_interruptible
 from probe.data import DataError, LabelledImages, load_split_dir
 from probe.features import autocast, resolve_precision
 from probe.images import open_rgb
-from probe.outputs import copy_file
+from probe.outputs import copy_file, write_text
 from probe.preprocess import EvalTransform, TrainTransform
-from probe.settings import ConfigError, overridden, split_overrides
+from probe.settings import ConfigError
 
+from finetune.cli import settings
 from finetune.config import PRESETS, FinetuneConfig
 
 from tools.tail_speed import tail_step
@@ -170,9 +171,9 @@ def subset_layout(data: Path, images: LabelledImages, per_class: int | None, scr
     (root / "train").mkdir(parents=True)
     (root / "train" / "images").symlink_to((data / "train" / "images").resolve())
     lines = ["filename,class_id"] + [f"{n},{c}" for n, c in keep]
-    (root / "train" / "gt.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text(root / "train" / "gt.csv", "\n".join(lines) + "\n")
     if (data / "classes.txt").is_file():
-        shutil.copyfile(data / "classes.txt", root / "classes.txt")
+        copy_file(data / "classes.txt", root / "classes.txt")
     return root, len(keep)
 
 
@@ -216,7 +217,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
 def main(argv: list[str] | None = None) -> str:
     p, args = parse_args(argv)
     try:
-        cfg = overridden(PRESETS[args.preset], split_overrides(args.overrides))
+        cfg = settings(args.preset, args.overrides)  # as each tree's `python -m finetune` reads them
         if args.per_class is not None and args.per_class < 1:
             raise ConfigError("--per-class", "must be at least 1")
         if args.rounds < 1:

@@ -31,8 +31,13 @@ def views_per_second(pool: str, bf16: bool, image_size: int, steps: int, split: 
     net = build_net(replace(cfg, split=split, pooling=pool, dropout=0.0, members=1).net_config(50)).eval()
     acts = net.forward_trunk(torch.randn(batch, 3, image_size, image_size)).detach()
     y = torch.randint(0, 50, (batch,))
-    top = net.top()
-    opt = torch.optim.AdamW(top.parameters(), lr=1e-4)
+    return _timed_steps(net.top(), acts, y, bf16, steps)
+
+
+def _timed_steps(top, acts: torch.Tensor, y: torch.Tensor, bf16: bool, steps: int) -> float:
+    """Cached views per second of ``steps`` AdamW steps of ``top`` on one batch, after up to 3 warm-up steps
+    (the allocator and oneDNN's kernels)."""
+    opt = torch.optim.AdamW([p for p in top.parameters() if p.requires_grad], lr=1e-4)
 
     def step() -> None:
         with autocast("bf16" if bf16 else "fp32"):  # what Lightning's 'bf16-mixed' does on a CPU
@@ -41,12 +46,12 @@ def views_per_second(pool: str, bf16: bool, image_size: int, steps: int, split: 
         loss.backward()
         opt.step()
 
-    for _ in range(min(3, steps)):  # warm-up: allocator and oneDNN kernels
+    for _ in range(min(3, steps)):
         step()
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    return steps * batch / (time.perf_counter() - start)
+    return steps * len(y) / (time.perf_counter() - start)
 
 
 def tail_step(net, cfg, num_classes: int, steps: int = 20) -> float:
@@ -54,27 +59,11 @@ def tail_step(net, cfg, num_classes: int, steps: int = 20) -> float:
     batch size, cache dtype and training precision), on random cached activations: no loader, no Lightning."""
     from finetune.train import trainer_precision
 
-    top = net.top()
     net.eval()  # BatchNorm pinned, as in training
     acts = torch.randn(cfg.batch_size, *net.forward_trunk(
         torch.zeros(1, 3, cfg.image_size, cfg.image_size)).shape[1:]).to(getattr(torch, cfg.cache_dtype))
     y = torch.randint(0, num_classes, (cfg.batch_size,))
-    opt = torch.optim.AdamW([p for p in top.parameters() if p.requires_grad], lr=1e-4)
-    bf16 = trainer_precision(cfg, "cpu") == "bf16-mixed"
-
-    def step() -> None:
-        with autocast("bf16" if bf16 else "fp32"):
-            loss = F.cross_entropy(top(acts).float(), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    for _ in range(3):
-        step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return steps * cfg.batch_size / (time.perf_counter() - start)
+    return _timed_steps(net.top(), acts, y, trainer_precision(cfg, "cpu") == "bf16-mixed", steps)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
