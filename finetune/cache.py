@@ -9,18 +9,19 @@ cannot fit stops at once with the figure and the ways out instead of being kille
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from probe.backbone import BirdNet
 from probe.data import LabelledImages
 from probe.features import extract
-from probe.images import ImageDataset, open_rgb_many
+from probe.images import as_data_error, open_rgb_many
 from probe.preprocess import DataConfig, EvalTransform, TrainTransform
 
 from finetune.config import FinetuneConfig
@@ -62,43 +63,54 @@ def _stream(seed: int) -> torch.Tensor:
         return torch.get_rng_state()
 
 
-class ViewsDataset(ImageDataset):
-    """``((V, 3, S, S) views, index)`` of each image: the file decoded once for every view that decodes alike
-    (``probe.images.open_rgb_many``), each view's preset applied to it.
+class ViewBatches:
+    """One pass over the images for every view, as ``(x, index, k)``: x the (B, 3, S, S) inputs of view k
+    for the images ``index``. Each batch of images is decoded once (``probe.images.open_rgb_many``: once for
+    every view that decodes alike), then its views are made and handed out one at a time, so that only one
+    view's batch of floats is held (20 MB at 16 x 320 px) instead of all of them (100 MB at 5 views).
 
     torchvision's random transforms draw from torch's global generator and take no generator of their own,
     so each random view keeps its own stream: its state is swapped in for that view's draws and saved after,
-    and the global generator is left as it was. The streams advance in image order, so the images must be
-    read in order, each once (a sequential loader, no workers).
+    and the global generator is left as it was. Each stream starts afresh with every pass, so two passes
+    give the same batches.
     """
 
-    def __init__(self, images: LabelledImages, views: Sequence[View]):
-        super().__init__(images.sources, images.names, views[0].transform)
+    def __init__(self, images: LabelledImages, views: Sequence[View], batch_size: int):
+        self.dataset = images  # ``probe.features.extract`` counts the images as a DataLoader's
         self.views = list(views)
+        self.batch_size = batch_size
         self.sides = [getattr(v.transform, "min_side", None) for v in self.views]
-        self.streams = {k: _stream(v.seed) for k, v in enumerate(self.views) if v.seed is not None}
-        self.next = 0
 
-    def __getitem__(self, i: int):
-        if self.streams and i != self.next:
-            raise RuntimeError(f"random views are drawn in image order: asked for image {i}, expected {self.next}")
-        self.next = i + 1
-        return super().__getitem__(i)
+    def __len__(self) -> int:
+        return math.ceil(len(self.dataset) / self.batch_size) * len(self.views)
 
-    def _load(self, i: int) -> torch.Tensor:
-        decoded = open_rgb_many(self.sources[i], self.names[i], self.sides)
-        return torch.stack([self._view(k, img) for k, img in enumerate(decoded)])
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        streams = {k: _stream(v.seed) for k, v in enumerate(self.views) if v.seed is not None}
+        n = len(self.dataset)
+        for start in range(0, n, self.batch_size):
+            index = torch.arange(start, min(start + self.batch_size, n))
+            decoded = [(i, self._decoded(i)) for i in index.tolist()]
+            for k in range(len(self.views)):
+                yield torch.stack([self._view(k, img[k], i, streams) for i, img in decoded]), index, k
 
-    def _view(self, k: int, img) -> torch.Tensor:
-        state = self.streams.get(k)
-        if state is None:
-            return self.views[k].transform(img)
-        with torch.random.fork_rng(devices=[]):
-            torch.set_rng_state(state)
-            try:
+    def _decoded(self, i: int) -> list:
+        try:
+            return open_rgb_many(self.dataset.sources[i], self.dataset.names[i], self.sides)
+        except Exception as err:  # noqa: BLE001 - never a BaseException: KeyboardInterrupt still stops the run
+            raise as_data_error(err, self.dataset.names[i]) from err
+
+    def _view(self, k: int, img, i: int, streams: dict) -> torch.Tensor:
+        try:
+            if k not in streams:
                 return self.views[k].transform(img)
-            finally:
-                self.streams[k] = torch.get_rng_state()
+            with torch.random.fork_rng(devices=[]):
+                torch.set_rng_state(streams[k])
+                try:
+                    return self.views[k].transform(img)
+                finally:
+                    streams[k] = torch.get_rng_state()
+        except Exception as err:  # noqa: BLE001 - as in ``_decoded``
+            raise as_data_error(err, self.dataset.names[i]) from err
 
 
 def extract_views(net: BirdNet, images: LabelledImages, views: Sequence[View], cfg: FinetuneConfig,
@@ -106,20 +118,14 @@ def extract_views(net: BirdNet, images: LabelledImages, views: Sequence[View], c
                   out_device: torch.device | str = "cpu", echo: bool | None = None,
                   first_batch=None, prefetch: bool = True) -> list[torch.Tensor]:
     """One (N, C, h, w) stack of trunk activations per view, in ``cfg.cache_dtype``, from one pass over the
-    images: each decoded once, its views run through the trunk in batches of ``cfg.extract_batch_size``
-    (the batches each view's own pass would make), the next batches decoded in a thread meanwhile (``prefetch``:
-    +12% on 2 cores, the same numbers). ``first_batch`` is ``probe.features.extract``'s."""
+    images (:class:`ViewBatches`, in batches of ``cfg.extract_batch_size``: the batches each view's own pass
+    would make), the next view's batch made in a thread meanwhile (``prefetch``: +12% on 2 cores, the same
+    numbers). ``first_batch`` is ``probe.features.extract``'s."""
     if len(images) == 0:
         dtype = getattr(torch, cfg.cache_dtype)
         return [torch.empty(0, dtype=dtype, device=out_device) for _ in views]
-
-    def trunk(x: torch.Tensor) -> list[torch.Tensor]:  # (B, V, 3, S, S) -> V maps (B, C, h, w)
-        return [net.forward_trunk(x[:, v].contiguous(memory_format=torch.channels_last)) for v in range(x.shape[1])]
-
-    # a generator of its own for the loader's base seed, which it would otherwise draw from the global one
-    loader = DataLoader(ViewsDataset(images, views), batch_size=cfg.extract_batch_size, generator=torch.Generator())
     acts, _ = extract(
-        trunk, loader, precision=cfg.precision,
+        net.forward_trunk, ViewBatches(images, views, cfg.extract_batch_size), precision=cfg.precision,
         out_dtype=getattr(torch, cfg.cache_dtype), desc=desc, progress=progress, device=device,
         out_device=out_device, echo=echo, first_batch=first_batch, prefetch=prefetch,
     )

@@ -128,44 +128,43 @@ class prefetched:
 
 def _forward(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, device, precision: str) -> torch.Tensor:
     x = x.to(device, non_blocking=True)
-    if x.ndim == 4:  # (B, V, 3, H, W) batches of several views per image are laid out by ``fn``
+    if x.ndim == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     with autocast(precision, device):
         return fn(x)
 
 
 @torch.inference_mode()
-def extract(fn: Callable[[torch.Tensor], torch.Tensor | list[torch.Tensor]], loader: DataLoader, *,
+def extract(fn: Callable[[torch.Tensor], torch.Tensor], loader, *,
             precision: str = "fp32", out_dtype: torch.dtype = torch.float32, desc: str = "features",
             progress: bool = True, device: torch.device | str = "cpu", out_device: torch.device | str = "cpu",
             echo: bool | None = None, first_batch: Callable[[int, float], None] | None = None,
             prefetch: bool = False):
     """Run ``fn`` over every batch of ``loader`` and stack the outputs in RAM, in dataset order.
 
-    4-D inputs go in channels-last (~1.7x faster for MobileNet-style convolutions on a CPU). ``fn`` may return
-    a list of tensors (one per view of a (B, V, 3, H, W) batch): each is stacked on its own. Args:
+    4-D inputs go in channels-last (~1.7x faster for MobileNet-style convolutions on a CPU). Args:
+        loader: a DataLoader of ``(x, index)`` batches; or of ``(x, index, k)``, view k's inputs of those
+            images (``finetune.cache.ViewBatches``: views 0, 1, ... of each batch of images in turn), whose
+            outputs are stacked view by view. Either way ``len(loader.dataset)`` is the number of images.
         device: where ``fn`` runs (its module must be there already); batches are moved to it.
         out_device: where the stacked outputs are kept (an accelerator's memory, or the CPU's).
         echo: print one line with the count, time and throughput at the end (default: with the bar).
         first_batch: called with (network inputs, seconds) once the first batch is done.
-        prefetch: load the next batches in a background thread (:class:`prefetched`) while this one runs.
+        prefetch: load the next batch in a background thread (:class:`prefetched`) while this one runs.
 
-    Returns (outputs of shape (N, ...) in ``out_dtype``, or a list of them, and throughput stats).
+    Returns (outputs of shape (N, ...) in ``out_dtype``, or a list of them, one per view, and throughput stats).
     """
-    n = len(loader.dataset)
-    outs: list[torch.Tensor] = []
-    many = False
-    done = 0
-    start = time.perf_counter()
+    n, outs, many, done, start = len(loader.dataset), [], False, 0, time.perf_counter()
     with progress_bar(progress, total=n, desc=desc, unit="img", leave=False) as bar:
-        for x, index in (prefetched(loader, depth=1) if prefetch else loader):  # 1 ahead: ~100 MB at 5 views
-            y = _forward(fn, x, device, precision)
-            many = isinstance(y, (list, tuple))
-            _store(outs, list(y) if many else [y], index, n, out_dtype, out_device)
-            done += len(x)
-            bar.update(len(x))
-            if first_batch is not None and done == len(x):  # a measured rate, before the long work goes on
-                first_batch(done * len(outs), time.perf_counter() - start)
+        for batch in (prefetched(loader, depth=1) if prefetch else loader):  # 1 ahead: ~20 MB at 320 px
+            many = len(batch) == 3
+            x, index, view = batch if many else (*batch, 0)
+            _store(outs, view, _forward(fn, x, device, precision), index, n, out_dtype, out_device)
+            if view == 0:
+                done += len(x)
+                bar.update(len(x))
+            if first_batch is not None and done == len(x) and view == 0:  # a measured rate, before the long work
+                first_batch(len(x), time.perf_counter() - start)
     if done != n:
         raise RuntimeError(f"{desc}: the loader gave {done} of {n} images")
     stats = ExtractStats(n, time.perf_counter() - start, len(outs) if many else 1)
@@ -177,12 +176,10 @@ def extract(fn: Callable[[torch.Tensor], torch.Tensor | list[torch.Tensor]], loa
     return (outs if many else outs[0]), stats
 
 
-def _store(outs: list[torch.Tensor], ys: list[torch.Tensor], index: torch.Tensor, n: int, dtype: torch.dtype,
+def _store(outs: list[torch.Tensor], view: int, y: torch.Tensor, index: torch.Tensor, n: int, dtype: torch.dtype,
            device) -> None:
-    """Write a batch's outputs at their dataset rows, allocating the (n, ...) outputs at the first batch (no
-    list of chunks, and no second copy from ``torch.cat``)."""
-    if not outs:
-        outs.extend(torch.empty((n, *t.shape[1:]), dtype=dtype, device=device) for t in ys)
-    at = index.to(device)
-    for out, t in zip(outs, ys):
-        out[at] = t.to(device, dtype)
+    """Write a batch's outputs at their dataset rows of view ``view``, allocating its (n, ...) output at its
+    first batch (no list of chunks, and no second copy from ``torch.cat``)."""
+    if view == len(outs):
+        outs.append(torch.empty((n, *y.shape[1:]), dtype=dtype, device=device))
+    outs[view][index.to(device)] = y.to(device, dtype)

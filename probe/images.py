@@ -209,6 +209,15 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def as_data_error(err: Exception, name: str) -> DataError:
+    """``err`` as the :class:`DataError` a user sees: decoding raises its own (naming the file and the fix);
+    anything else, from a preset, is wrapped so that it names the file too."""
+    if isinstance(err, DataError):
+        return err
+    return DataError(f"{name}: cannot preprocess this image ({type(err).__name__}: {err}); "
+                     "re-save it as JPEG or PNG, or remove it from gt.csv.")
+
+
 class ImageDataset(Dataset):
     """``(transform(image), index)`` per source; images are decoded on access, never cached on disk.
 
@@ -240,9 +249,7 @@ class ImageDataset(Dataset):
         try:
             return self._load(i), i
         except Exception as err:  # noqa: BLE001 - never a BaseException: KeyboardInterrupt still stops the run
-            error = err if isinstance(err, DataError) else DataError(
-                f"{self.names[i]}: cannot preprocess this image ({type(err).__name__}: {err}); "
-                "re-save it as JPEG or PNG, or remove it from gt.csv.")
+            error = as_data_error(err, self.names[i])
             if self.on_error == "raise":
                 raise error from err
             self.failures[i] = str(error)

@@ -27,7 +27,7 @@ from probe.synthetic import make_synthetic, write_grader_layout
 import finetune.__main__ as finetune_cli
 import finetune.stage_one as finetune_stage_one
 import finetune.train as finetune_train
-from finetune.cache import CachedViews, Mirrored, View, ViewsDataset, cache_views, extract_views
+from finetune.cache import CachedViews, Mirrored, View, ViewBatches, cache_views, extract_views
 from finetune.checkpoint import Classifier
 from finetune.config import PRESETS, preset
 from finetune.datamodule import TrunkCacheData, stage_two_split
@@ -390,12 +390,17 @@ def test_one_pass_gives_the_cache_of_one_pass_per_view_bit_for_bit(tmp_path, siz
         assert torch.equal(a, b), name
 
 
-def test_random_views_refuse_to_be_read_out_of_order():
-    images = make_synthetic(num_classes=2, per_class=2, size=48, seed=2)
-    dataset = ViewsDataset(images, cache_views(data_config(TINY.backbone, SIZE), replace(TINY, views=1)))
-    dataset[0]
-    with pytest.raises(RuntimeError, match="image order"):
-        dataset[0]
+def test_view_batches_come_one_view_at_a_time_and_repeat_pass_for_pass():
+    images = make_synthetic(num_classes=2, per_class=3, size=48, seed=2)
+    views = cache_views(data_config(TINY.backbone, SIZE), replace(TINY, views=2))
+    batches = ViewBatches(images, views, batch_size=4)
+    first, second = list(batches), list(batches)
+    assert [(k, idx.tolist()) for _, idx, k in first] == [
+        (k, idx) for idx in ([0, 1, 2, 3], [4, 5]) for k in range(3)] and len(batches) == len(first)
+    assert all(x.shape == (len(idx), 3, SIZE, SIZE) for x, idx, _ in first)
+    for (a, _, _), (b, _, _) in zip(first, second):
+        assert torch.equal(a, b)  # every stream starts afresh with each pass
+    assert not torch.equal(first[1][0], first[2][0])  # the two random views draw apart
 
 
 # --------------------------------------------------------------------------- the checkpoint
