@@ -7,7 +7,8 @@ import threading
 
 import pytest
 
-from probe.features import prefetched
+from probe import features
+from probe.features import prefetched, release_freed_memory
 from probe.settings import ConfigError
 
 from finetune.config import PRESETS
@@ -36,6 +37,24 @@ def test_leaving_a_prefetched_loop_early_stops_its_thread():
         if item == 3:
             break
     assert threading.active_count() == before
+
+
+def test_a_prefetched_loop_hands_its_memory_back_once_its_thread_has_stopped(monkeypatch):
+    calls = []
+    monkeypatch.setattr(features, "release_freed_memory", lambda: calls.append(threading.active_count()))
+    before = threading.active_count()
+    assert list(prefetched(range(5))) == list(range(5))
+    for item in prefetched(iter(range(10**6))):
+        if item == 3:
+            break
+    assert calls == [before, before]  # each loop once, after the join (no thread of its own left)
+
+
+@pytest.mark.parametrize("libc", [lambda name: object(),  # no malloc_trim: not glibc (musl, macOS)
+                                  lambda name: (_ for _ in ()).throw(OSError("no dlopen"))])
+def test_releasing_memory_without_glibc_is_a_no_op(monkeypatch, libc):
+    monkeypatch.setattr(features.ctypes, "CDLL", libc)
+    release_freed_memory()
 
 
 def test_parse_run_reads_the_time_line_of_both_plans():
