@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from probe.outputs import atomic_write, write_bytes
+
 
 def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
     buf = io.BytesIO()
@@ -68,15 +70,16 @@ def hostile_folder(root: Path, with_200mp: bool = False) -> tuple[Path, set[str]
         "naïve name, with comma & spaces.jpg": good_jpeg,
         "no_extension": good_jpeg,
     }
-    for name, data in files.items():
-        (folder / name).write_bytes(data)
+    for name, data in files.items():  # each whole or absent, also if interrupted: no stray half-file to label
+        write_bytes(folder / name, data)
     (folder / "link.jpg").symlink_to(folder / "bad_exif.jpg")
     (folder / "dangling.jpg").symlink_to(folder / "gone.jpg")
     os.mkfifo(folder / "pipe.jpg")  # opening it would block forever
-    (folder / ".hidden.jpg").write_bytes(good_jpeg)
+    write_bytes(folder / ".hidden.jpg", good_jpeg)
     (folder / "subfolder").mkdir()
     if with_200mp:
-        Image.new("RGB", (16384, 12288), (70, 110, 160)).save(folder / "phone_200mp.jpg", quality=80)
+        with atomic_write(folder / "phone_200mp.jpg") as f:
+            Image.new("RGB", (16384, 12288), (70, 110, 160)).save(f, format="JPEG", quality=80)
     unreadable = {"truncated.jpg", "zero.jpg", "text.jpg", "bomb.png", "dangling.jpg", "pipe.jpg"}
     return folder, unreadable
 
