@@ -176,11 +176,11 @@ def extract(fn: Callable[[torch.Tensor], torch.Tensor], loader, *,
             many = len(batch) == 3
             x, index, view = batch if many else (*batch, 0)
             _store(outs, view, _forward(fn, x, device, precision), index, n, out_dtype, out_device)
-            if view == 0:
+            if view == 0:  # a batch's images are counted once, at their first view
                 done += len(x)
                 bar.update(len(x))
-            if first_batch is not None and done == len(x) and view == 0:  # a measured rate, before the long work
-                first_batch(len(x), time.perf_counter() - start)
+                if first_batch is not None and done == len(x):  # a measured rate, before the long work
+                    first_batch(len(x), time.perf_counter() - start)
     if done != n:
         raise RuntimeError(f"{desc}: the loader gave {done} of {n} images")
     stats = ExtractStats(n, time.perf_counter() - start, len(outs) if many else 1)
