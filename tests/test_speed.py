@@ -3,9 +3,12 @@ are printed by ``tools.speed`` and ``tools.backbones``, never asserted here)."""
 
 from __future__ import annotations
 
+import re
 import threading
+from dataclasses import replace
 
 import pytest
+import torch
 
 from probe import features
 from probe.features import prefetched, release_freed_memory
@@ -14,7 +17,8 @@ from probe.settings import ConfigError
 from finetune.config import PRESETS
 
 from tools.backbones import for_backbone, markdown
-from tools.speed import Bare, parse_run, pipeline_rates
+from tools.flops import forward_macs, matmul_gflops, training_macs
+from tools.speed import Bare, compute_ceiling, parse_run, pipeline_rates
 
 
 def test_prefetched_keeps_order_and_raises_the_threads_error():
@@ -89,3 +93,23 @@ def test_backbone_costs_keep_a_split_only_where_it_belongs():
            "fits": [5033, 10066, 40265]}
     table = markdown([row], full)
     assert "| resnet18 | 4 | 12.0 | 16.5 | 977 | 5,033 | 10,066 | 40,265 |" in table
+
+
+def test_macs_count_every_conv_and_linear_per_sample_and_leave_no_hook():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1, groups=8),
+                              torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 5))
+    x = torch.randn(2, 3, 4, 4)
+    # per sample: 8 x 4 x 4 outputs of 3 x 3 x 3, the same of 1 x 3 x 3 (depthwise), 5 of 128
+    assert forward_macs(net, x) == [128 * 27, 128 * 9, 5 * 128]
+    # the first layer's input (cached activations) gets no gradient
+    assert training_macs(net, x) == 3 * (128 * 27 + 128 * 9 + 5 * 128) - 128 * 27
+    assert all(not m._forward_hooks for m in net.modules())
+    assert matmul_gflops("fp32", n=64, repeats=1) > 0
+
+
+def test_compute_ceiling_puts_trunk_and_tail_step_against_the_matmul_rate():
+    cfg = replace(PRESETS["fast"], image_size=32)
+    line = compute_ceiling(cfg, 3, Bare(decode=1.0, centre=1.0, augment=1.0, trunk=10.0, tail=5.0, views=1))
+    share = r"[\d.]+ GFLOP/s \(\d+% of (fp32|bf16) matmul\)"
+    assert re.fullmatch(rf"compute: trunk \d+ MMAC/img x 10\.0 = {share}; tail step \d+ MMAC/view x 5\.0 = {share}; "
+                        r"dense matmul GFLOP/s: .*", line), line

@@ -8,7 +8,9 @@ The machine is noisy, so everything is measured in the same command:
    precision), and a bare tail step (forward, loss, backward, AdamW on random cached activations, BatchNorm
    pinned; ``tools.tail_speed``). From them, the **serial bound** of extraction: the rate of decoding each
    image once, applying its 1 + ``views`` presets and running the trunk on every view, one after the other,
-   with nothing overlapped (and the bound of the old plan, which decoded each image once per view);
+   with nothing overlapped (and the bound of the old plan, which decoded each image once per view). And the
+   **compute ceiling** (``tools.flops``): the trunk's and the tail step's multiply-accumulates at their bare
+   rates, as a share of this machine's dense matmul rate in the same precision;
 2. **the pipeline**: ``python -m finetune`` on a class-balanced subset of DATA_DIR's training images
    (``--per-class``) in this tree and, with ``--old TREE``, in that checkout (the code before a change), one
    after the other, ``--rounds`` times, each in a fresh process. Its ``time:`` line gives the seconds of
@@ -45,7 +47,9 @@ from probe.settings import ConfigError
 
 from finetune.cli import settings
 from finetune.config import PRESETS, FinetuneConfig
+from finetune.train import trainer_precision
 
+from tools.flops import forward_macs, matmul_gflops, training_macs
 from tools.tail_speed import tail_step
 
 STAGES = ("extraction", "stage one", "tail training", "whole run")
@@ -110,6 +114,28 @@ def bare_rates(images: LabelledImages, cfg: FinetuneConfig, samples: int = 64) -
     trunk = _rate(lambda: [trunk_batch() for _ in range(4)], 4 * len(x), repeats=2)
     tail = tail_step(net, cfg, images.num_classes, steps=20)
     return Bare(decode, centre_rate, augment_rate, trunk, tail, cfg.views)
+
+
+def compute_ceiling(cfg: FinetuneConfig, num_classes: int, bare: Bare) -> str:
+    """The trunk's and the tail step's arithmetic rate at their bare rates, each as a share of this machine's
+    dense matmul rate in its own precision: how far the network itself is from the hardware."""
+    from probe.backbone import build_net
+
+    net = build_net(replace(cfg, members=1).net_config(num_classes)).eval()
+    x = torch.zeros(1, 3, cfg.image_size, cfg.image_size).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        acts = net.forward_trunk(x)
+    parts = {"trunk": (sum(forward_macs(net.trunk, x)), bare.trunk, resolve_precision(cfg.precision), "img"),
+             "tail step": (training_macs(net.top(), acts), bare.tail,
+                           "bf16" if trainer_precision(cfg, "cpu") == "bf16-mixed" else "fp32", "view")}
+    matmul = {precision: matmul_gflops(precision) for _, _, precision, _ in parts.values()}
+    cells = []
+    for name, (macs, rate, precision, unit) in parts.items():
+        gflops = 2 * macs * rate / 1e9
+        cells.append(f"{name} {macs / 1e6:.0f} MMAC/{unit} x {rate:.1f} = {gflops:.1f} GFLOP/s "
+                     f"({gflops / matmul[precision]:.0%} of {precision} matmul)")
+    rates = ", ".join(f"{p} {g:.1f}" for p, g in matmul.items())
+    return f"compute: {'; '.join(cells)}; dense matmul GFLOP/s: {rates}"
 
 
 @dataclass(frozen=True)
@@ -238,6 +264,7 @@ def _measure(args, cfg: FinetuneConfig, images: LabelledImages) -> str:
     print(f"decode {bare.decode:.0f} img/s, centre preset {bare.centre:.0f}, augmented preset {bare.augment:.0f}, "
           f"trunk {bare.trunk:.1f} img/s, tail step {bare.tail:.1f} views/s; serial bound {bare.serial_bound():.1f} "
           f"views/s (decoding once per view: {bare.serial_bound(decodes_per_view=True):.1f})", flush=True)
+    print(compute_ceiling(cfg, images.num_classes, bare), flush=True)
     trees = {"new": Path(__file__).resolve().parents[1]}
     if args.old is not None:
         trees = {"old": args.old.resolve(), **trees}
