@@ -3,7 +3,9 @@ are printed by ``tools.speed`` and ``tools.backbones``, never asserted here)."""
 
 from __future__ import annotations
 
+import ctypes
 import re
+import resource
 import threading
 from dataclasses import replace
 
@@ -59,6 +61,46 @@ def test_a_prefetched_loop_hands_its_memory_back_once_its_thread_has_stopped(mon
 def test_releasing_memory_without_glibc_is_a_no_op(monkeypatch, libc):
     monkeypatch.setattr(features.ctypes, "CDLL", libc)
     release_freed_memory()
+
+
+GLIBC = hasattr(ctypes.CDLL(None), "mallopt")
+
+
+def _faults_of_refilling(nbytes: int) -> int:
+    """Minor page faults of filling a freed block's size again, after one fill and free of it."""
+    torch.ones(nbytes // 4)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(nbytes // 4)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+@pytest.mark.skipif(not GLIBC, reason="the thresholds are glibc's")
+def test_freed_memory_is_reused_inside_and_goes_back_outside():
+    pages = (64 << 20) // resource.getpagesize()
+    assert _faults_of_refilling(64 << 20) > pages // 2  # outside: unmapped when freed, faulted in afresh
+    with features.reusing_freed_memory():
+        assert _faults_of_refilling(64 << 20) < pages // 10  # inside: the same pages again
+    assert _faults_of_refilling(64 << 20) > pages // 2
+
+
+def test_only_the_outermost_reuse_sets_and_restores_the_thresholds(monkeypatch):
+    calls = []
+    monkeypatch.setattr(features, "_mallopt", lambda param, value: calls.append((param, value)))
+    monkeypatch.setattr(features, "release_freed_memory", lambda: calls.append("release"))
+    with features.reusing_freed_memory():
+        with features.reusing_freed_memory():
+            assert len(calls) == 2
+        assert len(calls) == 2  # the inner exit leaves the outer's setting alone
+    kept, settled = features.KEPT_FOR_REUSE, features.GLIBC_SETTLED
+    assert calls == [(features.M_MMAP_THRESHOLD, kept), (features.M_TRIM_THRESHOLD, kept), *settled.items(), "release"]
+
+
+@pytest.mark.parametrize("libc", [lambda name: object(), lambda name: (_ for _ in ()).throw(OSError("no dlopen"))])
+def test_reusing_memory_without_glibc_is_a_no_op(monkeypatch, libc):
+    monkeypatch.setattr(features.ctypes, "CDLL", libc)
+    with features.reusing_freed_memory():
+        pass
+    assert features._reuse_depth == 0
 
 
 def test_parse_run_reads_the_time_line_of_both_plans():

@@ -39,7 +39,7 @@ import torch
 
 from probe.cli import check_output_dir, fail, run_interruptible
 from probe.data import DataError, LabelledImages, load_split_dir
-from probe.features import autocast, resolve_precision
+from probe.features import autocast, resolve_precision, reusing_freed_memory
 from probe.images import open_rgb
 from probe.outputs import copy_file, write_text
 from probe.preprocess import EvalTransform, TrainTransform
@@ -111,8 +111,9 @@ def bare_rates(images: LabelledImages, cfg: FinetuneConfig, samples: int = 64) -
         with autocast(cfg.precision):
             net.forward_trunk(x)
 
-    trunk = _rate(lambda: [trunk_batch() for _ in range(4)], 4 * len(x), repeats=2)
-    tail = tail_step(net, cfg, images.num_classes, steps=20)
+    with reusing_freed_memory():  # the network at its best: no page faults of fresh activations
+        trunk = _rate(lambda: [trunk_batch() for _ in range(4)], 4 * len(x), repeats=2)
+        tail = tail_step(net, cfg, images.num_classes, steps=20)
     return Bare(decode, centre_rate, augment_rate, trunk, tail, cfg.views)
 
 
