@@ -3,9 +3,7 @@ are printed by ``tools.speed`` and ``tools.backbones``, never asserted here)."""
 
 from __future__ import annotations
 
-import ctypes
 import re
-import resource
 import threading
 from dataclasses import replace
 
@@ -61,26 +59,6 @@ def test_a_prefetched_loop_hands_its_memory_back_once_its_thread_has_stopped(mon
 def test_releasing_memory_without_glibc_is_a_no_op(monkeypatch, libc):
     monkeypatch.setattr(features.ctypes, "CDLL", libc)
     release_freed_memory()
-
-
-GLIBC = hasattr(ctypes.CDLL(None), "mallopt")
-
-
-def _faults_of_refilling(nbytes: int) -> int:
-    """Minor page faults of filling a freed block's size again, after one fill and free of it."""
-    torch.ones(nbytes // 4)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.ones(nbytes // 4)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-
-
-@pytest.mark.skipif(not GLIBC, reason="the thresholds are glibc's")
-def test_freed_memory_is_reused_inside_and_goes_back_outside():
-    pages = (64 << 20) // resource.getpagesize()
-    assert _faults_of_refilling(64 << 20) > pages // 2  # outside: unmapped when freed, faulted in afresh
-    with features.reusing_freed_memory():
-        assert _faults_of_refilling(64 << 20) < pages // 10  # inside: the same pages again
-    assert _faults_of_refilling(64 << 20) > pages // 2
 
 
 def test_only_the_outermost_reuse_sets_and_restores_the_thresholds(monkeypatch):
