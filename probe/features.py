@@ -82,6 +82,14 @@ def make_loader(dataset: Dataset, batch_size: int, num_workers: int = 0) -> Data
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
 
 
+def _glibc(name: str, *args: int) -> bool:
+    """Call glibc's malloc function ``name``; False, and nothing done, where there is none."""
+    try:  # the symbols already loaded (not ctypes.util.find_library, which may run a compiler)
+        return bool(getattr(ctypes.CDLL(None), name)(*args))
+    except (AttributeError, OSError, TypeError):  # not glibc (macOS, musl) or not a POSIX dlopen (Windows)
+        return False
+
+
 def release_freed_memory() -> None:
     """Hand the memory freed so far back to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
 
@@ -89,10 +97,7 @@ def release_freed_memory() -> None:
     there for that thread alone: without this, the tail's working set (allocated by the main thread) would
     come on top of the extraction's freed batches instead of taking their place.
     """
-    try:  # the symbols already loaded (not ctypes.util.find_library, which may run a compiler)
-        ctypes.CDLL(None).malloc_trim(0)
-    except (AttributeError, OSError, TypeError):  # not glibc (macOS, musl) or not a POSIX dlopen (Windows)
-        pass
+    _glibc("malloc_trim", 0)
 
 
 # glibc's mallopt parameters, and the values its own dynamic threshold reaches once a block of 32 MiB or more
@@ -101,13 +106,6 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 GLIBC_SETTLED = {M_MMAP_THRESHOLD: 32 << 20, M_TRIM_THRESHOLD: 64 << 20}
 KEPT_FOR_REUSE = 1 << 30  # above any one activation tensor of a batch (157 MB: 16 x 96 x 160 x 160 fp32)
 _reuse_depth = 0
-
-
-def _mallopt(param: int, value: int) -> bool:
-    try:
-        return bool(ctypes.CDLL(None).mallopt(param, value))
-    except (AttributeError, OSError, TypeError):  # not glibc, as in release_freed_memory
-        return False
 
 
 @contextlib.contextmanager
@@ -122,8 +120,8 @@ def reusing_freed_memory():
     """
     global _reuse_depth
     if _reuse_depth == 0:
-        _mallopt(M_MMAP_THRESHOLD, KEPT_FOR_REUSE)
-        _mallopt(M_TRIM_THRESHOLD, KEPT_FOR_REUSE)
+        _glibc("mallopt", M_MMAP_THRESHOLD, KEPT_FOR_REUSE)
+        _glibc("mallopt", M_TRIM_THRESHOLD, KEPT_FOR_REUSE)
     _reuse_depth += 1
     try:
         yield
@@ -131,7 +129,7 @@ def reusing_freed_memory():
         _reuse_depth -= 1
         if _reuse_depth == 0:
             for param, value in GLIBC_SETTLED.items():
-                _mallopt(param, value)
+                _glibc("mallopt", param, value)
             release_freed_memory()
 
 

@@ -63,14 +63,14 @@ def test_releasing_memory_without_glibc_is_a_no_op(monkeypatch, libc):
 
 def test_only_the_outermost_reuse_sets_and_restores_the_thresholds(monkeypatch):
     calls = []
-    monkeypatch.setattr(features, "_mallopt", lambda param, value: calls.append((param, value)))
-    monkeypatch.setattr(features, "release_freed_memory", lambda: calls.append("release"))
+    monkeypatch.setattr(features, "_glibc", lambda name, *args: calls.append((name, *args)))
     with features.reusing_freed_memory():
         with features.reusing_freed_memory():
             assert len(calls) == 2
         assert len(calls) == 2  # the inner exit leaves the outer's setting alone
     kept, settled = features.KEPT_FOR_REUSE, features.GLIBC_SETTLED
-    assert calls == [(features.M_MMAP_THRESHOLD, kept), (features.M_TRIM_THRESHOLD, kept), *settled.items(), "release"]
+    assert calls == [("mallopt", features.M_MMAP_THRESHOLD, kept), ("mallopt", features.M_TRIM_THRESHOLD, kept),
+                     *(("mallopt", *item) for item in settled.items()), ("malloc_trim", 0)]
 
 
 @pytest.mark.parametrize("libc", [lambda name: object(), lambda name: (_ for _ in ()).throw(OSError("no dlopen"))])
