@@ -5,17 +5,19 @@ freezing callback and the warm-up + cosine learning-rate schedule. Optional leve
 from __future__ import annotations
 
 import math
+from contextlib import ExitStack
 
 import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import BaseFinetuning
+from lightning.pytorch.callbacks import BaseFinetuning, Callback
 from torch import nn
 
 from probe.backbone import BirdNet, TailHead
 
 from finetune.config import FinetuneConfig
+from finetune.kernels import fp32_strided_depthwise
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
@@ -47,6 +49,25 @@ class TrunkFreeze(BaseFinetuning):
 
     def finetune_function(self, pl_module: "LPFTModule", epoch: int, optimizer) -> None:
         pass  # nothing is unfrozen later: gradual unfreezing did not pay for its epochs here
+
+
+class CpuBf16Kernels(Callback):
+    """Under bf16-mixed on a CPU, the trained top's strided depthwise convolutions run in fp32 for the fit
+    (``finetune.kernels``: oneDNN's bf16 kernel for their input gradient is the slow one). Entered in the
+    process that trains (a spawned DDP rank too), left at teardown or on an exception."""
+
+    def __init__(self):
+        self._hooks = ExitStack()
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: "LPFTModule") -> None:
+        if trainer.precision == "bf16-mixed" and pl_module.device.type == "cpu":
+            self._hooks.enter_context(fp32_strided_depthwise(pl_module.top))
+
+    def teardown(self, trainer: L.Trainer, pl_module: "LPFTModule", stage: str) -> None:
+        self._hooks.close()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: "LPFTModule", exception: BaseException) -> None:
+        self._hooks.close()
 
 
 class LPFTModule(L.LightningModule):

@@ -34,7 +34,7 @@ from finetune.cache import CachedViews
 from finetune.checkpoint import Classifier
 from finetune.config import FinetuneConfig
 from finetune.datamodule import TrunkCacheData, val_loader_of
-from finetune.module import LPFTModule, TrunkFreeze
+from finetune.module import CpuBf16Kernels, LPFTModule, TrunkFreeze
 from finetune.stage_one import StageOne
 
 # Lightning's warnings about choices this design makes on purpose: in-process loading (no workers),
@@ -126,7 +126,7 @@ def make_trainer(cfg: FinetuneConfig, progress: bool, *, validate: bool, log_dir
 
     Device flags (accelerator, devices, strategy, num_nodes) pass through ``trainer_kwargs``.
     """
-    callbacks = [TrunkFreeze()]
+    callbacks = [TrunkFreeze(), CpuBf16Kernels()]
     if cfg.ema_decay > 0:
         from finetune.levers import WeightAverage  # a lever: loaded only by the recipes that average
 

@@ -8,6 +8,7 @@ import tools.tail_speed as tail_speed
 def test_tail_speed_reports_every_setting(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     means = tail_speed.main(["--steps", "1", "--rounds", "1", "--image-size", "32", "--split", "14"])
-    assert sorted(means) == ["avg bf16", "avg fp32", "gem bf16", "gem fp32"]
+    assert sorted(means) == ["avg bf16", "avg bf16 every conv", "avg fp32", "gem bf16", "gem bf16 every conv",
+                            "gem fp32"]
     assert all(v > 0 for v in means.values())
     assert "mean views/s" in capsys.readouterr().out and not list(tmp_path.iterdir())

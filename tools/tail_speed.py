@@ -2,14 +2,17 @@
 
 Times the step that stage two repeats (the tail and head of ``BirdNet`` on cached trunk activations:
 forward, cross-entropy, backward, AdamW), for average and GeM pooling, fp32 and bf16-mixed, alternating
-in one run so a noisy machine treats every setting alike. Random weights and activations: the speed is the
-shape's. Prints cached views/s per setting and round, then the means; writes nothing.
+in one run so a noisy machine treats every setting alike. bf16 is timed as training runs it (strided
+depthwise convolutions in fp32, ``finetune.kernels``) and as 'bf16 every conv' (the kernels before).
+Random weights and activations: the speed is the shape's. Prints cached views/s per setting and round,
+then the means; writes nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from contextlib import nullcontext
 from dataclasses import replace
 
 import torch
@@ -19,24 +22,33 @@ from probe.backbone import build_net
 from probe.features import autocast
 
 from finetune.config import PRESETS
+from finetune.kernels import fp32_strided_depthwise
 
-SETTINGS = [(pool, bf16) for pool in ("avg", "gem") for bf16 in (False, True)]
+PRECISIONS = {"fp32": (False, True), "bf16": (True, True), "bf16 every conv": (True, False)}  # (bf16, kernels)
+SETTINGS = [(pool, precision) for pool in ("avg", "gem") for precision in PRECISIONS]
 
 
-def views_per_second(pool: str, bf16: bool, image_size: int, steps: int, split: int, batch: int = 32) -> float:
-    """Training steps of a fresh tail + head on random trunk activations, in cached views per second."""
+def views_per_second(pool: str, bf16: bool, image_size: int, steps: int, split: int, batch: int = 32,
+                     kernels: bool = True) -> float:
+    """Training steps of a fresh tail + head on random trunk activations, in cached views per second;
+    ``kernels``: strided depthwise convolutions in fp32 under bf16, as training runs them."""
     torch.manual_seed(0)
     cfg = PRESETS["full"]
     # eval mode: BatchNorm pinned, as in training
     net = build_net(replace(cfg, split=split, pooling=pool, dropout=0.0, members=1).net_config(50)).eval()
     acts = net.forward_trunk(torch.randn(batch, 3, image_size, image_size)).detach()
     y = torch.randint(0, 50, (batch,))
-    return _timed_steps(net.top(), acts, y, bf16, steps)
+    return _timed_steps(net.top(), acts, y, bf16, steps, kernels)
 
 
-def _timed_steps(top, acts: torch.Tensor, y: torch.Tensor, bf16: bool, steps: int) -> float:
+def _timed_steps(top, acts: torch.Tensor, y: torch.Tensor, bf16: bool, steps: int, kernels: bool = True) -> float:
     """Cached views per second of ``steps`` AdamW steps of ``top`` on one batch, after up to 3 warm-up steps
-    (the allocator and oneDNN's kernels)."""
+    (the allocator and oneDNN's kernels); under bf16 with training's kernel choices unless not ``kernels``."""
+    with fp32_strided_depthwise(top) if bf16 and kernels else nullcontext():
+        return _steps_rate(top, acts, y, bf16, steps)
+
+
+def _steps_rate(top, acts: torch.Tensor, y: torch.Tensor, bf16: bool, steps: int) -> float:
     opt = torch.optim.AdamW([p for p in top.parameters() if p.requires_grad], lr=1e-4)
 
     def step() -> None:
@@ -75,9 +87,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = p.parse_args(argv)
     rates: dict[str, list[float]] = {}
     for r in range(args.rounds):
-        for pool, bf16 in SETTINGS:
-            name = f"{pool} {'bf16' if bf16 else 'fp32'}"
-            rate = views_per_second(pool, bf16, args.image_size, args.steps, args.split)
+        for pool, precision in SETTINGS:
+            name = f"{pool} {precision}"
+            bf16, kernels = PRECISIONS[precision]
+            rate = views_per_second(pool, bf16, args.image_size, args.steps, args.split, kernels=kernels)
             rates.setdefault(name, []).append(rate)
             print(f"round {r + 1} {name}: {rates[name][-1]:.0f} views/s", flush=True)
     means = {k: sum(v) / len(v) for k, v in rates.items()}
