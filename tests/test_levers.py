@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from probe.backbone import GeM, NetConfig, build_net
+from probe.backbone import GeM, NetConfig, _GeMPool, build_net
 from probe.synthetic import make_synthetic, write_grader_layout
 
 import finetune.cache as finetune_cache
@@ -203,3 +203,31 @@ def test_gem_pooling_spans_average_to_max():
     net = build_net(NetConfig("mobilenet_v2", 3, 14, pooling="gem"))
     assert isinstance(net.pool, GeM) and net(torch.randn(1, 3, 64, 64)).shape == (1, 3)
     assert preset("full", pooling="gem").pooling == "gem"
+
+
+def _gem_formula(x: torch.Tensor, p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """GeM as autograd differentiates it from its formula (the module's code before its backward was written)."""
+    x = x.float().clamp(min=eps)
+    top = x.amax(dim=(2, 3), keepdim=True)
+    return (x / top).pow(p).mean(dim=(2, 3)).pow(1.0 / p) * top.flatten(1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gem_is_its_formula_forward_bit_for_bit_and_backward_to_rounding(dtype):
+    torch.manual_seed(0)
+    x = (torch.randn(4, 16, 5, 5) * 2).relu_().to(dtype).requires_grad_()  # a third or so clamped at eps
+    gem = GeM(p=2.7)
+    y, y0 = gem(x), _gem_formula(x, gem.p)
+    assert y.dtype == torch.float32 and torch.equal(y, y0)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, gem.p), g)
+    expected = torch.autograd.grad(y0, (x, gem.p), g)
+    assert grads[0].dtype == dtype and (grads[0][x == 0] == 0).all()
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got.float(), want.float(), rtol=1e-4, atol=1e-6)
+
+
+def test_gem_gradient_is_the_numerical_one():
+    x = (torch.rand(2, 3, 4, 4, dtype=torch.float64) + 0.1).requires_grad_()  # above eps: no clamp kink
+    p = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, p: _GeMPool.apply(x, p, 1e-6), (x, p))
