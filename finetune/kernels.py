@@ -1,47 +1,77 @@
-"""Kernel choices of the tail's training that change no setting, only which CPU kernel does the work.
+"""Kernel choices of the tail's training that change no setting and no number, only which CPU kernel does the work.
 
 oneDNN (torch 2.4 and 2.14 alike) computes the input gradient of a *strided depthwise* convolution in bf16
 with a generic grouped kernel (``brgconv_strided``, one group per channel) that is 8-16x slower than its fp32
 kernel: in a bf16 training step of MobileNetV2's tail from block 11, block 14's stride-2 depthwise conv took
-about a fifth of the step. Every other convolution is faster in bf16 (docs/speed.md). So under bf16 autocast
-on a CPU those layers alone run in fp32, which is also the more precise choice.
+about a fifth of the step. Every other convolution, and this one's forward and weight gradient, are faster in
+bf16 (docs/speed.md). So under bf16 autocast on a CPU those layers run their forward and weight gradient as
+before and take their input gradient from the fp32 kernel, on the same bf16 operands, rounded to bf16 as the
+bf16 kernel rounds its fp32 sums.
 """
 
 from __future__ import annotations
 
+import types
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
 def is_strided_depthwise(module: nn.Module) -> bool:
     """A 2-d convolution with one input and one output channel per group, and a stride above 1."""
-    return (isinstance(module, nn.Conv2d) and module.groups > 1
+    return (isinstance(module, nn.Conv2d) and module.groups > 1 and module.padding_mode == "zeros"
             and module.in_channels == module.groups == module.out_channels and max(module.stride) > 1)
 
 
+class _Fp32InputGrad(torch.autograd.Function):
+    """``F.conv2d`` in the autocast dtype, exactly as autocast runs it, whose input gradient comes from the fp32
+    kernel (the operands are exact in fp32) rounded back to that dtype."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv: nn.Conv2d,
+                dtype: torch.dtype) -> torch.Tensor:
+        xl, wl = x.to(dtype), weight.to(dtype)  # autocast's own casts
+        bl = bias.to(dtype) if bias is not None else None
+        ctx.save_for_backward(xl, wl)
+        ctx.conv, ctx.dtypes, ctx.has_bias = conv, (x.dtype, weight.dtype), bias is not None
+        return F.conv2d(xl, wl, bl, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        xl, wl = ctx.saved_tensors
+        c = ctx.conv
+        args = ([c.out_channels] if ctx.has_bias else None, c.stride, c.padding, c.dilation, False, [0, 0], c.groups)
+        needs = ctx.needs_input_grad
+        gx = gw = gb = None
+        if needs[0]:
+            gx = torch.ops.aten.convolution_backward(g.float(), xl.float(), wl.float(), *args, [True, False, False])[0]
+            gx = gx.to(xl.dtype).to(ctx.dtypes[0])
+        if needs[1] or needs[2]:
+            _, gw, gb = torch.ops.aten.convolution_backward(g, xl, wl, *args, [False, needs[1], needs[2]])
+            gw = gw.to(ctx.dtypes[1]) if needs[1] else None
+            gb = gb.float() if needs[2] else None
+        return gx, gw, gb, None, None
+
+
+def _forward(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """The convolution with the fp32 input gradient under CPU autocast; as ever without autocast."""
+    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        return _Fp32InputGrad.apply(x, conv.weight, conv.bias, conv, torch.get_autocast_dtype("cpu"))
+    return nn.Conv2d.forward(conv, x)
+
+
 @contextmanager
-def fp32_strided_depthwise(module: nn.Module):
-    """Within the block, every strided depthwise convolution in ``module`` runs in fp32 with autocast off
-    inside it (its input cast up; the next layer's autocast casts down again): forward hooks, removed on exit,
-    so the modules and their state dict are untouched."""
-    inside = []  # the autocast contexts entered by the pre-hooks, left by the hooks (LIFO, as calls nest)
-
-    def enter(conv: nn.Module, args: tuple) -> tuple:
-        ctx = torch.autocast(args[0].device.type, enabled=False)
-        ctx.__enter__()
-        inside.append(ctx)
-        return (args[0].float(), *args[1:])
-
-    def leave(conv: nn.Module, args: tuple, out) -> None:
-        inside.pop().__exit__(None, None, None)
-
-    handles = []
-    for conv in filter(is_strided_depthwise, module.modules()):
-        handles += [conv.register_forward_pre_hook(enter), conv.register_forward_hook(leave, always_call=True)]
+def fp32_depthwise_input_grads(module: nn.Module):
+    """Within the block, every strided depthwise convolution in ``module`` takes its input gradient from the
+    fp32 kernel under CPU autocast (the instance's ``forward`` replaced, and restored on exit: the modules'
+    classes, parameters and state dict are untouched). Yields how many it found."""
+    convs = [m for m in module.modules() if is_strided_depthwise(m) and "forward" not in vars(m)]
+    for conv in convs:
+        conv.forward = types.MethodType(_forward, conv)  # an instance attribute shadows the class's forward
     try:
-        yield len(handles) // 2
+        yield len(convs)
     finally:
-        for handle in handles:
-            handle.remove()
+        for conv in convs:
+            del conv.forward

@@ -17,7 +17,7 @@ from torch import nn
 from probe.backbone import BirdNet, TailHead
 
 from finetune.config import FinetuneConfig
-from finetune.kernels import fp32_strided_depthwise
+from finetune.kernels import fp32_depthwise_input_grads
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
@@ -52,22 +52,23 @@ class TrunkFreeze(BaseFinetuning):
 
 
 class CpuBf16Kernels(Callback):
-    """Under bf16-mixed on a CPU, the trained top's strided depthwise convolutions run in fp32 for the fit
-    (``finetune.kernels``: oneDNN's bf16 kernel for their input gradient is the slow one). Entered in the
-    process that trains (a spawned DDP rank too), left at teardown or on an exception."""
+    """Under bf16-mixed on a CPU, the trained top's strided depthwise convolutions take their input gradient
+    from the fp32 kernel for the fit (``finetune.kernels``: oneDNN's bf16 kernel for it is the slow one), the
+    numbers as before. Entered in the process that trains (a spawned DDP rank too), left at teardown or on
+    an exception."""
 
     def __init__(self):
-        self._hooks = ExitStack()
+        self._kernels = ExitStack()
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: "LPFTModule") -> None:
         if trainer.precision == "bf16-mixed" and pl_module.device.type == "cpu":
-            self._hooks.enter_context(fp32_strided_depthwise(pl_module.top))
+            self._kernels.enter_context(fp32_depthwise_input_grads(pl_module.top))
 
     def teardown(self, trainer: L.Trainer, pl_module: "LPFTModule", stage: str) -> None:
-        self._hooks.close()
+        self._kernels.close()
 
     def on_exception(self, trainer: L.Trainer, pl_module: "LPFTModule", exception: BaseException) -> None:
-        self._hooks.close()
+        self._kernels.close()
 
 
 class LPFTModule(L.LightningModule):

@@ -18,7 +18,7 @@ from finetune.config import PRESETS
 
 from tools.backbones import for_backbone, markdown
 from tools.flops import forward_macs, matmul_gflops, training_macs
-from tools.speed import Bare, compute_ceiling, parse_run, pipeline_rates
+from tools.speed import Bare, compute_ceiling, mean_bare, parse_run, pipeline_rates
 
 
 def test_prefetched_keeps_order_and_raises_the_threads_error():
@@ -101,6 +101,12 @@ def test_the_serial_bound_adds_each_pieces_time_per_image():
     per_image = 1 / 100 + 1 / 200 + 4 / 100 + 5 / 50
     assert bare.serial_bound() == pytest.approx(5 / per_image)
     assert bare.serial_bound(decodes_per_view=True) == pytest.approx(5 / (per_image + 4 / 100))
+
+
+def test_bare_rates_measured_before_and_after_are_averaged_rate_by_rate():
+    before = Bare(decode=100.0, centre=200.0, augment=100.0, trunk=50.0, tail=90.0, views=4)
+    after = Bare(decode=300.0, centre=100.0, augment=50.0, trunk=70.0, tail=60.0, views=4)
+    assert mean_bare(before, after) == Bare(decode=200.0, centre=150.0, augment=75.0, trunk=60.0, tail=75.0, views=4)
 
 
 def test_backbone_costs_keep_a_split_only_where_it_belongs():

@@ -3,7 +3,8 @@ rate in the pipeline next to the bare rate of the work it does, old code against
 
 The machine is noisy, so everything is measured in the same command:
 
-1. **bare rates**, in this process, on the first training images: decoding alone, each preset alone
+1. **bare rates**, in this process, on the first training images, before the pipelines and again after them
+   (the machine drifts; the shares are against the mean of the two): decoding alone, each preset alone
    (centre view, augmented view), the trunk alone on a random batch (the extraction's batch size, layout and
    precision), and a bare tail step (forward, loss, backward, AdamW on random cached activations, BatchNorm
    pinned; ``tools.tail_speed``). From them, the **serial bound** of extraction: the rate of decoding each
@@ -115,6 +116,20 @@ def bare_rates(images: LabelledImages, cfg: FinetuneConfig, samples: int = 64) -
         trunk = _rate(lambda: [trunk_batch() for _ in range(4)], 4 * len(x), repeats=2)
         tail = tail_step(net, cfg, images.num_classes, steps=20)
     return Bare(decode, centre_rate, augment_rate, trunk, tail, cfg.views)
+
+
+def mean_bare(*measured: Bare) -> Bare:
+    """Each bare rate's mean over several measurements (before and after the pipelines)."""
+    fields = ("decode", "centre", "augment", "trunk", "tail")
+    return Bare(*(statistics.fmean(getattr(b, f) for b in measured) for f in fields), measured[0].views)
+
+
+def _bare_line(when: str, bare: Bare) -> Bare:
+    print(f"bare rates {when}: decode {bare.decode:.0f} img/s, centre preset {bare.centre:.0f}, augmented preset "
+          f"{bare.augment:.0f}, trunk {bare.trunk:.1f} img/s, tail step {bare.tail:.1f} views/s; serial bound "
+          f"{bare.serial_bound():.1f} views/s (decoding once per view: {bare.serial_bound(decodes_per_view=True):.1f})",
+          flush=True)
+    return bare
 
 
 def compute_ceiling(cfg: FinetuneConfig, num_classes: int, bare: Bare) -> str:
@@ -261,11 +276,8 @@ def main(argv: list[str] | None = None) -> str:
 def _measure(args, cfg: FinetuneConfig, images: LabelledImages) -> str:
     print(f"bare rates: {cfg.image_size} px, {resolve_precision(cfg.precision)} trunk, batch "
           f"{cfg.extract_batch_size}; tail from block {cfg.trunk_split}, batch {cfg.batch_size}", flush=True)
-    bare = bare_rates(images, cfg)
-    print(f"decode {bare.decode:.0f} img/s, centre preset {bare.centre:.0f}, augmented preset {bare.augment:.0f}, "
-          f"trunk {bare.trunk:.1f} img/s, tail step {bare.tail:.1f} views/s; serial bound {bare.serial_bound():.1f} "
-          f"views/s (decoding once per view: {bare.serial_bound(decodes_per_view=True):.1f})", flush=True)
-    print(compute_ceiling(cfg, images.num_classes, bare), flush=True)
+    before = _bare_line("before", bare_rates(images, cfg))
+    print(compute_ceiling(cfg, images.num_classes, before), flush=True)
     trees = {"new": Path(__file__).resolve().parents[1]}
     if args.old is not None:
         trees = {"old": args.old.resolve(), **trees}
@@ -286,6 +298,8 @@ def _measure(args, cfg: FinetuneConfig, images: LabelledImages) -> str:
                       f"tail {run.tail:.1f}s, wall {run.wall:.1f}s, peak RSS {run.peak_rss_mib:.0f} MiB", flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    # The machine drifts: the bare rates again after the runs, and the shares against the mean of both.
+    bare = mean_bare(before, _bare_line("after", bare_rates(images, cfg)))
     text = table(bare, runs, n, cfg.views)
     print(f"\n{n} training images, {1 + cfg.views} views each\n\n{text}")
     return text

@@ -2,8 +2,9 @@
 
 Times the step that stage two repeats (the tail and head of ``BirdNet`` on cached trunk activations:
 forward, cross-entropy, backward, AdamW), for average and GeM pooling, fp32 and bf16-mixed, alternating
-in one run so a noisy machine treats every setting alike. bf16 is timed as training runs it (strided
-depthwise convolutions in fp32, ``finetune.kernels``) and as 'bf16 every conv' (the kernels before).
+in one run so a noisy machine treats every setting alike. bf16 is timed as training runs it (the input
+gradient of strided depthwise convolutions from the fp32 kernel, ``finetune.kernels``) and as 'bf16 every
+conv' (every kernel in bf16, as before).
 Random weights and activations: the speed is the shape's. Prints cached views/s per setting and round,
 then the means; writes nothing.
 """
@@ -22,7 +23,7 @@ from probe.backbone import build_net
 from probe.features import autocast
 
 from finetune.config import PRESETS
-from finetune.kernels import fp32_strided_depthwise
+from finetune.kernels import fp32_depthwise_input_grads
 
 PRECISIONS = {"fp32": (False, True), "bf16": (True, True), "bf16 every conv": (True, False)}  # (bf16, kernels)
 SETTINGS = [(pool, precision) for pool in ("avg", "gem") for precision in PRECISIONS]
@@ -31,7 +32,7 @@ SETTINGS = [(pool, precision) for pool in ("avg", "gem") for precision in PRECIS
 def views_per_second(pool: str, bf16: bool, image_size: int, steps: int, split: int, batch: int = 32,
                      kernels: bool = True) -> float:
     """Training steps of a fresh tail + head on random trunk activations, in cached views per second;
-    ``kernels``: strided depthwise convolutions in fp32 under bf16, as training runs them."""
+    ``kernels``: under bf16, strided depthwise input gradients from the fp32 kernel, as training runs them."""
     torch.manual_seed(0)
     cfg = PRESETS["full"]
     # eval mode: BatchNorm pinned, as in training
@@ -44,7 +45,7 @@ def views_per_second(pool: str, bf16: bool, image_size: int, steps: int, split: 
 def _timed_steps(top, acts: torch.Tensor, y: torch.Tensor, bf16: bool, steps: int, kernels: bool = True) -> float:
     """Cached views per second of ``steps`` AdamW steps of ``top`` on one batch, after up to 3 warm-up steps
     (the allocator and oneDNN's kernels); under bf16 with training's kernel choices unless not ``kernels``."""
-    with fp32_strided_depthwise(top) if bf16 and kernels else nullcontext():
+    with fp32_depthwise_input_grads(top) if bf16 and kernels else nullcontext():
         return _steps_rate(top, acts, y, bf16, steps)
 
 
