@@ -130,3 +130,25 @@ def test_cli_output_is_free_of_framework_noise(tmp_path):
     assert [n for n in NOISE if n in text] == []
     for stage in ("trunk cache: 64 images x 2 views", "fine-tune:", "test accuracy:"):  # one line per stage stays
         assert stage in proc.stdout
+
+
+def test_reproduce_compares_two_checkpoints_without_training(tmp_path, capsys):
+    """``tools/reproduce.py --retrained``: accuracy, agreement and bit-identical tensors of two checkpoints."""
+    import tools.reproduce as reproduce
+
+    root = tmp_path / "data"
+    write_grader_layout(root, "test", make_synthetic(num_classes=3, per_class=2, size=64, seed=0))
+    paths = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        net_cfg = NetConfig("mobilenet_v2", 3, 14)
+        paths.append(tmp_path / f"m{len(paths)}.pt")
+        Classifier(build_net(net_cfg), net_cfg, data_config("mobilenet_v2", 64), True).save(paths[-1])
+    with pytest.raises(SystemExit):
+        reproduce.main([str(root), "--shipped", str(paths[0]), "--retrained", str(paths[1])])
+    assert "agree on 100.0% of 6 images" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        reproduce.main([str(root), "--shipped", str(paths[0]), "--retrained", str(paths[2])])
+    out = capsys.readouterr().out
+    total = len(build_net(NetConfig("mobilenet_v2", 3, 14)).state_dict())
+    assert f"bit-identical: {total}/{total}" not in out and "bit-identical: " in out
