@@ -20,8 +20,10 @@ from torch import nn
 
 
 def is_strided_depthwise(module: nn.Module) -> bool:
-    """A 2-d convolution with one input and one output channel per group, and a stride above 1."""
-    return (isinstance(module, nn.Conv2d) and module.groups > 1 and module.padding_mode == "zeros"
+    """A 2-d convolution with one input and one output channel per group, and a stride above 1 (and nn.Conv2d's
+    own forward: a subclass's, timm's 'same'-padding one say, is left alone)."""
+    return (isinstance(module, nn.Conv2d) and type(module).forward is nn.Conv2d.forward
+            and module.groups > 1 and module.padding_mode == "zeros"
             and module.in_channels == module.groups == module.out_channels and max(module.stride) > 1)
 
 

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from test_finetune import TINY, TRAINER, Spy, _class_acts
 from torch import nn
 
@@ -32,6 +33,12 @@ def test_only_strided_depthwise_convolutions_are_chosen():
     assert not is_strided_depthwise(nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2))  # grouped
     assert not is_strided_depthwise(nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8, padding_mode="reflect"))
     assert not is_strided_depthwise(nn.Linear(8, 8))
+
+    class SamePadded(nn.Conv2d):  # like timm's Conv2dSame: its own forward, which the replacement would skip
+        def forward(self, x):
+            return super().forward(F.pad(x, (0, 1, 0, 1)))
+
+    assert not is_strided_depthwise(SamePadded(8, 8, 3, stride=2, groups=8))
     net = build_net(NetConfig("mobilenet_v2", 3, 11))
     chosen = [name for name, m in net.tail.named_modules() if is_strided_depthwise(m)]
     assert chosen == ["14.conv.1.0"]  # block 14's 3x3 stride-2 convolution: the one stride in the tail from 11
