@@ -152,3 +152,7 @@ def test_reproduce_compares_two_checkpoints_without_training(tmp_path, capsys):
     out = capsys.readouterr().out
     total = len(build_net(NetConfig("mobilenet_v2", 3, 14)).state_dict())
     assert f"bit-identical: {total}/{total}" not in out and "bit-identical: " in out
+    with pytest.raises(SystemExit) as refused:  # nothing is trained, so --out could never be written
+        reproduce.main([str(root), "--shipped", str(paths[0]), "--retrained", str(paths[1]),
+                        "--out", str(tmp_path / "x.pt")])
+    assert refused.value.code == 2 and not (tmp_path / "x.pt").exists()

@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--retrained", type=Path, help="compare this checkpoint instead of retraining")
     p.add_argument("--tolerance", type=float, default=0.015, help="allowed test-accuracy difference")
     args = p.parse_args(argv)
+    if args.out and args.retrained:  # nothing is retrained, so --out would be silently left unwritten
+        p.error("--out saves a retrained model; with --retrained nothing is trained")
     check_output_file(p.prog, "--out", args.out, inputs=[args.shipped])
     shipped = Classifier.load(args.shipped)  # checked before the long work
     model = Classifier.load(args.retrained) if args.retrained else _retrain(args.data_dir, args.out)
