@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -120,8 +120,8 @@ def bare_rates(images: LabelledImages, cfg: FinetuneConfig, samples: int = 64) -
 
 def mean_bare(*measured: Bare) -> Bare:
     """Each bare rate's mean over several measurements (before and after the pipelines)."""
-    fields = ("decode", "centre", "augment", "trunk", "tail")
-    return Bare(*(statistics.fmean(getattr(b, f) for b in measured) for f in fields), measured[0].views)
+    rates = {f.name: statistics.fmean(getattr(b, f.name) for b in measured) for f in fields(Bare) if f.name != "views"}
+    return Bare(**rates, views=measured[0].views)
 
 
 def _bare_line(when: str, bare: Bare) -> Bare:
