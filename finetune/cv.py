@@ -11,8 +11,12 @@ scored exactly as ``classify`` would (centre view, flip TTA, and the candidate's
 trained tails are also scored under every other combination of the
 cached crops, with and without flip TTA, so prediction-time choices are compared on identical models.
 
-Prints per candidate the fold accuracies, mean +- standard error and seconds; writes nothing unless
-``--out`` (a .json or .md table) is given.
+With several ``--seed`` values the CV is repeated: k folds per seed, all on the one cache, for differences
+of a few tenths of a point that one fold assignment cannot resolve.
+
+Prints per candidate the fold accuracies, mean +- standard error and seconds, the per-seed means, and
+every candidate after the first paired with the first fold by fold (``finetune.cv_report``); writes
+nothing unless ``--out`` (a .json or .md table) is given.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from probe.weights import WeightsError, pretrained_net
 from finetune.cache import Mirrored, View, cache_views, extract_views
 from finetune.cli import candidate
 from finetune.config import FinetuneConfig
+from finetune.cv_report import compare_rows, format_row, markdown, mean_se
 from finetune.datamodule import TrunkCacheData
 from finetune.inference import tta_mean
 from finetune.train import process_state_kept, train_tops
@@ -55,6 +60,11 @@ def stratified_folds(labels: np.ndarray, k: int, seed: int) -> list[tuple[np.nda
     """k seeded stratified (train, held-out) index pairs; the held-out parts are disjoint and cover every image."""
     splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
     return [(np.sort(tr), np.sort(va)) for tr, va in splitter.split(np.zeros(len(labels)), labels)]
+
+
+def repeated_folds(labels: np.ndarray, k: int, seeds: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Repeated k-fold CV: the k folds of every seed in turn (k x len(seeds) pairs), seed by seed."""
+    return [fold for seed in seeds for fold in stratified_folds(labels, k, seed)]
 
 
 @dataclass
@@ -178,13 +188,6 @@ def score_candidate(spec: str, cfg: FinetuneConfig, cache: TrunkCache, images: L
     return row
 
 
-def mean_se(accs: list[float]) -> dict:
-    """Fold accuracies, their mean and standard error (of the mean)."""
-    a = np.array(accs)
-    se = float(a.std(ddof=1) / np.sqrt(len(a))) if len(a) > 1 else float("nan")
-    return {"folds": list(accs), "mean": float(a.mean()), "se": se}
-
-
 def _jsonable(value):
     if isinstance(value, dict):
         return {k: _jsonable(v) for k, v in value.items()}
@@ -216,28 +219,6 @@ def cross_validate(images: LabelledImages, candidates: list[tuple[str, FinetuneC
     return rows
 
 
-def format_row(row: dict) -> str:
-    folds = " ".join(f"{a:.4f}" for a in row["folds"])
-    line = f"{row['candidate']:<40} {row['mean']:.4f} +- {row['se']:.4f}  [{folds}]  {row['seconds']:.0f}s"
-    if "first_member" in row:
-        line += f"  (member 1 alone: {row['first_member']['mean']:.4f} +- {row['first_member']['se']:.4f})"
-    for name, r in row.get("tta", {}).items():
-        line += f"\n    TTA {name:<28} {r['mean']:.4f} +- {r['se']:.4f}"
-    return line
-
-
-def markdown(rows: list[dict], k: int, seed: int) -> str:
-    lines = [f"{k}-fold stratified CV (seed {seed}), training images only; time = the candidate's folds "
-             "(its shared trunk cache is built once per trunk setting, shown apart).", "",
-             "| candidate | mean | SE | " + " | ".join(f"fold {i + 1}" for i in range(k)) + " | seconds | cache s |",
-             "|---|---:|---:|" + "---:|" * k + "---:|---:|"]
-    for r in rows:
-        lines.append(f"| `{r['candidate']}` | {r['mean']:.4f} | {r['se']:.4f} | "
-                     + " | ".join(f"{a:.4f}" for a in r["folds"])
-                     + f" | {r['seconds']:.0f} | {r['cache_seconds']:.0f} |")
-    return "\n".join(lines) + "\n"
-
-
 PROG = "python -m finetune.cv"
 
 
@@ -247,7 +228,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[tuple[s
     p.add_argument("data_dir", type=Path, help="grader layout; only train/ is read")
     p.add_argument("--candidates", nargs="+", default=["v1", "full"], help="PRESET[:field=value,...] each")
     p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0, help="fold assignment seed")
+    p.add_argument("--seed", type=int, nargs="+", default=[0],
+                   help="fold assignment seed; several give repeated CV (k folds per seed, one shared cache)")
     p.add_argument("--out", type=Path, help="also write the table: .json or .md")
     p.add_argument("--random-init", action="store_true", help="no pretrained weights (a smoke run)")
     p.add_argument("--progress", action="store_true", help="progress bars")
@@ -256,6 +238,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[tuple[s
         candidates = [parse_candidate(s) for s in args.candidates]
     except ConfigError as err:
         fail(PROG, f"--candidates: {err}")
+    if len(set(args.seed)) < len(args.seed):
+        fail(PROG, f"--seed {' '.join(map(str, args.seed))}: a seed given twice would score the same folds twice")
     if args.folds < 2:
         fail(PROG, f"--folds must be at least 2, got {args.folds}")
     if args.out is not None and args.out.suffix not in (".json", ".md"):
@@ -275,11 +259,12 @@ def run(args: argparse.Namespace, candidates: list[tuple[str, FinetuneConfig]], 
         if args.folds > np.bincount(images.labels).min():
             fail(PROG, f"--folds {args.folds}: the smallest class has {np.bincount(images.labels).min()} images; "
                        "use at most that many folds")
-        folds = stratified_folds(images.labels, args.folds, args.seed)
+        folds = repeated_folds(images.labels, args.folds, args.seed)
         rows = cross_validate(images, candidates, folds, weights="none" if args.random_init else "required",
                               progress=args.progress)
     except (DataError, WeightsError) as err:
         sys.exit(f"error: {err}")
+    compare_rows(rows, args.seed)
     print("\n" + "\n".join(format_row(r) for r in rows))
     if args.out:
         text = json.dumps(rows, indent=2) if args.out.suffix == ".json" else markdown(rows, args.folds, args.seed)

@@ -17,6 +17,7 @@ from probe.synthetic import make_synthetic, write_grader_layout
 
 import finetune.cache as finetune_cache
 import finetune.cv as cv
+import finetune.cv_report as cv_report
 from finetune.config import PRESETS, preset
 from finetune.levers import WeightAverage, mix_batch
 
@@ -40,6 +41,36 @@ def test_folds_are_stratified_disjoint_covering_and_seeded():
     again = cv.stratified_folds(labels, 5, seed=3)
     assert all(np.array_equal(a[1], b[1]) for a, b in zip(folds, again))
     assert not all(np.array_equal(a[1], b[1]) for a, b in zip(folds, cv.stratified_folds(labels, 5, seed=4)))
+
+
+def test_repeated_folds_are_each_seeds_folds_in_turn():
+    labels = np.repeat(np.arange(3), [8, 9, 10])
+    folds = cv.repeated_folds(labels, 4, [5, 2])
+    assert len(folds) == 8
+    for got, want in zip(folds, cv.stratified_folds(labels, 4, 5) + cv.stratified_folds(labels, 4, 2)):
+        assert all(np.array_equal(a, b) for a, b in zip(got, want))
+    for part in (folds[:4], folds[4:]):  # each seed's held-out parts cover every image once
+        assert sorted(np.concatenate([va for _, va in part]).tolist()) == list(range(len(labels)))
+
+
+def _row(name: str, folds: list[float]) -> dict:
+    return {"candidate": name, **cv_report.mean_se(folds), "seconds": 1.0, "cache_seconds": 2.0}
+
+
+def test_rows_are_paired_with_the_first_fold_by_fold_and_averaged_per_seed():
+    rows = cv_report.compare_rows([_row("a", [0.8, 0.9, 0.7, 0.6]), _row("b", [0.85, 0.9, 0.7, 0.7])], [3, 7])
+    assert rows[0]["seed_means"] == pytest.approx({"3": 0.85, "7": 0.65}) and "vs_first" not in rows[0]
+    d = rows[1]["vs_first"]
+    assert d["candidate"] == "a" and d["folds"] == pytest.approx([0.05, 0.0, 0.0, 0.1])
+    assert d["mean"] == pytest.approx(0.0375) and d["se"] == pytest.approx(np.std([0.05, 0, 0, 0.1], ddof=1) / 2)
+    assert d["seed_means"] == pytest.approx([0.025, 0.05])
+    text = cv_report.format_row(rows[1])
+    assert "vs a: +3.75 +- 2.39 points (paired over 4 folds) per seed +2.50 +5.00" in text
+    assert "per seed 3: 0.8750  7: 0.7000" in text
+    table = cv_report.markdown(rows, 2, [3, 7])
+    assert "seeds 3, 7: 4 folds" in table and "| `b` | 0.7875 | " in table and "| +3.75 +- 2.39 |" in table
+    one_seed = cv_report.compare_rows([_row("a", [0.8, 0.9]), _row("b", [0.9, 0.9])], [0])
+    assert "seed_means" not in one_seed[1] and "per seed" not in cv_report.format_row(one_seed[1])
 
 
 def test_cache_is_built_once_per_trunk_setting(tmp_path, monkeypatch, capsys):
@@ -67,6 +98,22 @@ def test_cache_is_built_once_per_trunk_setting(tmp_path, monkeypatch, capsys):
     # an ensemble's folds also score its first member alone; one-member candidates have no such entry
     assert len(rows[2]["first_member"]["folds"]) == 2 and "first_member" not in rows[0]
     assert "+-" in capsys.readouterr().out
+
+
+def test_repeated_cv_scores_every_seeds_folds_on_one_cache(tmp_path, monkeypatch, capsys):
+    write_grader_layout(tmp_path, "train", make_synthetic(num_classes=3, per_class=6, size=40, seed=0))
+    calls = []
+    real = finetune_cache.extract_views
+    monkeypatch.setattr(cv, "extract_views", lambda *a, **k: calls.append(1) or real(*a, **k))
+    base = f"fast:image_size={SIZE},limit_train_batches=1,batch_size=8"
+    argv = [str(tmp_path), "--random-init", "--folds", "2", "--candidates", base, f"{base},lr_tail=1e-2"]
+    once = cv.main(argv)
+    twice = cv.main([*argv, "--seed", "0", "4", "--out", str(tmp_path / "cv.md")])
+    assert len(calls) == 2  # one cache per run, whatever the number of seeds
+    for a, b in zip(once, twice):  # seed 0's folds come first and score as in a one-seed run
+        assert len(b["folds"]) == 4 and b["folds"][:2] == a["folds"] and set(b["seed_means"]) == {"0", "4"}
+    assert twice[1]["vs_first"]["folds"] == pytest.approx(np.subtract(twice[1]["folds"], twice[0]["folds"]))
+    assert "paired over 4 folds" in capsys.readouterr().out and "seeds 0, 4" in (tmp_path / "cv.md").read_text()
 
 
 def test_tta_crops_are_cached_once_and_every_scheme_scores_the_same_tails(tmp_path, monkeypatch):

@@ -248,6 +248,7 @@ def test_cv_and_bench_refuse_bad_destinations_before_any_work(tmp_path, capsys, 
     assert line.startswith("python -m finetune.cv: error: --out")
     assert "epochs" in _usage_error(capsys, cv.main, [str(tmp_path), "--candidates", "full:epochs=0"])
     assert "--folds" in _usage_error(capsys, cv.main, [str(tmp_path), "--folds", "1"])
+    assert "twice" in _usage_error(capsys, cv.main, [str(tmp_path), "--seed", "0", "1", "0"])
     monkeypatch.setattr(bench, "run_bench", _raise)
     (tmp_path / "file").write_text("")
     assert "not a folder" in _usage_error(capsys, bench.main, [str(tmp_path), "--out", str(tmp_path / "file")])

@@ -1,0 +1,73 @@
+"""What ``finetune.cv`` reports of its fold scores: means and standard errors, the per-seed means of a
+repeated CV, each candidate paired with the first on the same folds, and the printed and Markdown tables."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def mean_se(accs: list[float]) -> dict:
+    """Fold accuracies, their mean and standard error (of the mean)."""
+    a = np.array(accs)
+    se = float(a.std(ddof=1) / np.sqrt(len(a))) if len(a) > 1 else float("nan")
+    return {"folds": list(accs), "mean": float(a.mean()), "se": se}
+
+
+def compare_rows(rows: list[dict], seeds: list[int]) -> list[dict]:
+    """Add to every row the mean of each fold seed's folds ('seed_means', when several seeds were given), and to
+    every row after the first its fold-by-fold difference from the first ('vs_first'): the candidates share
+    their folds, so the paired difference is far less noisy than the two means' own standard errors.
+
+    The folds are ordered seed by seed (``finetune.cv.repeated_folds``). With several seeds the standard errors
+    treat every fold as independent, which they are not (each image is held out once per seed), so they
+    understate the uncertainty; whether a difference holds under every seed ('seed_means') is the sturdier read.
+    """
+    first = np.array(rows[0]["folds"])
+    for row in rows:
+        per_seed = np.array(row["folds"]).reshape(len(seeds), -1)
+        if len(seeds) > 1:
+            row["seed_means"] = {str(s): float(m) for s, m in zip(seeds, per_seed.mean(1))}
+        if row is not rows[0]:
+            diffs = np.array(row["folds"]) - first
+            row["vs_first"] = {"candidate": rows[0]["candidate"], **mean_se(diffs.tolist()),
+                               "seed_means": [float(m) for m in diffs.reshape(len(seeds), -1).mean(1)]}
+    return rows
+
+
+def format_row(row: dict) -> str:
+    folds = " ".join(f"{a:.4f}" for a in row["folds"])
+    line = f"{row['candidate']:<40} {row['mean']:.4f} +- {row['se']:.4f}  [{folds}]  {row['seconds']:.0f}s"
+    if "first_member" in row:
+        line += f"  (member 1 alone: {row['first_member']['mean']:.4f} +- {row['first_member']['se']:.4f})"
+    if "seed_means" in row:
+        line += "\n    per seed " + "  ".join(f"{s}: {m:.4f}" for s, m in row["seed_means"].items())
+    if "vs_first" in row:
+        line += "\n    " + _versus(row["vs_first"])
+    for name, r in row.get("tta", {}).items():
+        line += f"\n    TTA {name:<28} {r['mean']:.4f} +- {r['se']:.4f}"
+    return line
+
+
+def _versus(d: dict) -> str:
+    per_seed = d["seed_means"]
+    by_seed = (" per seed " + " ".join(f"{100 * m:+.2f}" for m in per_seed)) if len(per_seed) > 1 else ""
+    return (f"vs {d['candidate']}: {100 * d['mean']:+.2f} +- {100 * d['se']:.2f} points "
+            f"(paired over {len(d['folds'])} folds){by_seed}")
+
+
+def markdown(rows: list[dict], k: int, seeds: list[int]) -> str:
+    n = k * len(seeds)
+    seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))}: {n} folds"
+    lines = [f"{k}-fold stratified CV ({seed_text}), training images only; time = the candidate's folds "
+             "(its shared trunk cache is built once per trunk setting, shown apart); 'vs first' = the paired "
+             "difference from the first row, in points.", "",
+             "| candidate | mean | SE | vs first | " + " | ".join(f"fold {i + 1}" for i in range(n))
+             + " | seconds | cache s |",
+             "|---|---:|---:|---:|" + "---:|" * n + "---:|---:|"]
+    for r in rows:
+        d = r.get("vs_first")
+        versus = f"{100 * d['mean']:+.2f} +- {100 * d['se']:.2f}" if d else "-"
+        lines.append(f"| `{r['candidate']}` | {r['mean']:.4f} | {r['se']:.4f} | {versus} | "
+                     + " | ".join(f"{a:.4f}" for a in r["folds"])
+                     + f" | {r['seconds']:.0f} | {r['cache_seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
