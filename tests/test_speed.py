@@ -16,9 +16,10 @@ from probe.settings import ConfigError
 
 from finetune.config import PRESETS
 
+import tools.speed as speed
 from tools.backbones import for_backbone, markdown
 from tools.flops import forward_macs, matmul_gflops, training_macs
-from tools.speed import Bare, compute_ceiling, mean_bare, parse_run, pipeline_rates
+from tools.speed import Bare, CvRun, compute_ceiling, cv_spec, cv_table, mean_bare, parse_cv, parse_run, pipeline_rates
 
 
 def test_prefetched_keeps_order_and_raises_the_threads_error():
@@ -94,6 +95,44 @@ def test_parse_run_reads_the_time_line_of_both_plans():
     assert rates["extraction"] == pytest.approx(2486 * 5 / 200) and rates["tail training"] == pytest.approx(74.58)
     with pytest.raises(RuntimeError, match="no time line"):
         parse_run("Traceback ...", 1.0, 0)
+
+
+CV_OUT = """trunk cache for ['full:crop_scale=(0.2, 1.0)']: 294s
+  full:crop_scale=(0.2, 1.0) fold 1/2: 0.8936 (flip TTA off: 0.8996)
+  full:crop_scale=(0.2, 1.0) fold 2/2: 0.9095 (flip TTA off: 0.9000)
+full:crop_scale=(0.2, 1.0)               0.9016 +- 0.0080  [0.8936 0.9095]  1042s
+"""
+
+
+def test_parse_cv_reads_cache_fold_seconds_and_scores_even_with_spaces_in_the_candidate():
+    run = parse_cv(CV_OUT, 1400.0, 2048 * 1024)
+    assert run == CvRun(cache=294.0, folds_seconds=1042.0, wall=1400.0, peak_rss_mib=2048.0, folds=(0.8936, 0.9095))
+    with pytest.raises(RuntimeError, match="no CV result"):
+        parse_cv("trunk cache for ['full']: 3s\nTraceback ...", 1.0, 0)
+
+
+def test_cv_spec_and_table_put_new_against_old():
+    assert cv_spec("full", []) == "full" and cv_spec("full", ["epochs=1", "views=2"]) == "full:epochs=1,views=2"
+    old = CvRun(100.0, 400.0, 520.0, 2000.0, (0.5, 0.75))
+    new = CvRun(50.0, 250.0, 312.0, 1900.0, (0.5, 0.75))
+    text = cv_table({"old": [old], "new": [new]})
+    assert "| wall (s) | 520.0 | 312.0 | 60% |" in text and "| fold scores | 0.5000 0.7500 | 0.5000 0.7500 |" in text
+    assert "identical between the trees" in text
+    moved = cv_table({"old": [old], "new": [replace(new, folds=(0.5, 0.5))]})
+    assert "DIFFERENT between the trees" in moved
+
+
+def test_speed_cv_runs_both_trees_cv_and_finds_their_fold_scores_equal(tmp_path, capsys):
+    from probe.synthetic import make_synthetic, write_grader_layout
+
+    data = tmp_path / "data"
+    write_grader_layout(data, "train", make_synthetic(num_classes=2, per_class=6, size=48, seed=0))
+    tree = speed._trees(speed.parse_args([str(data)])[1])["new"]  # this checkout, as the 'old' tree too
+    text = speed.main([str(data), "--cv", "2", "--old", str(tree), "--random-init", "--preset", "fast",
+                       "image_size=64", "--per-class", "4"])
+    out = capsys.readouterr().out
+    assert "identical between the trees" in text and out.count("round 1 ") == 2
+    assert "--candidates fast:image_size=64 --folds 2: 8 training images" in out
 
 
 def test_the_serial_bound_adds_each_pieces_time_per_image():

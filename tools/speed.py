@@ -17,6 +17,10 @@ The machine is noisy, so everything is measured in the same command:
    after the other, ``--rounds`` times, each in a fresh process. Its ``time:`` line gives the seconds of
    extraction, stage one and the tail's training; the process's wall time and peak RSS come from ``wait4``.
 
+With ``--cv K`` the pipeline is ``python -m finetune.cv`` of one candidate (the preset with the overrides) with
+K folds, in each tree, in the same way, and no bare rates are measured: each tree's trunk-cache and fold
+seconds, wall time, peak RSS and fold scores, side by side (the issue's "CV of one candidate" criterion).
+
 Prints one table: bare rate, and per tree the pipeline's rate and its share of the bare rate. The subset
 (a gt.csv beside a link to the image folder) and the checkpoints live in a temporary folder, removed at the
 end; nothing else is written.
@@ -182,22 +186,83 @@ def parse_run(out: str, wall: float, peak_kib: int) -> Run:
     return Run(extraction, seconds["probe"], seconds["fine-tune"], wall, int(views.group(1)), peak_kib / 1024)
 
 
-def run_pipeline(tree: Path, data: Path, settings: list[str], scratch: Path, tag: str, run_sh: bool = False) -> Run:
-    """``python -m finetune`` in ``tree`` (its own code, this interpreter), or the tree's own
-    ``scripts/run.sh`` (its set-up check, then its virtualenv's ``python -m finetune``), timed as a whole."""
-    out = scratch / f"{tag}.pt"
-    main = ["bash", "scripts/run.sh"] if run_sh else [sys.executable, "-m", "finetune"]
-    cmd = [*main, str(data), "--out", str(out), "--no-progress", *settings]
+def _timed(tree: Path, cmd: list[str], what: str) -> tuple[str, float, int]:
+    """Run ``cmd`` in ``tree`` with that tree's code first on the path: (its output, wall seconds, peak RSS KiB)."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=tree, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONPATH": str(tree)})
     text = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{tree}: python -m finetune exited {proc.returncode}:\n{text[-3000:]}")
-    return parse_run(text, wall, usage.ru_maxrss)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise RuntimeError(f"{tree}: {what} exited {code}:\n{text[-3000:]}")
+    return text, wall, usage.ru_maxrss
+
+
+def run_pipeline(tree: Path, data: Path, settings: list[str], scratch: Path, tag: str, run_sh: bool = False) -> Run:
+    """``python -m finetune`` in ``tree`` (its own code, this interpreter), or the tree's own
+    ``scripts/run.sh`` (its set-up check, then its virtualenv's ``python -m finetune``), timed as a whole."""
+    main = ["bash", "scripts/run.sh"] if run_sh else [sys.executable, "-m", "finetune"]
+    cmd = [*main, str(data), "--out", str(scratch / f"{tag}.pt"), "--no-progress", *settings]
+    return parse_run(*_timed(tree, cmd, "python -m finetune"))
+
+
+@dataclass(frozen=True)
+class CvRun:
+    """One ``python -m finetune.cv`` process of one candidate: its seconds and fold scores."""
+
+    cache: float
+    folds_seconds: float
+    wall: float
+    peak_rss_mib: float
+    folds: tuple[float, ...]
+
+
+CV_CACHE = re.compile(r"^trunk cache for .*: (\d+)s$", re.MULTILINE)
+CV_FOLD = re.compile(r"^\s+.+? fold (\d+)/(\d+): ([0-9.]+)", re.MULTILINE)
+CV_ROW = re.compile(r"^\S.*?\s+[0-9.]+ \+- \S+\s+\[[0-9. ]*\]\s+(\d+)s", re.MULTILINE)
+
+
+def parse_cv(out: str, wall: float, peak_kib: int) -> CvRun:
+    """The cache seconds, the candidate's fold seconds (its row) and its fold scores in a CV run's output."""
+    cache, row = CV_CACHE.search(out), CV_ROW.search(out)
+    folds = [(int(i), float(a)) for i, _, a in CV_FOLD.findall(out)]
+    if cache is None or row is None or not folds:
+        raise RuntimeError(f"no CV result in the run's output:\n{out[-3000:]}")
+    return CvRun(float(cache.group(1)), float(row.group(1)), wall, peak_kib / 1024, tuple(a for _, a in folds))
+
+
+def run_cv(tree: Path, data: Path, spec: str, folds: int, random_init: bool = False) -> CvRun:
+    """``python -m finetune.cv`` of the one candidate ``spec`` in ``tree``, timed as a whole."""
+    cmd = [sys.executable, "-m", "finetune.cv", str(data), "--candidates", spec, "--folds", str(folds),
+           *(["--random-init"] if random_init else [])]
+    return parse_cv(*_timed(tree, cmd, "python -m finetune.cv"))
+
+
+def cv_spec(preset: str, overrides: list[str]) -> str:
+    """The CV candidate of a preset and its overrides (``finetune.cli.candidate``'s syntax)."""
+    return f"{preset}:{','.join(overrides)}" if overrides else preset
+
+
+def cv_table(runs: dict[str, list[CvRun]]) -> str:
+    """Markdown: per tree the median seconds over rounds (and, with an old tree, new as a share of old), the
+    peak RSS, and each round's fold scores."""
+    tags = list(runs)
+    head = "| |" + "".join(f" {t} |" for t in tags) + (" new / old |" if "old" in runs else "")
+    rows = [head, "|---|" + "---:|" * (len(tags) + ("old" in runs))]
+    for name, key in (("trunk cache (s)", "cache"), ("folds (s)", "folds_seconds"), ("wall (s)", "wall")):
+        medians = {t: statistics.median(getattr(r, key) for r in rs) for t, rs in runs.items()}
+        share = "" if "old" not in runs else f" {medians['new'] / medians['old']:.0%} |" if medians["old"] else " - |"
+        rows.append(f"| {name} |" + "".join(f" {m:.1f} |" for m in medians.values()) + share)
+    rows.append("| peak RSS (MiB) |" + "".join(f" {max(r.peak_rss_mib for r in rs):.0f} |" for rs in runs.values())
+                + (" |" if "old" in runs else ""))
+    scores = [" / ".join(" ".join(f"{a:.4f}" for a in r.folds) for r in rs) for rs in runs.values()]
+    rows.append("| fold scores |" + "".join(f" {s} |" for s in scores) + (" |" if "old" in runs else ""))
+    if "old" in runs:
+        same = all(r.folds == o.folds for r, o in zip(runs["new"], runs["old"]))
+        rows.append(f"\nfold scores {'identical' if same else 'DIFFERENT'} between the trees")
+    return "\n".join(rows)
 
 
 def subset_layout(data: Path, images: LabelledImages, per_class: int | None, scratch: Path) -> tuple[Path, int]:
@@ -253,6 +318,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
                    "their predictions")
     p.add_argument("--run-sh", action="store_true", help="run each tree's scripts/run.sh (the README's main "
                    "command) instead of this interpreter's python -m finetune")
+    p.add_argument("--cv", type=int, metavar="K", help="time each tree's python -m finetune.cv of the one candidate "
+                   "(the preset with the overrides) with K folds instead of the fine-tune; no bare rates")
+    p.add_argument("--random-init", action="store_true", help="with --cv: no pretrained weights (a smoke run)")
     return p, p.parse_intermixed_args(argv)
 
 
@@ -264,13 +332,45 @@ def main(argv: list[str] | None = None) -> str:
             raise ConfigError("--per-class", "must be at least 1")
         if args.rounds < 1:
             raise ConfigError("--rounds", "must be at least 1")
+        if args.cv is not None and (args.cv < 2 or args.keep is not None or args.run_sh):
+            raise ConfigError("--cv", "takes K >= 2 folds, and neither --keep nor --run-sh (a CV writes no model)")
+        if args.random_init and args.cv is None:
+            raise ConfigError("--random-init", "goes with --cv (the fine-tune's speed is the pretrained network's)")
         check_output_dir(p.prog, "--keep", args.keep)  # None: nothing kept, nothing to check
         if args.old is not None and not (args.old / "finetune" / "__main__.py").is_file():
             raise ConfigError("--old", f"{args.old} is not a checkout of this project (no finetune/__main__.py)")
         images = load_split_dir(args.data_dir, "train")
     except (ConfigError, DataError) as err:
         fail(p.prog, str(err))
-    return run_interruptible(lambda written: _measure(args, cfg, images), p.prog)
+    measure = _measure_cv if args.cv is not None else _measure
+    return run_interruptible(lambda written: measure(args, cfg, images), p.prog)
+
+
+def _trees(args) -> dict[str, Path]:
+    new = {"new": Path(__file__).resolve().parents[1]}
+    return new if args.old is None else {"old": args.old.resolve(), **new}
+
+
+def _measure_cv(args, cfg: FinetuneConfig, images: LabelledImages) -> str:
+    spec = cv_spec(args.preset, args.overrides)
+    scratch = Path(tempfile.mkdtemp(prefix="speed-"))
+    try:
+        data, n = subset_layout(args.data_dir, images, args.per_class, scratch)
+        trees = _trees(args)
+        runs: dict[str, list[CvRun]] = {t: [] for t in trees}
+        for r in range(args.rounds):
+            for tag, tree in trees.items():
+                run = run_cv(tree, data, spec, args.cv, args.random_init)
+                runs[tag].append(run)
+                print(f"round {r + 1} {tag}: trunk cache {run.cache:.0f}s, folds {run.folds_seconds:.0f}s, wall "
+                      f"{run.wall:.1f}s, peak RSS {run.peak_rss_mib:.0f} MiB, folds "
+                      f"{' '.join(f'{a:.4f}' for a in run.folds)}", flush=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    text = cv_table(runs)
+    print(f"\npython -m finetune.cv --candidates {spec} --folds {args.cv}: {n} training images, {1 + cfg.views} "
+          f"views each\n\n{text}")
+    return text
 
 
 def _measure(args, cfg: FinetuneConfig, images: LabelledImages) -> str:
@@ -278,9 +378,7 @@ def _measure(args, cfg: FinetuneConfig, images: LabelledImages) -> str:
           f"{cfg.extract_batch_size}; tail from block {cfg.trunk_split}, batch {cfg.batch_size}", flush=True)
     before = _bare_line("before", bare_rates(images, cfg))
     print(compute_ceiling(cfg, images.num_classes, before), flush=True)
-    trees = {"new": Path(__file__).resolve().parents[1]}
-    if args.old is not None:
-        trees = {"old": args.old.resolve(), **trees}
+    trees = _trees(args)
     settings = ["--preset", args.preset, *args.overrides]
     if args.keep is not None:
         args.keep.mkdir(parents=True, exist_ok=True)  # checked before any work (check_output_dir)
