@@ -220,17 +220,17 @@ class CvRun:
 
 
 CV_CACHE = re.compile(r"^trunk cache for .*: (\d+)s$", re.MULTILINE)
-CV_FOLD = re.compile(r"^\s+.+? fold (\d+)/(\d+): ([0-9.]+)", re.MULTILINE)
+CV_FOLD = re.compile(r"^\s+.+? fold \d+/\d+: ([0-9.]+)", re.MULTILINE)
 CV_ROW = re.compile(r"^\S.*?\s+[0-9.]+ \+- \S+\s+\[[0-9. ]*\]\s+(\d+)s", re.MULTILINE)
 
 
 def parse_cv(out: str, wall: float, peak_kib: int) -> CvRun:
     """The cache seconds, the candidate's fold seconds (its row) and its fold scores in a CV run's output."""
     cache, row = CV_CACHE.search(out), CV_ROW.search(out)
-    folds = [(int(i), float(a)) for i, _, a in CV_FOLD.findall(out)]
+    folds = tuple(float(a) for a in CV_FOLD.findall(out))
     if cache is None or row is None or not folds:
         raise RuntimeError(f"no CV result in the run's output:\n{out[-3000:]}")
-    return CvRun(float(cache.group(1)), float(row.group(1)), wall, peak_kib / 1024, tuple(a for _, a in folds))
+    return CvRun(float(cache.group(1)), float(row.group(1)), wall, peak_kib / 1024, folds)
 
 
 def run_cv(tree: Path, data: Path, spec: str, folds: int, random_init: bool = False) -> CvRun:
