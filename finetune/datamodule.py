@@ -7,7 +7,7 @@ is up, the model not yet wrapped): each rank extracts only its own shard of the 
 extraction work is the dataset once whatever the number of ranks, and then trains on that shard
 (``use_distributed_sampler=False``), with the same number of steps on every rank. Stage one
 (``finetune.stage_one``) reads the centre views of the fit images from here: ``fit_centre`` and
-``fit_index``.
+``fit_index``, and ``fit_pooled`` where a caller computed their pooled features once for many fits.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ class TrunkCacheData(L.LightningDataModule):
         self.val_set: CachedViews | None = None
         self.fit_centre: torch.Tensor | None = None
         self.fit_index: np.ndarray | None = None
+        self.fit_pooled: torch.Tensor | None = None  # stage one's features of the fit images, if given
         self.shards: list[list[int]] = []
         self.samples_per_epoch: int | None = None
         self.cache_bytes = 0
@@ -76,14 +77,24 @@ class TrunkCacheData(L.LightningDataModule):
 
     @classmethod
     def from_stacks(cls, labels: np.ndarray, centre: torch.Tensor, views: list[torch.Tensor], rows: np.ndarray,
-                    cfg: FinetuneConfig, val_set: CachedViews | None = None) -> "TrunkCacheData":
-        """Train on ``rows`` of stacks cached for every image (no copy), validating on ``val_set`` if given."""
+                    cfg: FinetuneConfig, val_set: CachedViews | None = None,
+                    pooled: torch.Tensor | None = None) -> "TrunkCacheData":
+        """Train on ``rows`` of stacks cached for every image (no copy), validating on ``val_set`` if given.
+
+        ``pooled``: stage one's (N, F) pooled features of every image's centre view
+        (``finetune.stage_one.pooled_from_trunk``, with the network this data trains), when the caller
+        computed them once for many fits; stage one then reads their ``rows`` instead of recomputing them.
+        """
         data = cls(None, None, cfg, progress=False)
         data.val_set = val_set
         data.labels = labels
         data.train_set = CachedViews([centre, *views], labels[rows], rows=rows)
         data.fit_centre = centre[torch.as_tensor(rows)]
         data.fit_index = np.asarray(rows)
+        if pooled is not None:
+            if len(pooled) != len(centre):
+                raise ValueError(f"pooled features for {len(pooled)} images, but the cache holds {len(centre)}")
+            data.fit_pooled = pooled[torch.as_tensor(rows)]
         data.shards = [sorted(int(r) for r in rows)]
         data.cache_bytes = data.train_set.nbytes + (val_set.nbytes if val_set is not None else 0)
         return data

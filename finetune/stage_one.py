@@ -2,7 +2,8 @@
 
 :func:`stage_one` is the one implementation, for the fine-tune (through the :class:`StageOne` callback, inside
 ``fit``: under DDP that is the first place the ranks exist, and it runs before the strategy wraps the model)
-and for every cross-validation fold (the same callback, on the fold's rows). Every rank's pooled features are
+and for every cross-validation fold (the same callback, on the fold's rows, whose pooled features the CV
+computes once for all folds: ``fit_pooled``). Every rank's pooled features are
 gathered (they are small), rank 0 fits the probe and broadcasts it, and every rank sets its heads from it.
 """
 
@@ -31,15 +32,18 @@ def pooled_from_trunk(net: BirdNet, acts: torch.Tensor, batch_size: int = 16) ->
 
 
 def stage_one(net: BirdNet, fit_centre: torch.Tensor, fit_index: np.ndarray, labels: np.ndarray,
-              cfg: FinetuneConfig, trainer: L.Trainer | None = None) -> FittedProbe:
+              cfg: FinetuneConfig, trainer: L.Trainer | None = None,
+              pooled: torch.Tensor | None = None) -> FittedProbe:
     """Fit the probe on the centre views of the fit images (every rank's) and initialise every head of ``net``.
 
     Args:
         fit_centre: this rank's cached centre activations (n, C, h, w) of its fit images.
         fit_index: their indices into ``labels``.
         trainer: the running trainer under DDP (gather and broadcast); None in one process.
+        pooled: :func:`pooled_from_trunk` of ``fit_centre`` with ``net``, if the caller has it already
+            (cross-validation computes every image's once for all its folds).
     """
-    features = pooled_from_trunk(net, fit_centre).float()
+    features = (pooled if pooled is not None else pooled_from_trunk(net, fit_centre)).float()
     index = gather_rows(trainer, torch.as_tensor(fit_index))
     features = gather_rows(trainer, features)
     fitted = None
@@ -70,5 +74,6 @@ class StageOne(Callback):
         start = time.perf_counter()
         data = trainer.datamodule
         world = trainer if trainer.world_size > 1 else None
-        self.fitted = stage_one(pl_module.net, data.fit_centre, data.fit_index, data.labels, pl_module.cfg, world)
+        self.fitted = stage_one(pl_module.net, data.fit_centre, data.fit_index, data.labels, pl_module.cfg, world,
+                                data.fit_pooled)
         self.seconds = time.perf_counter() - start

@@ -18,7 +18,9 @@ from probe.synthetic import make_synthetic, write_grader_layout
 import finetune.cache as finetune_cache
 import finetune.cv as cv
 import finetune.cv_report as cv_report
+import finetune.stage_one as finetune_stage_one
 from finetune.config import PRESETS, preset
+from finetune.datamodule import TrunkCacheData
 from finetune.levers import WeightAverage, mix_batch
 
 from conftest import calibrate_batchnorm
@@ -114,6 +116,39 @@ def test_repeated_cv_scores_every_seeds_folds_on_one_cache(tmp_path, monkeypatch
         assert len(b["folds"]) == 4 and b["folds"][:2] == a["folds"] and set(b["seed_means"]) == {"0", "4"}
     assert twice[1]["vs_first"]["folds"] == pytest.approx(np.subtract(twice[1]["folds"], twice[0]["folds"]))
     assert "paired over 4 folds" in capsys.readouterr().out and "seeds 0, 4" in (tmp_path / "cv.md").read_text()
+
+
+def test_folds_share_one_computation_of_stage_ones_features_and_fit_the_same_probes(tmp_path, monkeypatch):
+    """The CV pools every centre view once per candidate; each fold's probe sees exactly the features it would
+    have computed itself, so the fold scores are the same as with a fold-by-fold stage one."""
+    write_grader_layout(tmp_path, "train", make_synthetic(num_classes=3, per_class=6, size=40, seed=0))
+    argv = [str(tmp_path), "--random-init", "--folds", "3", "--candidates",
+            f"fast:image_size={SIZE},limit_train_batches=1,batch_size=8,pooling=gem"]
+    pooled_calls, seen = [], []
+    real_pooled, real_fit = finetune_stage_one.pooled_from_trunk, finetune_stage_one.fit_probe
+    counted = lambda net, acts, *a: pooled_calls.append(len(acts)) or real_pooled(net, acts, *a)  # noqa: E731
+    monkeypatch.setattr(finetune_stage_one, "pooled_from_trunk", counted)
+    monkeypatch.setattr(cv, "pooled_from_trunk", counted)
+    monkeypatch.setattr(finetune_stage_one, "fit_probe", lambda X, y, *a: seen.append((X, y)) or real_fit(X, y, *a))
+    shared = cv.main(argv)
+    assert pooled_calls == [18]  # every image once, whatever the number of folds
+    by_fold = seen[:]
+    pooled_calls.clear(), seen.clear()
+    monkeypatch.setattr(cv, "centre_features", lambda cache, cfg: None)  # each fold pools its own images
+    own = cv.main(argv)
+    assert pooled_calls == [12, 12, 12]
+    assert shared[0]["folds"] == own[0]["folds"]
+    for (X, y), (X_own, y_own) in zip(by_fold, seen, strict=True):
+        assert np.array_equal(X, X_own) and np.array_equal(y, y_own)
+
+
+def test_precomputed_features_must_cover_the_cache():
+    centre, labels = torch.zeros(4, 2, 3, 3), np.arange(4)
+    with pytest.raises(ValueError, match="pooled features for 3 images, but the cache holds 4"):
+        TrunkCacheData.from_stacks(labels, centre, [], np.arange(2), PRESETS["fast"], pooled=torch.zeros(3, 5))
+    data = TrunkCacheData.from_stacks(labels, centre, [], np.array([1, 3]), PRESETS["fast"],
+                                      pooled=torch.arange(20.).reshape(4, 5))
+    assert torch.equal(data.fit_pooled, torch.arange(20.).reshape(4, 5)[[1, 3]])
 
 
 def test_tta_crops_are_cached_once_and_every_scheme_scores_the_same_tails(tmp_path, monkeypatch):
