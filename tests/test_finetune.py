@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+import probe.features as probe_features
 from probe.backbone import NetConfig, build_net
 from probe.data import load_split_dir, stratified_split
 from probe.features import extract
@@ -274,6 +275,26 @@ class HeadCheck(L.Callback):
         pl_module.train()
         np.testing.assert_allclose(logits, self.probes[0].decision_function(feats), rtol=0, atol=1e-4)
         self.checked += 1
+
+
+class MemoryKept(L.Callback):
+    """Whether freed memory is kept for the next step (``probe.features.reusing_freed_memory``) at each step."""
+
+    def __init__(self):
+        self.depths = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.depths.append(probe_features._reuse_depth)
+
+
+def test_every_training_step_reuses_freed_memory_and_training_hands_it_back(monkeypatch):
+    calls = []
+    monkeypatch.setattr(probe_features, "_glibc", lambda name, *args: calls.append((name, *args)))
+    check = MemoryKept()
+    fine_tune(make_synthetic(num_classes=3, per_class=6, size=48, seed=4), replace(TINY, members=2), "none",
+              progress=False, callbacks=[check], **TRAINER)
+    assert len(check.depths) == 4 and all(d >= 1 for d in check.depths)  # both members' steps
+    assert probe_features._reuse_depth == 0 and calls[-1] == ("malloc_trim", 0)
 
 
 def test_fine_tune_trains_from_the_probe_head(monkeypatch):

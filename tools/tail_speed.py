@@ -1,4 +1,5 @@
-"""``python -m tools.tail_speed [--steps 40] [--rounds 2] [--split N]``: tail training speed, fp32 vs bf16.
+"""``python -m tools.tail_speed [--steps 40] [--rounds 2] [--split N] [--memory kept glibc]``: tail training
+speed, fp32 vs bf16, and with freed memory kept for the next step (as training runs) or glibc's thresholds.
 
 Times the step that stage two repeats (the tail and head of ``BirdNet`` on cached trunk activations:
 forward, cross-entropy, backward, AdamW), for average and GeM pooling, fp32 and bf16-mixed, alternating
@@ -15,16 +16,18 @@ import argparse
 import time
 from contextlib import nullcontext
 from dataclasses import replace
+from itertools import product
 
 import torch
 import torch.nn.functional as F
 
 from probe.backbone import build_net
-from probe.features import autocast
+from probe.features import autocast, reusing_freed_memory
 
 from finetune.config import PRESETS
 from finetune.kernels import fp32_depthwise_input_grads
 
+MEMORY = {"kept": reusing_freed_memory, "glibc": nullcontext}  # after a kept run, glibc at its settled thresholds
 PRECISIONS = {"fp32": (False, True), "bf16": (True, True), "bf16 every conv": (True, False)}  # (bf16, kernels)
 SETTINGS = [(pool, precision) for pool in ("avg", "gem") for precision in PRECISIONS]
 
@@ -85,13 +88,21 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--image-size", type=int, default=PRESETS["full"].image_size)
     p.add_argument("--split", type=int, default=PRESETS["full"].trunk_split, help="first trainable block")
+    p.add_argument("--pool", nargs="+", choices=("avg", "gem"), default=["avg", "gem"])
+    p.add_argument("--precision", nargs="+", choices=list(PRECISIONS), default=list(PRECISIONS))
+    p.add_argument("--memory", nargs="+", choices=list(MEMORY), default=["kept"],
+                   help="'kept': freed memory kept for the next step, as training runs "
+                        "(probe.features.reusing_freed_memory); 'glibc': glibc's thresholds")
     args = p.parse_args(argv)
     rates: dict[str, list[float]] = {}
     for r in range(args.rounds):
-        for pool, precision in SETTINGS:
-            name = f"{pool} {precision}"
+        for (pool, precision), memory in product(SETTINGS, args.memory):
+            if pool not in args.pool or precision not in args.precision:
+                continue
+            name = f"{pool} {precision}" + (f", memory {memory}" if len(args.memory) > 1 else "")
             bf16, kernels = PRECISIONS[precision]
-            rate = views_per_second(pool, bf16, args.image_size, args.steps, args.split, kernels=kernels)
+            with MEMORY[memory]():
+                rate = views_per_second(pool, bf16, args.image_size, args.steps, args.split, kernels=kernels)
             rates.setdefault(name, []).append(rate)
             print(f"round {r + 1} {name}: {rates[name][-1]:.0f} views/s", flush=True)
     means = {k: sum(v) / len(v) for k, v in rates.items()}
