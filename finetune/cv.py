@@ -174,8 +174,9 @@ def candidate_net(base: BirdNet, cfg: FinetuneConfig) -> BirdNet:
 def centre_features(cache: TrunkCache, cfg: FinetuneConfig) -> torch.Tensor:
     """Stage one's (N, F) pooled features of every cached centre view, through the candidate's pooling and the
     pretrained tail. Every fold's stage one starts from that same tail, so the folds read their rows from
-    here instead of each recomputing its own (at 320 px on 2 cores, ~16 s per fold against ~20 s once). An
-    image's features do not depend on the batch it is computed in, so the probes are the same."""
+    here instead of each recomputing its own. An image's features come out of its batch the same whatever
+    the other images in it (fp32, eval mode; checked bit for bit in the suite and in docs/speed.md), so the
+    folds' probes are the same."""
     return pooled_from_trunk(candidate_net(cache.net, cfg), cache.centre)
 
 

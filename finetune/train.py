@@ -221,8 +221,8 @@ def train_tops(net: BirdNet, data: TrunkCacheData, cfg: FinetuneConfig, *, progr
     seconds = 0.0
     trainer = None
     # Each step's activations, gradients and kernel workspaces reuse what the last step freed instead of
-    # being faulted in as fresh pages (the bf16 tail step ~17% faster on 2 cores; docs/speed.md), and what
-    # was kept goes back to the OS when training ends.
+    # being faulted in as fresh pages (measured in docs/speed.md), and what was kept goes back to the OS when
+    # training ends. It is this process's setting: ranks that Lightning spawns train without it (slower only).
     with reusing_freed_memory():
         for member in range(len(net.tops())):
             data.member = member

@@ -126,14 +126,23 @@ def test_folds_share_one_computation_of_stage_ones_features_and_fit_the_same_pro
             f"fast:image_size={SIZE},limit_train_batches=1,batch_size=8,pooling=gem"]
     pooled_calls, seen = [], []
     real_pooled, real_fit = finetune_stage_one.pooled_from_trunk, finetune_stage_one.fit_probe
-    counted = lambda net, acts, *a: pooled_calls.append(len(acts)) or real_pooled(net, acts, *a)  # noqa: E731
+
+    def counted(net, acts, *args):
+        pooled_calls.append(len(acts))
+        return real_pooled(net, acts, *args)
+
+    def recorded(X, y, *args):
+        seen.append((X, y))
+        return real_fit(X, y, *args)
+
     monkeypatch.setattr(finetune_stage_one, "pooled_from_trunk", counted)
     monkeypatch.setattr(cv, "pooled_from_trunk", counted)
-    monkeypatch.setattr(finetune_stage_one, "fit_probe", lambda X, y, *a: seen.append((X, y)) or real_fit(X, y, *a))
+    monkeypatch.setattr(finetune_stage_one, "fit_probe", recorded)
     shared = cv.main(argv)
     assert pooled_calls == [18]  # every image once, whatever the number of folds
-    by_fold = seen[:]
-    pooled_calls.clear(), seen.clear()
+    by_fold = list(seen)
+    pooled_calls.clear()
+    seen.clear()
     monkeypatch.setattr(cv, "centre_features", lambda cache, cfg: None)  # each fold pools its own images
     own = cv.main(argv)
     assert pooled_calls == [12, 12, 12]

@@ -27,7 +27,9 @@ from probe.features import autocast, reusing_freed_memory
 from finetune.config import PRESETS
 from finetune.kernels import fp32_depthwise_input_grads
 
-MEMORY = {"kept": reusing_freed_memory, "glibc": nullcontext}  # after a kept run, glibc at its settled thresholds
+# 'glibc': its thresholds as they stand, dynamic or (after a 'kept' run) at the values the dynamic ones settle
+# at once a 32 MiB block has been freed, which the warm-up steps do
+MEMORY = {"kept": reusing_freed_memory, "glibc": nullcontext}
 PRECISIONS = {"fp32": (False, True), "bf16": (True, True), "bf16 every conv": (True, False)}  # (bf16, kernels)
 SETTINGS = [(pool, precision) for pool in ("avg", "gem") for precision in PRECISIONS]
 
