@@ -31,7 +31,6 @@ from finetune.kernels import fp32_depthwise_input_grads
 # at once a 32 MiB block has been freed, which the warm-up steps do
 MEMORY = {"kept": reusing_freed_memory, "glibc": nullcontext}
 PRECISIONS = {"fp32": (False, True), "bf16": (True, True), "bf16 every conv": (True, False)}  # (bf16, kernels)
-SETTINGS = [(pool, precision) for pool in ("avg", "gem") for precision in PRECISIONS]
 
 
 def views_per_second(pool: str, bf16: bool, image_size: int, steps: int, split: int, batch: int = 32,
@@ -98,9 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = p.parse_args(argv)
     rates: dict[str, list[float]] = {}
     for r in range(args.rounds):
-        for (pool, precision), memory in product(SETTINGS, args.memory):
-            if pool not in args.pool or precision not in args.precision:
-                continue
+        for pool, precision, memory in product(args.pool, args.precision, args.memory):
             name = f"{pool} {precision}" + (f", memory {memory}" if len(args.memory) > 1 else "")
             bf16, kernels = PRECISIONS[precision]
             with MEMORY[memory]():
