@@ -89,9 +89,10 @@ class TrunkCacheData(L.LightningDataModule):
         data.val_set = val_set
         data.labels = labels
         data.train_set = CachedViews([centre, *views], labels[rows], rows=rows)
-        data.fit_centre = centre[torch.as_tensor(rows)]
         data.fit_index = np.asarray(rows)
-        if pooled is not None:
+        if pooled is None:
+            data.fit_centre = centre[torch.as_tensor(rows)]
+        else:  # stage one needs only the features: no copy of the fit images' activations
             if len(pooled) != len(centre):
                 raise ValueError(f"pooled features for {len(pooled)} images, but the cache holds {len(centre)}")
             data.fit_pooled = pooled[torch.as_tensor(rows)]

@@ -31,13 +31,13 @@ def pooled_from_trunk(net: BirdNet, acts: torch.Tensor, batch_size: int = 16) ->
                       for i in range(0, len(acts), batch_size)])
 
 
-def stage_one(net: BirdNet, fit_centre: torch.Tensor, fit_index: np.ndarray, labels: np.ndarray,
+def stage_one(net: BirdNet, fit_centre: torch.Tensor | None, fit_index: np.ndarray, labels: np.ndarray,
               cfg: FinetuneConfig, trainer: L.Trainer | None = None,
               pooled: torch.Tensor | None = None) -> FittedProbe:
     """Fit the probe on the centre views of the fit images (every rank's) and initialise every head of ``net``.
 
     Args:
-        fit_centre: this rank's cached centre activations (n, C, h, w) of its fit images.
+        fit_centre: this rank's cached centre activations (n, C, h, w) of its fit images (None with ``pooled``).
         fit_index: their indices into ``labels``.
         trainer: the running trainer under DDP (gather and broadcast); None in one process.
         pooled: :func:`pooled_from_trunk` of ``fit_centre`` with ``net``, if the caller has it already

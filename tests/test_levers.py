@@ -158,6 +158,7 @@ def test_precomputed_features_must_cover_the_cache():
     data = TrunkCacheData.from_stacks(labels, centre, [], np.array([1, 3]), PRESETS["fast"],
                                       pooled=torch.arange(20.).reshape(4, 5))
     assert torch.equal(data.fit_pooled, torch.arange(20.).reshape(4, 5)[[1, 3]])
+    assert data.fit_centre is None  # the features stand in for the fit images' activations: no copy of them
 
 
 def test_tta_crops_are_cached_once_and_every_scheme_scores_the_same_tails(tmp_path, monkeypatch):
