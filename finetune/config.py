@@ -41,6 +41,19 @@ class FinetuneConfig:
         ema_decay: exponential moving average of the trainable weights, used at the end (0 = off).
         members: ensemble size: tails + heads trained one after the other on the same cache (the data
             order and mixing seeded per member), their logits averaged; the trunk runs once.
+        average: how the members become the shipped network: 'logits' (an ensemble: every tail runs at
+            prediction) or 'weights' (their uniform weight soup: one network; ``finetune.levers.averaging``).
+        swa: share of the last training steps whose weights are averaged uniformly into the final ones
+            (SWA; 0 = off).
+        cotuning: weight of Co-Tuning's loss on the pretrained ImageNet head (0 = off;
+            ``finetune.levers.cotuning``).
+        supcon: weight of a supervised contrastive loss on the batch's pooled features (0 = off;
+            ``finetune.levers.contrastive``).
+        distill: weight of the distillation loss of a fresh student trained from the trained network (the
+            ``members`` of it) on the same cache; the student is the shipped network (0 = off;
+            ``finetune.levers.distill``).
+        l2sp: strength of the tail's decay towards its pretrained weights, in place of its weight decay
+            (0 = off; ``finetune.levers.l2sp``).
         val_fraction: held-out share per class for stage two's validation; 0 trains on every image
             (the shipped model: the schedule is fixed, so nothing needs choosing at the end).
         probe: how stage one chooses C and fits the probe that initialises the head.
@@ -77,6 +90,12 @@ class FinetuneConfig:
     mix_alpha: float = 1.0
     ema_decay: float = 0.0
     members: int = 1
+    average: str = "logits"
+    swa: float = 0.0
+    cotuning: float = 0.0
+    supcon: float = 0.0
+    distill: float = 0.0
+    l2sp: float = 0.0
     val_fraction: float = 0.0
     probe: ProbeFit = field(default_factory=ProbeFit)
     tta_flip: bool = True
@@ -119,12 +138,23 @@ class FinetuneConfig:
         check_number("mix_alpha", self.mix_alpha, 0, 100, low_open=True)
         check_number("ema_decay", self.ema_decay, 0, 1, high_open=True)
         check_int("members", self.members, 1, MAX_MEMBERS)
+        self._check_levers()
         check_number("val_fraction", self.val_fraction, 0, 1, high_open=True)
         limit = self.limit_train_batches
         if type(limit) is int:
             check_int("limit_train_batches", limit, 1)
         else:
             check_number("limit_train_batches", limit, 0, 1, low_open=True)
+
+    def _check_levers(self) -> None:
+        check_choice("average", self.average, ("logits", "weights"))
+        check_number("swa", self.swa, 0, 1)
+        require(self.swa == 0 or self.ema_decay == 0, "swa", "averages the weights as ema_decay does; use one")
+        for name in ("cotuning", "supcon", "distill", "l2sp"):
+            check_number(name, getattr(self, name), 0, 100)
+        loss_terms = [name for name in ("cotuning", "supcon", "distill") if getattr(self, name) > 0]
+        require(self.mix == "none" or not loss_terms, "mix", f"mixes the batch's labels; it does not combine with "
+                f"{', '.join(loss_terms)}")
 
     def _check_views(self) -> None:
         check_int("views", self.views, 0)
@@ -156,8 +186,18 @@ class FinetuneConfig:
         flat.update({k: v for k, v in fields.items() if k != "probe"})
         return overridden(cls(), flat)
 
+    @property
+    def shipped_members(self) -> int:
+        """How many tails the shipped network runs: one for a distilled student or a weight soup."""
+        return 1 if self.distill > 0 or self.average == "weights" else self.members
+
     def net_config(self, num_classes: int) -> NetConfig:
-        """What rebuilds this run's network for ``num_classes`` species (stored in the checkpoint)."""
+        """What rebuilds this run's shipped network for ``num_classes`` species (stored in the checkpoint)."""
+        return replace(self.members_config(num_classes), members=self.shipped_members)
+
+    def members_config(self, num_classes: int) -> NetConfig:
+        """The network that is trained: ``members`` tails on one trunk (the shipped one unless they are
+        distilled or averaged into one)."""
         return NetConfig(self.backbone, num_classes, self.trunk_split, self.dropout, self.pooling, self.members)
 
     def data_config(self) -> DataConfig:

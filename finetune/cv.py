@@ -1,24 +1,19 @@
 """``python -m finetune.cv DATA_DIR [--candidates SPEC ...]``: score recipes by stratified k-fold cross-validation.
 
 Only the training images are used (the test split is never read), the same seeded folds for every
-candidate. A candidate is ``PRESET[:field=value,...]``, e.g. ``full``, ``v1``, ``full:ema_decay=0.998``,
-``full:image_size=384,views=6``. The trunk cache (centre view, its mirror for flip TTA, the augmented
-views of every image, and each TTA crop any candidate of the setting asks for, with its mirror) is computed
-once per trunk setting (backbone, image size, split, augmentation, precision) and shared by every fold and
-every candidate with that setting; a candidate with fewer views uses the first ones. Stage one's pooled
-features of the centre views come from the pretrained tail, the same in every fold, so they too are
-computed once per candidate. Per fold only stage
-one (the probe on the fold's training images) and the tail are fitted again, then the held-out fold is
-scored exactly as ``classify`` would (centre view, flip TTA, and the candidate's ``tta_crops``). The same
-trained tails are also scored under every other combination of the
-cached crops, with and without flip TTA, so prediction-time choices are compared on identical models.
+candidate. A candidate is ``PRESET[:field=value,...]``, e.g. ``full``, ``full:ema_decay=0.998``. The trunk
+cache (centre view and its mirror, the augmented views, each TTA crop any candidate asks for and each
+``--test-sizes`` centre view, with their mirrors) is computed once per trunk setting (backbone, image size,
+split, augmentation, precision) and shared by every fold and candidate with that setting; a candidate with
+fewer views uses the first ones. Stage one's pooled features of the centre views come from the pretrained
+tail, the same in every fold, so they are computed once per candidate. Per fold only stage one and the tail
+are fitted again; the held-out fold is scored exactly as ``classify`` would, and the same trained tails are
+also scored under every combination of the cached crops and mirrors and by ``finetune.cv_readouts``.
 
-With several ``--seed`` values the CV is repeated: k folds per seed, all on the one cache, for differences
-of a few tenths of a point that one fold assignment cannot resolve.
-
-Prints per candidate the fold accuracies, mean +- standard error and seconds, the per-seed means, and
-every candidate after the first paired with the first fold by fold (``finetune.cv_report``); writes
-nothing unless ``--out`` (a .json or .md table) is given.
+With several ``--seed`` values the CV is repeated: k folds per seed, all on the one cache. Prints per
+candidate the fold accuracies, mean +- standard error and seconds, the per-seed means, and every candidate
+after the first paired with the first fold by fold (``finetune.cv_report``); writes nothing unless ``--out``
+(a .json or .md table) is given.
 """
 
 from __future__ import annotations
@@ -28,7 +23,6 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
-from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -40,18 +34,21 @@ from probe.cli import Written, check_output_file, fail, layout_inputs, run_inter
 from probe.data import DataError, LabelledImages, load_split_dir
 from probe.features import autocast
 from probe.outputs import write_text
-from probe.preprocess import EvalTransform, with_crop_fraction
+from probe.preprocess import EvalTransform, data_config, with_crop_fraction
 from probe.settings import ConfigError
 from probe.weights import WeightsError, pretrained_net
 
 from finetune.cache import Mirrored, View, cache_views, extract_views
 from finetune.cli import candidate
 from finetune.config import FinetuneConfig
+from finetune.cv_readouts import SizeReadouts, member_readouts, scheme_name, tta_schemes
 from finetune.cv_report import compare_rows, format_row, markdown, mean_se
 from finetune.datamodule import TrunkCacheData
 from finetune.inference import tta_mean
+from finetune.levers import LeverInputs
+from finetune.process import process_state_kept
 from finetune.stage_one import pooled_from_trunk
-from finetune.train import process_state_kept, train_tops
+from finetune.train import lever_inputs, train_tops
 
 
 def parse_candidate(spec: str) -> tuple[str, FinetuneConfig]:
@@ -80,24 +77,28 @@ class TrunkCache:
     views: list[torch.Tensor]
     seconds: float
     crops: dict[float, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # TTA crop: (view, mirror)
+    sizes: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # test size: (centre, mirror)
 
 
 def build_cache(images: LabelledImages, cfg: FinetuneConfig, views: int, weights: str, progress: bool,
-                crops: tuple[float, ...] = ()) -> TrunkCache:
-    """Centre, mirrored centre and ``views`` augmented views of every image, with the pretrained network, and
-    each TTA crop in ``crops`` with its mirror: one pass over the images, each decoded once."""
+                crops: tuple[float, ...] = (), sizes: tuple[int, ...] = ()) -> TrunkCache:
+    """Centre, mirrored centre and ``views`` augmented views of every image, with the pretrained network, each
+    TTA crop in ``crops`` with its mirror, and the centre view with its mirror at each input size in ``sizes``:
+    one pass over the images, each decoded once."""
     start = time.perf_counter()
     net = pretrained_net(replace(cfg, members=1).net_config(images.num_classes), weights)
     data_cfg = cfg.data_config()
     centre, *augmented = cache_views(data_cfg, replace(cfg, views=views))
     plan = [centre, View("mirrored centre", Mirrored(centre.transform)), *augmented]
-    for f in crops:
-        crop = EvalTransform(with_crop_fraction(data_cfg, f))
-        plan += [View(f"crop {f}", crop), View(f"crop {f} mirrored", Mirrored(crop))]
+    extra_views = [(f"crop {f}", EvalTransform(with_crop_fraction(data_cfg, f))) for f in crops]
+    extra_views += [(f"size {s}", EvalTransform(data_config(cfg.backbone, s))) for s in sizes]
+    for name, transform in extra_views:
+        plan += [View(name, transform), View(f"{name} mirrored", Mirrored(transform))]
     stacks = dict(zip((v.name for v in plan), extract_views(net, images, plan, cfg, progress=progress)))
-    extra = {f: (stacks[f"crop {f}"], stacks[f"crop {f} mirrored"]) for f in crops}
+    pairs = {name: (stacks[name], stacks[f"{name} mirrored"]) for name, _ in extra_views}
     return TrunkCache(net, stacks["centre view"], stacks["mirrored centre"], [stacks[v.name] for v in augmented],
-                      time.perf_counter() - start, extra)
+                      time.perf_counter() - start, {f: pairs[f"crop {f}"] for f in crops},
+                      {s: pairs[f"size {s}"] for s in sizes})
 
 
 STANDARD = 0.0  # held_out_logits' key of the standard centre view (whatever crop fraction the weights use)
@@ -127,44 +128,41 @@ def tta_logits(logits: dict[float, torch.Tensor], crops: tuple[float, ...], flip
     return tta_mean(views.mean(1) if member is None else views[:, member])
 
 
-def tta_schemes(crops: tuple[float, ...]) -> list[tuple[tuple[float, ...], bool]]:
-    """Every (extra crops, flip) combination of the cached crops: what each fold is also scored under."""
-    subsets = [c for r in range(len(crops) + 1) for c in combinations(sorted(crops), r)]
-    return [(c, flip) for c in subsets for flip in (False, True)]
-
-
-def scheme_name(crops: tuple[float, ...], flip: bool) -> str:
-    return "+".join(["centre", *map(str, crops)]) + (" flip" if flip else "")
-
-
 def run_fold(cache: TrunkCache, images: LabelledImages, cfg: FinetuneConfig, train_idx: np.ndarray,
-             val_idx: np.ndarray, progress: bool, pooled: torch.Tensor | None = None) -> dict:
+             val_idx: np.ndarray, progress: bool, pooled: torch.Tensor | None = None,
+             inputs: LeverInputs | None = None) -> dict:
     """Stage one and the tail on the fold's training images (``finetune.train.train_tops``, the fine-tune's own
     path), then the held-out accuracy with the candidate's TTA ('acc'), with flip TTA toggled ('other'), of
-    the first member alone ('first'), and under every cached TTA scheme ('schemes').
+    the first member alone ('first'), under every cached TTA scheme ('schemes'), and the readouts of the same
+    tails (``finetune.cv_readouts``: members, soup, teacher, test sizes).
 
     ``pooled``: :func:`centre_features` of the cache for this candidate, if computed already for all folds;
     None computes the fold's own (the same numbers)."""
-    net = candidate_net(cache.net, cfg)
     labels = images.labels
     data = TrunkCacheData.from_stacks(labels, cache.centre, cache.views[:cfg.views], train_idx, cfg, pooled=pooled)
-    train_tops(net, data, cfg, progress=progress, accelerator="cpu", devices=1)
-    logits = held_out_logits(net, cache, val_idx, cfg)
+    run = train_tops(candidate_net(cache.net, cfg), data, cfg, inputs=inputs, progress=progress,
+                     accelerator="cpu", devices=1)
+    logits = held_out_logits(run.net, cache, val_idx, cfg)
 
-    def accuracy(crops, flip, member=None) -> float:
-        return float((tta_logits(logits, crops, flip, member).argmax(1).numpy() == labels[val_idx]).mean())
+    def accuracy(crops, flip, member=None, of=logits) -> float:
+        return float((tta_logits(of, crops, flip, member).argmax(1).numpy() == labels[val_idx]).mean())
 
-    # Member 0 is trained exactly as a one-member candidate is, so an ensemble's fold also scores that
-    # recipe, with this candidate's TTA setting, at no extra cost.
+    def score(net: BirdNet, member: int | None = None) -> float:
+        return accuracy(cfg.tta_crops, cfg.tta_flip, member, held_out_logits(net, cache, val_idx, cfg))
+
+    readouts = member_readouts(run, cfg, score)
+    if cache.sizes and len(run.net.tops()) == 1:  # an ensemble's sizes would read its first member alone
+        readouts.update(SizeReadouts(run.net, cfg, (cache.centre, cache.mirror), cache.sizes)(train_idx, val_idx,
+                                                                                                 labels))
     return {"acc": accuracy(cfg.tta_crops, cfg.tta_flip), "other": accuracy(cfg.tta_crops, not cfg.tta_flip),
-            "first": accuracy(cfg.tta_crops, cfg.tta_flip, 0),
+            "first": readouts.get("member 1 alone", accuracy(cfg.tta_crops, cfg.tta_flip, 0)), "readouts": readouts,
             "schemes": {scheme_name(c, f): accuracy(c, f) for c, f in tta_schemes(tuple(cache.crops))}}
 
 
 def candidate_net(base: BirdNet, cfg: FinetuneConfig) -> BirdNet:
     """A network with the candidate's pooling, dropout and ensemble members, whose trunk is the one that made
     the cache and whose every tail starts as the cache network's (pretrained) tail."""
-    net = build_net(cfg.net_config(base.head.out_features))
+    net = build_net(cfg.members_config(base.head.out_features))
     net.trunk.load_state_dict(base.trunk.state_dict())
     for top in net.tops():
         top.tail.load_state_dict(base.tail.state_dict())
@@ -181,24 +179,27 @@ def centre_features(cache: TrunkCache, cfg: FinetuneConfig) -> torch.Tensor:
 
 
 def score_candidate(spec: str, cfg: FinetuneConfig, cache: TrunkCache, images: LabelledImages, folds,
-                    progress: bool) -> dict:
-    """Fold accuracies, their mean and standard error, and the seconds the candidate's folds took."""
+                    progress: bool, weights: str = "required") -> dict:
+    """Fold accuracies, their mean and standard error, the readouts', and the seconds the folds took."""
     start = time.perf_counter()
     folds_out = []
     with process_state_kept():
         pooled = centre_features(cache, cfg)
+        inputs = lever_inputs(cfg, weights)
         for k, (tr, va) in enumerate(folds):
             torch.manual_seed(cfg.seed)  # each fold starts from the same state, whatever ran before
-            out = run_fold(cache, images, cfg, tr, va, progress, pooled)
+            out = run_fold(cache, images, cfg, tr, va, progress, pooled, inputs)
             folds_out.append(out)
-            alone = f", member 1 alone: {out['first']:.4f}" if cfg.members > 1 else ""
+            more = "".join(f", {name}: {a:.4f}" for name, a in out["readouts"].items())
             print(f"  {spec} fold {k + 1}/{len(folds)}: {out['acc']:.4f} (flip TTA {'off' if cfg.tta_flip else 'on'}: "
-                  f"{out['other']:.4f}{alone})", flush=True)
+                  f"{out['other']:.4f}{more})", flush=True)
     row = {"candidate": spec, **mean_se([o["acc"] for o in folds_out]),
            "mean_other_tta": float(np.mean([o["other"] for o in folds_out])),
            "seconds": time.perf_counter() - start, "cache_seconds": cache.seconds, "config": _jsonable(asdict(cfg))}
     if cfg.members > 1:
         row["first_member"] = mean_se([o["first"] for o in folds_out])
+    if folds_out[0]["readouts"]:
+        row["readouts"] = {name: mean_se([o["readouts"][name] for o in folds_out]) for name in folds_out[0]["readouts"]}
     if cache.crops:
         row["tta"] = {name: mean_se([o["schemes"][name] for o in folds_out]) for name in folds_out[0]["schemes"]}
     return row
@@ -217,7 +218,7 @@ def trunk_key(cfg: FinetuneConfig) -> tuple:
 
 
 def cross_validate(images: LabelledImages, candidates: list[tuple[str, FinetuneConfig]], folds, *,
-                   weights: str = "required", progress: bool = False) -> list[dict]:
+                   weights: str = "required", progress: bool = False, sizes: tuple[int, ...] = ()) -> list[dict]:
     """Score every candidate on the same folds, building each trunk cache once. Returns rows in input order."""
     groups: dict[tuple, list[int]] = {}
     for i, (_, cfg) in enumerate(candidates):
@@ -226,10 +227,11 @@ def cross_validate(images: LabelledImages, candidates: list[tuple[str, FinetuneC
     for members in groups.values():
         first = candidates[members[0]][1]
         crops = tuple(sorted({c for i in members for c in candidates[i][1].tta_crops}))
-        cache = build_cache(images, first, max(candidates[i][1].views for i in members), weights, progress, crops)
+        cache = build_cache(images, first, max(candidates[i][1].views for i in members), weights, progress, crops,
+                            sizes)
         print(f"trunk cache for {[candidates[i][0] for i in members]}: {cache.seconds:.0f}s", flush=True)
         for i in members:
-            rows[i] = score_candidate(*candidates[i], cache, images, folds, progress)
+            rows[i] = score_candidate(*candidates[i], cache, images, folds, progress, weights)
             print(format_row(rows[i]), flush=True)
         del cache
     return rows
@@ -247,6 +249,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[tuple[s
     p.add_argument("--seed", type=int, nargs="+", default=[0],
                    help="fold assignment seed; several give repeated CV (k folds per seed, one shared cache)")
     p.add_argument("--out", type=Path, help="also write the table: .json or .md")
+    p.add_argument("--test-sizes", type=int, nargs="+", default=[], metavar="SIZE",
+                   help="also score each fold's network on centre views at these input sizes")
     p.add_argument("--random-init", action="store_true", help="no pretrained weights (a smoke run)")
     p.add_argument("--progress", action="store_true", help="progress bars")
     args = p.parse_args(argv)
@@ -277,7 +281,7 @@ def run(args: argparse.Namespace, candidates: list[tuple[str, FinetuneConfig]], 
                        "use at most that many folds")
         folds = repeated_folds(images.labels, args.folds, args.seed)
         rows = cross_validate(images, candidates, folds, weights="none" if args.random_init else "required",
-                              progress=args.progress)
+                              progress=args.progress, sizes=tuple(args.test_sizes))
     except (DataError, WeightsError) as err:
         sys.exit(f"error: {err}")
     compare_rows(rows, args.seed)

@@ -22,16 +22,22 @@ def compare_rows(rows: list[dict], seeds: list[int]) -> list[dict]:
     treat every fold as independent, which they are not (each image is held out once per seed), so they
     understate the uncertainty; whether a difference holds under every seed ('seed_means') is the sturdier read.
     """
-    first = np.array(rows[0]["folds"])
     for row in rows:
         per_seed = np.array(row["folds"]).reshape(len(seeds), -1)
         if len(seeds) > 1:
             row["seed_means"] = {str(s): float(m) for s, m in zip(seeds, per_seed.mean(1))}
         if row is not rows[0]:
-            diffs = np.array(row["folds"]) - first
-            row["vs_first"] = {"candidate": rows[0]["candidate"], **mean_se(diffs.tolist()),
-                               "seed_means": [float(m) for m in diffs.reshape(len(seeds), -1).mean(1)]}
+            row["vs_first"] = _paired(row["folds"], rows[0], seeds)
+        for readout in row.get("readouts", {}).values():  # read off the same tails: paired with the first too
+            readout["vs_first"] = _paired(readout["folds"], rows[0], seeds)
     return rows
+
+
+def _paired(folds: list[float], first: dict, seeds: list[int]) -> dict:
+    """``folds`` minus the first row's, fold by fold: their mean, standard error and per-seed means."""
+    diffs = np.array(folds) - np.array(first["folds"])
+    return {"candidate": first["candidate"], **mean_se(diffs.tolist()),
+            "seed_means": [float(m) for m in diffs.reshape(len(seeds), -1).mean(1)]}
 
 
 def format_row(row: dict) -> str:
@@ -45,6 +51,9 @@ def format_row(row: dict) -> str:
         line += "\n    " + _versus(row["vs_first"])
     for name, r in row.get("tta", {}).items():
         line += f"\n    TTA {name:<28} {r['mean']:.4f} +- {r['se']:.4f}"
+    for name, r in row.get("readouts", {}).items():
+        versus = _versus(r["vs_first"]) if "vs_first" in r else ""  # paired once every row is in
+        line += f"\n    readout {name:<32} {r['mean']:.4f} +- {r['se']:.4f}  {versus}"
     return line
 
 
@@ -65,9 +74,14 @@ def markdown(rows: list[dict], k: int, seeds: list[int]) -> str:
              + " | seconds | cache s |",
              "|---|---:|---:|---:|" + "---:|" * n + "---:|---:|"]
     for r in rows:
-        d = r.get("vs_first")
-        versus = f"{100 * d['mean']:+.2f} +- {100 * d['se']:.2f}" if d else "-"
-        lines.append(f"| `{r['candidate']}` | {r['mean']:.4f} | {r['se']:.4f} | {versus} | "
-                     + " | ".join(f"{a:.4f}" for a in r["folds"])
-                     + f" | {r['seconds']:.0f} | {r['cache_seconds']:.0f} |")
+        lines.append(_markdown_line(f"`{r['candidate']}`", r, f" {r['seconds']:.0f} | {r['cache_seconds']:.0f} |"))
+        for name, readout in r.get("readouts", {}).items():
+            lines.append(_markdown_line(f"`{r['candidate']}`, read off: {name}", readout, " - | - |"))
     return "\n".join(lines) + "\n"
+
+
+def _markdown_line(name: str, r: dict, tail: str) -> str:
+    d = r.get("vs_first")
+    versus = f"{100 * d['mean']:+.2f} +- {100 * d['se']:.2f}" if d else "-"
+    return f"| {name} | {r['mean']:.4f} | {r['se']:.4f} | {versus} | " + " | ".join(f"{a:.4f}" for a in r["folds"]) \
+        + " |" + tail

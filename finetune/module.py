@@ -1,6 +1,6 @@
 """The Lightning pieces of stage two: the module that trains tail + head on cached trunk activations, the
-freezing callback and the warm-up + cosine learning-rate schedule. Optional levers (EMA, mixing) are
-``finetune.levers``."""
+freezing callback and the warm-up + cosine learning-rate schedule. Optional levers (weight averaging, mixing,
+Co-Tuning, a contrastive term, distillation, L2-SP) are ``finetune.levers``."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from probe.backbone import BirdNet, TailHead
 
 from finetune.config import FinetuneConfig
 from finetune.kernels import fp32_depthwise_input_grads
+from finetune.levers import LeverInputs, loss_terms
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
@@ -78,11 +79,13 @@ class LPFTModule(L.LightningModule):
     Keeps the best validation weights in memory (``best_state``) and a per-epoch ``history``.
     """
 
-    def __init__(self, net: BirdNet, cfg: FinetuneConfig, member: int = 0):
+    def __init__(self, net: BirdNet, cfg: FinetuneConfig, member: int = 0, inputs: LeverInputs | None = None):
         super().__init__()
         self.net = net
         self.cfg = cfg
         self.member_index = member  # which top, and its own data order and mixing draws
+        self.inputs = inputs if inputs is not None else LeverInputs()
+        self.terms = nn.ModuleList()  # the levers' loss terms, made in setup once the cache is there
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_val_accuracy = -1.0
         self.history: list[dict[str, float]] = []
@@ -102,6 +105,12 @@ class LPFTModule(L.LightningModule):
     def forward(self, acts: torch.Tensor) -> torch.Tensor:
         return self.top(acts)
 
+    def setup(self, stage: str) -> None:
+        # After the data module's setup (the cache) and stage one (the probe-initialised heads), before the
+        # optimiser is made: the terms' own parameters are trained too.
+        self.terms = nn.ModuleList(loss_terms(self.cfg, self.top, self.trainer.datamodule.train_set, self.inputs,
+                                              self.trainer))
+
     def on_train_start(self) -> None:
         self.train()  # the data module's setup ran the probe in eval mode inside fit(); dropout back on, BN pinned
 
@@ -112,15 +121,29 @@ class LPFTModule(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         acts, y = batch
         self.samples_seen += len(y)
-        if self.cfg.mix == "none":
-            logits = self(acts)
-            loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
-        else:
-            from finetune.levers import mixed_step  # a lever: loaded only by the recipes that mix
+        if self.cfg.mix != "none":
+            from finetune.levers.mixing import mixed_step  # a lever: loaded only by the recipes that mix
 
             logits, loss = mixed_step(self, acts, y)
+        elif len(self.terms):
+            logits, loss = self._step_with_terms(acts, y)
+        else:
+            logits = self(acts)
+            loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
         self._log("train", loss, (logits.argmax(1) == y).float().mean(), len(y))
         return loss
+
+    def _step_with_terms(self, acts: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, loss) with the levers' terms added; the forward is the top's own, step by step, so that
+        each term can read the maps (B, F, h, w) and the pooled features (B, F) it needs."""
+        top = self.top
+        maps = top.forward_tail(acts)
+        features = top.forward_head(maps, pre_logits=True)
+        logits = top.head(top.dropout(features))
+        loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
+        for term in self.terms:
+            loss = loss + term(acts=acts, maps=maps, features=features, logits=logits, y=y)
+        return logits, loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
         acts, y = batch
@@ -139,13 +162,19 @@ class LPFTModule(L.LightningModule):
 
     def param_groups(self) -> list[dict]:
         """AdamW groups: the tail at ``lr_tail``, pooling and head at ``lr_head``; no decay on 1-d parameters."""
-        groups = []
         top = self.top
-        for modules, lr in (((top.tail,), self.cfg.lr_tail), ((top.pool, top.head), self.cfg.lr_head)):
-            params = [p for module in modules for p in module.parameters() if p.requires_grad]
+        tail_decay = 0.0 if self.cfg.l2sp > 0 else self.cfg.weight_decay  # L2-SP decays it towards pretrained
+        parts = [(list(top.tail.parameters()), self.cfg.lr_tail, tail_decay),
+                 ([*top.pool.parameters(), *top.head.parameters()], self.cfg.lr_head, self.cfg.weight_decay)]
+        for term in self.terms:
+            parts += [(params, lr, self.cfg.weight_decay) for params, lr in term.param_groups(self.cfg.lr_tail,
+                                                                                              self.cfg.lr_head)]
+        groups = []
+        for params, lr, weight_decay in parts:
+            params = [p for p in params if p.requires_grad]
             decay = [p for p in params if p.ndim > 1]  # conv and linear weights; not biases, BatchNorm or GeM's p
             no_decay = [p for p in params if p.ndim <= 1]
-            groups += [{"params": decay, "lr": lr, "weight_decay": self.cfg.weight_decay},
+            groups += [{"params": decay, "lr": lr, "weight_decay": weight_decay},
                        {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
         return [g for g in groups if g["params"]]
 

@@ -61,12 +61,15 @@ def stage_one(net: BirdNet, fit_centre: torch.Tensor | None, fit_index: np.ndarr
 
 class StageOne(Callback):
     """Runs :func:`stage_one` once, when the first fit's data module has its cache; later fits (an ensemble's
-    other members) keep the same probe. ``fitted`` and ``seconds`` say what it did."""
+    other members, a distilled student) keep the same probe. ``fitted`` and ``seconds`` say what it did; with
+    ``keep_start``, ``start_state`` is the network's state dict right after it (pretrained, probe heads)."""
 
-    def __init__(self):
+    def __init__(self, keep_start: bool = False):
         super().__init__()
         self.fitted: FittedProbe | None = None
         self.seconds = 0.0
+        self.keep_start = keep_start
+        self.start_state: dict[str, torch.Tensor] | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.fitted is not None:
@@ -76,4 +79,6 @@ class StageOne(Callback):
         world = trainer if trainer.world_size > 1 else None
         self.fitted = stage_one(pl_module.net, data.fit_centre, data.fit_index, data.labels, pl_module.cfg, world,
                                 data.fit_pooled)
+        if self.keep_start:
+            self.start_state = {k: v.detach().clone() for k, v in pl_module.net.state_dict().items()}
         self.seconds = time.perf_counter() - start

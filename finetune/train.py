@@ -1,50 +1,35 @@
 """Stage two end to end: probe-initialised head (LP-FT), cached trunk views, Lightning fine-tuning.
 
 :func:`fine_tune` leaves the interpreter as it found it: Lightning's seeding and deterministic mode are
-undone when it returns (:func:`process_state_kept`), its warning filters and log levels when each fit
-ends (:func:`quiet_lightning`).
+undone when it returns (``finetune.process.process_state_kept``), its warning filters and log levels when each fit
+ends (``finetune.process.quiet_lightning``).
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import random
-import signal
-import threading
 import time
-import warnings
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 import torch.utils.deterministic
 
-from probe.backbone import BirdNet
+from probe.backbone import BirdNet, build_net
 from probe.data import LabelledImages
 from probe.features import resolve_precision, reusing_freed_memory
 from probe.linear import FittedProbe
 from probe.timing import Stopwatch
-from probe.weights import pretrained_net
+from probe.weights import pretrained_net, pretrained_source_head
 
 from finetune.cache import CachedViews
 from finetune.checkpoint import Classifier
 from finetune.config import FinetuneConfig
 from finetune.datamodule import TrunkCacheData, val_loader_of
+from finetune.levers import LeverInputs
 from finetune.module import CpuBf16Kernels, LPFTModule, TrunkFreeze
+from finetune.process import process_state_kept, quiet_lightning
 from finetune.stage_one import StageOne
-
-# Lightning's warnings about choices this design makes on purpose: in-process loading (no workers),
-# BatchNorm pinned in eval mode, metrics logged per epoch (with --log-dir); and Lightning >= 2.5's own use of
-# torch APIs that newer torch deprecates (LeafSpec; torch.distributed.nn's all_gather, which Lightning's
-# all_gather calls under DDP), which no configuration of ours can avoid.
-KNOWN_WARNINGS = (".*does not have many workers.*", ".*module\\(s\\) in eval mode.*", ".*log_every_n_steps.*",
-                  ".*LeafSpec.*", ".*all_gather is deprecated.*")
-# Lightning's informational lines (accelerator summary, tips); they go to these loggers at INFO.
-LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
 
 
 @dataclass
@@ -64,55 +49,6 @@ class FinetuneResult:
     stopwatch: Stopwatch = field(default_factory=Stopwatch)
 
 
-@contextmanager
-def process_state_kept():
-    """Undo what training changes process-wide: the random generators, torch's deterministic mode, its
-    thread count and cuDNN flags (Lightning's launchers set them), the environment variables Lightning
-    sets (``seed_everything``'s PL_GLOBAL_SEED and PL_SEED_WORKERS, the DDP launcher's), and the SIGINT
-    handler (Lightning ignores Ctrl-C once it has seen one)."""
-    rng = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    deterministic = (torch.are_deterministic_algorithms_enabled(),
-                     torch.is_deterministic_algorithms_warn_only_enabled(),
-                     torch.utils.deterministic.fill_uninitialized_memory)
-    threads = torch.get_num_threads()
-    cudnn = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
-    environ = dict(os.environ)
-    sigint = signal.getsignal(signal.SIGINT)
-    try:
-        yield
-    finally:
-        if sigint is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, sigint)
-        random.setstate(rng[0])
-        np.random.set_state(rng[1])
-        torch.set_rng_state(rng[2])
-        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
-        torch.utils.deterministic.fill_uninitialized_memory = deterministic[2]
-        torch.set_num_threads(threads)
-        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = cudnn
-        for key in set(os.environ) - set(environ):
-            del os.environ[key]
-        os.environ.update({k: v for k, v in environ.items() if os.environ.get(k) != v})
-
-
-@contextmanager
-def quiet_lightning(verbose: bool = False):
-    """Silence Lightning's known warnings about this design's choices and, unless ``verbose``, its
-    informational lines (accelerator summary, tips), for the block only: filters and levels come back."""
-    levels = {name: logging.getLogger(name).level for name in LIGHTNING_LOGGERS}
-    try:
-        with warnings.catch_warnings():
-            for pattern in KNOWN_WARNINGS:
-                warnings.filterwarnings("ignore", pattern)
-            if not verbose:
-                for name in LIGHTNING_LOGGERS:
-                    logging.getLogger(name).setLevel(logging.WARNING)
-            yield
-    finally:
-        for name, level in levels.items():
-            logging.getLogger(name).setLevel(level)
-
-
 def trainer_precision(cfg: FinetuneConfig, accelerator: str) -> str:
     """Lightning's precision for the tail: 'bf16-mixed' (fp32 master weights) where bf16 is native, else fp32."""
     cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
@@ -127,10 +63,14 @@ def make_trainer(cfg: FinetuneConfig, progress: bool, *, validate: bool, log_dir
     Device flags (accelerator, devices, strategy, num_nodes) pass through ``trainer_kwargs``.
     """
     callbacks = [TrunkFreeze(), CpuBf16Kernels()]
-    if cfg.ema_decay > 0:
-        from finetune.levers import WeightAverage  # a lever: loaded only by the recipes that average
+    if cfg.ema_decay > 0 or cfg.swa > 0:
+        from finetune.levers.averaging import WeightAverage  # a lever: loaded only by the recipes that average
 
-        callbacks.append(WeightAverage(cfg.ema_decay))
+        callbacks.append(WeightAverage(cfg.ema_decay, cfg.swa))
+    if cfg.l2sp > 0:
+        from finetune.levers.l2sp import TowardsPretrained
+
+        callbacks.append(TowardsPretrained(cfg.l2sp))
     kwargs = dict(
         max_epochs=cfg.epochs, logger=_loggers(log_dir), enable_checkpointing=False, enable_model_summary=False,
         num_sanity_val_steps=0, limit_train_batches=cfg.limit_train_batches, limit_val_batches=1.0 if validate else 0,
@@ -198,40 +138,85 @@ def cached_accuracy(net: BirdNet, views: CachedViews, trainer: L.Trainer | None 
 
 @dataclass
 class Training:
-    """What :func:`train_tops` did: one module per trained top, the probe, the seconds of the epochs alone."""
+    """What :func:`train_tops` did: one module per trained top, the probe, the seconds of the epochs alone, and
+    the shipped network (``members`` itself, or the student or soup made from it)."""
 
     modules: list[LPFTModule]
     fitted: FittedProbe
     stage_one_seconds: float
     seconds: float  # training steps (and validation), without the cache's extraction and stage one
     trainer: L.Trainer  # the last fit's: rank and world size of a distributed run
+    net: BirdNet
+    members: BirdNet  # every trained top (the distillation's teacher)
 
 
-def train_tops(net: BirdNet, data: TrunkCacheData, cfg: FinetuneConfig, *, progress: bool = True,
-               verbose: bool = False, log_dir: Path | None = None, **trainer_kwargs) -> Training:
+def train_tops(net: BirdNet, data: TrunkCacheData, cfg: FinetuneConfig, *, inputs: LeverInputs | None = None,
+               progress: bool = True, verbose: bool = False, log_dir: Path | None = None,
+               **trainer_kwargs) -> Training:
     """Stage one and then the tail + head of every top of ``net`` (one, or an ensemble's, one fit each), on
-    ``data``: the one training path of the fine-tune, cross-validation and the benchmark.
+    ``data``: the one training path of the fine-tune, cross-validation and the benchmark; then, where the
+    recipe asks, the student distilled from them or their weight soup (``Training.net``).
 
     The first fit's ``setup`` extracts the cache (unless ``data`` holds one already) and stage one fits the
     probe (``finetune.stage_one.StageOne``); each fit starts from the same random state.
     """
-    stage = StageOne()
-    extra = list(trainer_kwargs.pop("callbacks", []))
-    modules = []
-    seconds = 0.0
-    trainer = None
+    inputs = inputs if inputs is not None else LeverInputs()
+    stage = StageOne(keep_start=cfg.distill > 0)
+    fits = [(net, member, inputs) for member in range(len(net.tops()))]
+    run = _Fits(data, cfg, [stage, *trainer_kwargs.pop("callbacks", [])], progress, verbose, log_dir, trainer_kwargs)
     # Each step's activations, gradients and kernel workspaces reuse what the last step freed instead of
     # being faulted in as fresh pages (measured in docs/speed.md), and what was kept goes back to the OS when
     # training ends. It is this process's setting: ranks that Lightning spawns train without it (slower only).
     with reusing_freed_memory():
-        for member in range(len(net.tops())):
-            data.member = member
-            modules.append(LPFTModule(net, cfg, member))
-            with process_state_kept():
-                trainer = make_trainer(cfg, progress, validate=data.validates, log_dir=log_dir, verbose=verbose,
-                                       callbacks=[stage, *extra], **trainer_kwargs)
-                seconds += fit_module(modules[-1], trainer, verbose, datamodule=data)
-    return Training(modules, stage.fitted, stage.seconds, seconds - data.setup_seconds - stage.seconds, trainer)
+        for fit in fits:
+            run(*fit)
+        final = net
+        if cfg.distill > 0:
+            final = one_network(cfg, net, stage.start_state)
+            run(final, 0, replace(inputs, teacher=net))
+        elif cfg.shipped_members < cfg.members:
+            from finetune.levers.averaging import uniform_soup
+
+            final = one_network(cfg, net, net.state_dict())
+            uniform_soup(net.tops(), into=final.top())
+    seconds = run.seconds - data.setup_seconds - stage.seconds
+    return Training(run.modules, stage.fitted, stage.seconds, seconds, run.trainer, final.eval(), net)
+
+
+class _Fits:
+    """One Lightning fit per call, on the same data and callbacks: :func:`train_tops`' loop body."""
+
+    def __init__(self, data: TrunkCacheData, cfg: FinetuneConfig, callbacks: list, progress: bool, verbose: bool,
+                 log_dir: Path | None, trainer_kwargs: dict):
+        self.data = data
+        self.cfg = cfg
+        self.callbacks = callbacks
+        self.progress = progress
+        self.verbose = verbose
+        self.log_dir = log_dir
+        self.trainer_kwargs = trainer_kwargs
+        self.modules: list[LPFTModule] = []
+        self.seconds = 0.0
+        self.trainer = None
+
+    def __call__(self, net: BirdNet, member: int, inputs: LeverInputs) -> None:
+        self.data.member = member
+        self.modules.append(LPFTModule(net, self.cfg, member, inputs))
+        with process_state_kept():
+            self.trainer = make_trainer(self.cfg, self.progress, validate=self.data.validates, log_dir=self.log_dir,
+                                        verbose=self.verbose, callbacks=self.callbacks, **self.trainer_kwargs)
+            self.seconds += fit_module(self.modules[-1], self.trainer, self.verbose, datamodule=self.data)
+
+
+def one_network(cfg: FinetuneConfig, net: BirdNet, state: dict) -> BirdNet:
+    """A one-top network of ``net``'s shape holding ``state``'s trunk and first top (an ensemble's other tops
+    left out): the student or the soup's vessel. Built on a forked generator, so the training's random
+    streams stay as they were."""
+    with torch.random.fork_rng(devices=[]):
+        one = build_net(replace(cfg.net_config(net.head.out_features), members=1))
+    one.load_state_dict({k: v for k, v in state.items() if not k.startswith("extra.")})
+    device = next(net.parameters()).device
+    return one.to(device).eval()
 
 
 def fine_tune(train: LabelledImages, cfg: FinetuneConfig, weights: str = "required", *,
@@ -251,19 +236,29 @@ def fine_tune(train: LabelledImages, cfg: FinetuneConfig, weights: str = "requir
     with process_state_kept():
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         sw = Stopwatch()
-        net_cfg = cfg.net_config(train.num_classes)
         with sw("load network"):
-            net = pretrained_net(net_cfg, weights, allow_download=allow_download, weights_file=weights_file)
+            net = pretrained_net(cfg.members_config(train.num_classes), weights, allow_download=allow_download,
+                                 weights_file=weights_file)
+            inputs = lever_inputs(cfg, weights, allow_download=allow_download, weights_file=weights_file)
         data = TrunkCacheData(train, net, cfg, stopwatch=sw, cache_budget=cache_budget, progress=progress)
-        run = train_tops(net, data, cfg, progress=progress, verbose=verbose, log_dir=log_dir, **trainer_kwargs)
+        run = train_tops(net, data, cfg, inputs=inputs, progress=progress, verbose=verbose, log_dir=log_dir,
+                         **trainer_kwargs)
         sw.seconds["probe"] = run.stage_one_seconds
         sw.seconds["fine-tune"] = run.seconds
-    return _result(train, cfg, net, data, run, sw)
+    return _result(train, cfg, data, run, sw)
 
 
-def _result(train: LabelledImages, cfg: FinetuneConfig, net: BirdNet, data: TrunkCacheData, run: Training,
+def lever_inputs(cfg: FinetuneConfig, weights: str, **weights_kwargs) -> LeverInputs:
+    """The pretrained ImageNet head where Co-Tuning needs it (from the same weights as the network)."""
+    if cfg.cotuning == 0:
+        return LeverInputs()
+    return LeverInputs(source_head=pretrained_source_head(cfg.backbone, weights, **weights_kwargs))
+
+
+def _result(train: LabelledImages, cfg: FinetuneConfig, data: TrunkCacheData, run: Training,
             sw: Stopwatch) -> FinetuneResult:
     """The one place a run's result is assembled: the classifier and what was measured."""
+    net = run.net
     val_acc = cached_accuracy(net, data.val_set, run.trainer) if data.val_set is not None else None
     classifier = Classifier(net.cpu(), cfg.net_config(train.num_classes), cfg.data_config(), cfg.tta_flip,
                             train.class_names, cfg.tta_crops, cfg.to_dict()).eval()

@@ -89,6 +89,21 @@ def blocks_of(name: str, model: nn.Module) -> nn.Sequential:
     return _family(name)(model)
 
 
+def source_head_of(name: str, model: nn.Module) -> nn.Module:
+    """The model's own pretrained classifier, as it runs after the blocks: its pooling and head, mapping the
+    last block's maps (B, F, h, w) to the pretraining classes' logits (B, 1000 for ImageNet). The very modules
+    of ``model`` (torchvision: average pooling and ``fc`` or ``classifier``; timm: the children after its
+    blocks, in order)."""
+    if name.startswith(TIMM):
+        head = set(_TIMM_HEAD) | {model.pretrained_cfg.get("classifier", "")}
+        children = list(model.named_children())
+        first = next(i for i, (child, _) in enumerate(children) if child in head)
+        return nn.Sequential(*(module for _, module in children[first:]))
+    classifier = model.fc if hasattr(model, "fc") else model.classifier
+    flatten = [] if any(isinstance(m, nn.Flatten) for m in classifier.modules()) else [nn.Flatten(1)]
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), *flatten, classifier)
+
+
 def _family(name: str) -> Callable[[nn.Module], nn.Sequential]:
     if name.startswith(FEATURES):
         return lambda m: m.features

@@ -21,7 +21,8 @@ import finetune.cv_report as cv_report
 import finetune.stage_one as finetune_stage_one
 from finetune.config import PRESETS, preset
 from finetune.datamodule import TrunkCacheData
-from finetune.levers import WeightAverage, mix_batch
+from finetune.levers.averaging import WeightAverage
+from finetune.levers.mixing import mix_batch
 
 from conftest import calibrate_batchnorm
 

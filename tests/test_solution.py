@@ -250,7 +250,7 @@ def test_built_file_imports_only_grader_packages():
     assert {"lightning", "sklearn"} <= lazy and not {"lightning", "sklearn"} & eager  # training only
     for name, (is_package, text) in modules.items():  # verbatim copies of the files
         assert text == build.module_path(ROOT, name).read_text()
-        assert is_package == (name in {"probe", "finetune", "probe.weights"})
+        assert is_package == (name in {"probe", "finetune", "probe.weights", "finetune.levers"})
         compile(text, name, "exec")
     for packages in (eager, lazy):
         assert not packages & GONE_IN_PY312

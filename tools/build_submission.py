@@ -53,7 +53,12 @@ RECIPE_MODULE = "finetune.shipped"  # its copy in the grader file holds the ship
 # Levers a recipe may leave out, each imported only where a recipe that uses it runs, with the test of the
 # recipe (a FinetuneConfig) that says it is needed: a grader file carries only what its model's recipe needs.
 OPTIONAL = {
-    "finetune.levers": lambda cfg: cfg.ema_decay > 0 or cfg.mix != "none",
+    "finetune.levers.averaging": lambda cfg: cfg.ema_decay > 0 or cfg.swa > 0 or cfg.shipped_members < cfg.members,
+    "finetune.levers.mixing": lambda cfg: cfg.mix != "none",
+    "finetune.levers.cotuning": lambda cfg: cfg.cotuning > 0,
+    "finetune.levers.contrastive": lambda cfg: cfg.supcon > 0,
+    "finetune.levers.distill": lambda cfg: cfg.distill > 0,
+    "finetune.levers.l2sp": lambda cfg: cfg.l2sp > 0,
     "probe.ensemble": lambda cfg: cfg.members > 1,
 }
 TRAINING_ONLY = {"lightning", "pytorch_lightning", "sklearn"}  # never imported by `import classification`

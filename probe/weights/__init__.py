@@ -14,8 +14,10 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from probe.backbone import BirdNet, NetConfig, build_net, get_spec
+from probe.zoo import source_head_of
 
 KNOWN_OFFLINE = ("mobilenet_v2",)  # the weights python -m probe.weights provisions without a download
 
@@ -147,14 +149,33 @@ def pretrained_net(cfg: NetConfig, weights: str = "required", *, allow_download:
             file is not in the cache; never downloads) or 'none' (random init, for tests and demos).
         weights_file: a local weights file instead of the cache (an air-gapped machine's copy).
     """
+    state = _pretrained_state(cfg.backbone, weights, allow_download, weights_file)
+    return build_net(cfg, state).eval()
+
+
+def pretrained_source_head(backbone: str, weights: str = "required", *, allow_download: bool = False,
+                           weights_file: str | os.PathLike | None = None) -> nn.Module:
+    """The pretrained network's own ImageNet classifier (pooling and head, ``probe.zoo.source_head_of``), from
+    the same weights as :func:`pretrained_net`, in eval mode. Built on a forked generator: asking for it
+    leaves a seeded run's random streams as they were."""
+    state = _pretrained_state(backbone, weights, allow_download, weights_file)
+    with torch.random.fork_rng(devices=[]):
+        model = get_spec(backbone).build()
+    if state is not None:
+        model.load_state_dict(state)
+    return source_head_of(backbone, model).eval()
+
+
+def _pretrained_state(backbone: str, weights: str, allow_download: bool,
+                      weights_file: str | os.PathLike | None) -> dict[str, torch.Tensor] | None:
+    """The pretrained state dict as ``weights`` asks (see :func:`pretrained_net`), None for random init."""
     if weights not in ("required", "if-cached", "none"):
         raise ValueError(f"weights must be 'required', 'if-cached' or 'none', got {weights!r}")
-    state = None
     if weights == "required":
-        state = load_pretrained(cfg.backbone, allow_download=allow_download, weights_file=weights_file)
-    elif weights == "if-cached":
+        return load_pretrained(backbone, allow_download=allow_download, weights_file=weights_file)
+    if weights == "if-cached":
         try:
-            state = load_pretrained(cfg.backbone, weights_file=weights_file)  # never downloads
+            return load_pretrained(backbone, weights_file=weights_file)  # never downloads
         except WeightsError:
-            warnings.warn(f"pretrained {cfg.backbone} weights not cached: training from random init", stacklevel=2)
-    return build_net(cfg, state).eval()
+            warnings.warn(f"pretrained {backbone} weights not cached: training from random init", stacklevel=3)
+    return None

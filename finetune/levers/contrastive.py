@@ -1,0 +1,54 @@
+"""A supervised contrastive term on the cached views (``FinetuneConfig.supcon``, the loss weight).
+
+Supervised contrastive learning (Khosla et al. 2020), as Bi-Tuning (Zhong et al. 2020) adds it to fine-tuning:
+the pooled features of a batch go through a small projector, and each view is pulled towards the batch's other
+views of its species (other views of the same image included) and away from the rest. The batch is the
+ordinary one, drawn from every cached view of every image, so nothing more is extracted and no momentum
+encoder is needed. The projector is trained with the head's learning rate and thrown away after training.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TEMPERATURE = 0.1  # SupCon's own
+PROJECTION = 128  # the projector's output width (SupCon's)
+
+
+class SupCon(nn.Module):
+    """``weight`` x the supervised contrastive loss of the batch's pooled features (B, F).
+
+    Views without another of their species in the batch are no anchors; a batch without any pair adds 0.
+    The projector's initial weights come from ``seed`` on a forked generator: building it leaves the
+    training's random streams as they were.
+    """
+
+    def __init__(self, width: int, weight: float, seed: int):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.projector = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, PROJECTION))
+        self.weight = weight
+
+    def forward(self, *, features: torch.Tensor, y: torch.Tensor, **_) -> torch.Tensor:
+        z = F.normalize(self.projector(features).float(), dim=1)  # (B, P)
+        return self.weight * supcon_loss(z, y)
+
+    def param_groups(self, lr_tail: float, lr_head: float) -> list[tuple[list[nn.Parameter], float]]:
+        return [(list(self.projector.parameters()), lr_head)]
+
+
+def supcon_loss(z: torch.Tensor, y: torch.Tensor, temperature: float = TEMPERATURE) -> torch.Tensor:
+    """Khosla et al.'s L_out on unit vectors z (B, P) with labels y (B,): for each anchor, minus the mean log
+    softmax (over every other view) of its positives, averaged over the anchors that have one."""
+    self_mask = torch.eye(len(y), dtype=torch.bool, device=z.device)
+    sim = (z @ z.T / temperature).masked_fill(self_mask, float("-inf"))
+    log_prob = sim - torch.logsumexp(sim, dim=1, keepdim=True)
+    positives = (y[:, None] == y[None, :]) & ~self_mask
+    anchors = positives.any(1)
+    if not anchors.any():
+        return z.sum() * 0.0  # keeps the graph (and the device) without adding anything
+    per_anchor = log_prob.masked_fill(~positives, 0.0).sum(1)[anchors] / positives.sum(1)[anchors]
+    return -per_anchor.mean()

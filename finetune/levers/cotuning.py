@@ -1,0 +1,78 @@
+"""Co-Tuning (You et al., NeurIPS 2020): keep the pretrained ImageNet head and train it too, towards each species'
+own distribution over the ImageNet classes (``FinetuneConfig.cotuning``, the loss weight).
+
+The relationship p(ImageNet class | species) is the "direct approach" of the paper (and of the
+Transfer-Learning-Library's ``tllib.regularization.co_tuning.Relationship``): the pretrained network's
+softmax over the ImageNet classes, averaged over each species' training images (their cached centre views).
+During fine-tuning the ImageNet head, on the tail's maps with the pretrained network's own average pooling,
+is trained with the cross-entropy against its species' row. Prediction never runs that head: the shipped
+network and ``classify`` are unchanged.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from probe.backbone import TailHead
+
+
+@torch.inference_mode()
+def relationship(top: TailHead, source_head: nn.Module, centre: torch.Tensor, rows, labels: torch.Tensor,
+                 num_classes: int, trainer: L.Trainer | None = None, batch_size: int = 64) -> torch.Tensor:
+    """(K, S) p(ImageNet class | species): each species' mean of the source softmax over its images.
+
+    Args:
+        top: the pretrained tail (and its pooling and head, unused here), in eval mode for the pass.
+        centre: (N, C, h, w) cached centre views; ``rows`` the fit images among them, ``labels`` theirs.
+        trainer: under DDP the ranks' sums and counts are added up, so every rank gets the same matrix.
+    A species without images (never in a training set, which has every class) gets the uniform row.
+    """
+    was_training = top.training
+    top.eval()
+    device = next(top.parameters()).device
+    sums = None
+    counts = torch.zeros(num_classes, dtype=torch.float64, device=device)
+    for i in range(0, len(rows), batch_size):
+        acts = centre[torch.as_tensor(rows[i:i + batch_size])].to(device)
+        p = F.softmax(source_head(top.forward_tail(acts)).double(), dim=1)  # (B, S)
+        y = labels[i:i + batch_size].to(device)
+        sums = torch.zeros(num_classes, p.shape[1], dtype=torch.float64, device=device) if sums is None else sums
+        sums.index_add_(0, y, p)
+        counts.index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
+    top.train(was_training)
+    if trainer is not None and trainer.world_size > 1:
+        sums = trainer.strategy.reduce(sums, reduce_op="sum")
+        counts = trainer.strategy.reduce(counts, reduce_op="sum")
+    uniform = torch.full_like(sums[0], 1.0 / sums.shape[1])
+    rel = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], uniform)
+    return rel.float()
+
+
+class CoTuning(nn.Module):
+    """The Co-Tuning loss term: ``weight`` x CE(ImageNet head(maps), relationship[y]).
+
+    The ImageNet head is trained at the tail's learning rate (it is pretrained, as the tail is) and always
+    runs in eval mode: its dropout would only regularise a head that is thrown away, and would draw from
+    torch's global generator.
+    """
+
+    def __init__(self, source_head: nn.Module, rel: torch.Tensor, weight: float):
+        super().__init__()
+        self.source_head = source_head
+        self.register_buffer("rel", rel)
+        self.weight = weight
+
+    def train(self, mode: bool = True) -> CoTuning:
+        super().train(mode)
+        self.source_head.eval()
+        return self
+
+    def forward(self, *, maps: torch.Tensor, y: torch.Tensor, **_) -> torch.Tensor:
+        log_p = F.log_softmax(self.source_head(maps).float(), dim=1)  # (B, S)
+        return self.weight * -(self.rel[y] * log_p).sum(1).mean()
+
+    def param_groups(self, lr_tail: float, lr_head: float) -> list[tuple[list[nn.Parameter], float]]:
+        return [(list(self.source_head.parameters()), lr_tail)]
