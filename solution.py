@@ -5,7 +5,7 @@ self-contained ``classification.py`` that is uploaded next to ``birds_model.pt``
 
 ``classify`` needs neither Lightning nor scikit-learn, so they are imported only when ``train_classifier``
 runs (the function-level imports below, made without the temp-dir probe file that importing Lightning
-would otherwise create; see ``probe.sandbox``).
+would otherwise create; see ``birds_lpft.utils.sandbox``).
 """
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from probe.data import labelled_from_gt, list_image_files, read_class_names
-from probe.sandbox import no_tempdir_probe
-
-from finetune.checkpoint import Classifier
+from birds_lpft.classifier import Classifier
+from birds_lpft.data.sets import labelled_from_gt, list_image_files, read_class_names
+from birds_lpft.utils.sandbox import no_tempdir_probe
 
 
 def train_classifier(train_gt: dict, train_img_dir: str, fast_train: bool = True) -> Classifier:
@@ -67,7 +66,7 @@ def classify(model_path: str, test_img_dir: str) -> dict[str, int]:
 if __name__ == "__main__":  # pragma: no cover - a manual smoke run: python solution.py DATA_DIR MODEL
     import sys
 
-    from probe.data import read_gt
+    from birds_lpft.data.sets import read_gt
 
     data = sys.argv[1]
     model_path = sys.argv[2]

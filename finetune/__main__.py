@@ -23,13 +23,13 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from probe.backbone import BirdNet
-from probe.cli import Written, check_output_dir, check_output_file, fail, layout_inputs, run_interruptible
-from probe.data import DataError
-from probe.datasets import load_data
-from probe.settings import ConfigError
-from probe.timing import Stopwatch, peak_rss_mb
-from probe.weights import WeightsError
+from birds_lpft.data.sets import DataError
+from birds_lpft.data.synthetic import load_data
+from birds_lpft.models.net import BirdNet
+from birds_lpft.models.weights import WeightsError
+from birds_lpft.utils.cli import Written, check_output_dir, check_output_file, fail, layout_inputs, run_interruptible
+from birds_lpft.utils.settings import ConfigError
+from birds_lpft.utils.timing import Stopwatch, peak_rss_mb
 
 from finetune.cache import CacheBudgetError, default_budget, parse_size
 from finetune.cli import add_settings, settings, split_positionals

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from probe.backbone import BirdNet
-from probe.data import LabelledImages
-from probe.features import extract
-from probe.images import as_data_error, open_rgb_many
-from probe.preprocess import DataConfig, EvalTransform, TrainTransform
+from birds_lpft.data.images import as_data_error, open_rgb_many
+from birds_lpft.data.sets import LabelledImages
+from birds_lpft.extract import extract
+from birds_lpft.models.net import BirdNet
+from birds_lpft.models.preprocess import DataConfig, EvalTransform, TrainTransform
 
 from finetune.config import FinetuneConfig
 
@@ -37,7 +37,7 @@ class CacheBudgetError(RuntimeError):
 
 @dataclass(frozen=True)
 class View:
-    """One cached view of every image: a preset of ``probe.preprocess`` (or :class:`Mirrored`) and, for a
+    """One cached view of every image: a preset of ``birds_lpft.models.preprocess`` (or :class:`Mirrored`) and, for a
     random one, the seed of its own random stream (None: deterministic)."""
 
     name: str
@@ -65,7 +65,7 @@ def _stream(seed: int) -> torch.Tensor:
 
 class ViewBatches:
     """One pass over the images for every view, as ``(x, index, k)``: x the (B, 3, S, S) inputs of view k
-    for the images ``index``. Each batch of images is decoded once (``probe.images.open_rgb_many``: once for
+    for the images ``index``. Each batch of images is decoded once (``birds_lpft.data.images.open_rgb_many``: once for
     every view that decodes alike), then its views are made and handed out one at a time, so that only one
     view's batch of floats is held (20 MB at 16 x 320 px) instead of all of them (100 MB at 5 views).
 
@@ -76,7 +76,7 @@ class ViewBatches:
     """
 
     def __init__(self, images: LabelledImages, views: Sequence[View], batch_size: int):
-        self.dataset = images  # ``probe.features.extract`` counts the images as a DataLoader's
+        self.dataset = images  # ``birds_lpft.extract.extract`` counts the images as a DataLoader's
         self.views = list(views)
         self.batch_size = batch_size
         self.sides = [getattr(v.transform, "min_side", None) for v in self.views]
@@ -120,7 +120,7 @@ def extract_views(net: BirdNet, images: LabelledImages, views: Sequence[View], c
     """One (N, C, h, w) stack of trunk activations per view, in ``cfg.cache_dtype``, from one pass over the
     images (:class:`ViewBatches`, in batches of ``cfg.extract_batch_size``: the batches each view's own pass
     would make), the next view's batch made in a thread meanwhile (``prefetch``: +12% on 2 cores, the same
-    numbers). ``first_batch`` is ``probe.features.extract``'s."""
+    numbers). ``first_batch`` is ``birds_lpft.extract.extract``'s."""
     if len(images) == 0:
         dtype = getattr(torch, cfg.cache_dtype)
         return [torch.empty(0, dtype=dtype, device=out_device) for _ in views]

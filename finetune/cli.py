@@ -12,7 +12,7 @@ import argparse
 import re
 from collections.abc import Iterable
 
-from probe.settings import is_override, overridden, parse_value, split_overrides
+from birds_lpft.utils.settings import is_override, overridden, parse_value, split_overrides
 
 from finetune.config import PRESETS, FinetuneConfig, preset
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
-from probe.backbone import NetConfig, get_spec
-from probe.linear import ProbeFit
-from probe.preprocess import TRAIN_IMAGE_SIZE, DataConfig, data_config
-from probe.settings import ConfigError, check_choice, check_int, check_number, overridden, require
+from birds_lpft.classifier import MAX_IMAGE_SIZE, MAX_MEMBERS, MAX_TTA_CROPS
+from birds_lpft.models.net import NetConfig, get_spec
+from birds_lpft.models.preprocess import TRAIN_IMAGE_SIZE, DataConfig, data_config
+from birds_lpft.utils.settings import ConfigError, check_choice, check_int, check_number, overridden, require
 
-from finetune.checkpoint import MAX_IMAGE_SIZE, MAX_MEMBERS, MAX_TTA_CROPS
+from probe.linear import ProbeFit
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -20,11 +20,11 @@ class FinetuneConfig:
 
     Attributes:
         backbone: a torchvision classification model's name (``mobilenet_v2``, ``efficientnet_b0``, ``resnet50``,
-            ...) or a timm model's as ``timm/NAME`` (see :mod:`probe.zoo`).
+            ...) or a timm model's as ``timm/NAME`` (see :mod:`birds_lpft.models.zoo`).
         image_size: network input side for training views, validation and ``classify``.
         split: index of the first trainable backbone block (blocks before it are the frozen trunk), counted
-            in the model's own blocks (``probe.zoo``); None takes the backbone's ``default_split``.
-        pooling: 'avg' or 'gem' (generalised mean, p learnt; see ``probe.backbone.GeM``).
+            in the model's own blocks (``birds_lpft.models.zoo``); None takes the backbone's ``default_split``.
+        pooling: 'avg' or 'gem' (generalised mean, p learnt; see ``birds_lpft.models.net.GeM``).
         dropout: before the head.
         views: augmented views per training image whose trunk activations are cached (the centre
             view is always cached too and used as one more training view).

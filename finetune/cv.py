@@ -29,14 +29,15 @@ import numpy as np
 import torch
 from sklearn.model_selection import StratifiedKFold
 
-from probe.backbone import BirdNet, build_net
-from probe.cli import Written, check_output_file, fail, layout_inputs, run_interruptible
-from probe.data import DataError, LabelledImages, load_split_dir
-from probe.features import autocast
-from probe.outputs import write_text
-from probe.preprocess import EvalTransform, data_config, with_crop_fraction
-from probe.settings import ConfigError
-from probe.weights import WeightsError, pretrained_net
+from birds_lpft.data.sets import DataError, LabelledImages, load_split_dir
+from birds_lpft.extract import autocast
+from birds_lpft.models.net import BirdNet, build_net
+from birds_lpft.models.preprocess import EvalTransform, data_config, with_crop_fraction
+from birds_lpft.models.weights import WeightsError, pretrained_net
+from birds_lpft.predict import tta_mean
+from birds_lpft.utils.cli import Written, check_output_file, fail, layout_inputs, run_interruptible
+from birds_lpft.utils.outputs import write_text
+from birds_lpft.utils.settings import ConfigError
 
 from finetune.cache import Mirrored, View, cache_views, extract_views
 from finetune.cli import candidate
@@ -44,7 +45,6 @@ from finetune.config import FinetuneConfig
 from finetune.cv_readouts import SizeReadouts, member_readouts, scheme_name, tta_schemes
 from finetune.cv_report import compare_rows, format_row, markdown, mean_se
 from finetune.datamodule import TrunkCacheData
-from finetune.inference import tta_mean
 from finetune.levers import LeverInputs
 from finetune.process import process_state_kept
 from finetune.stage_one import pooled_from_trunk

@@ -18,8 +18,9 @@ from itertools import combinations
 import numpy as np
 import torch
 
-from probe.backbone import BirdNet
-from probe.features import autocast
+from birds_lpft.extract import autocast
+from birds_lpft.models.net import BirdNet
+
 from probe.linear import fit_probe
 
 from finetune.config import FinetuneConfig

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
-from probe.backbone import BirdNet
-from probe.data import LabelledImages, stratified_split
-from probe.timing import Stopwatch
+from birds_lpft.data.sets import LabelledImages, stratified_split
+from birds_lpft.models.net import BirdNet
+from birds_lpft.utils.timing import Stopwatch
 
 from finetune.cache import CachedViews, bytes_per_view, cache_views, check_budget, extract_views
 from finetune.config import FinetuneConfig

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import BaseFinetuning, Callback
 from torch import nn
 
-from probe.backbone import BirdNet, TailHead
+from birds_lpft.models.net import BirdNet, TailHead
 
 from finetune.config import FinetuneConfig
 from finetune.kernels import fp32_depthwise_input_grads

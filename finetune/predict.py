@@ -17,11 +17,10 @@ from pathlib import Path
 
 import torch
 
-from probe.cli import Written, check_output_file, fail, printable, run_interruptible
-from probe.data import DataError, list_image_files
-from probe.outputs import atomic_write
-
-from finetune.checkpoint import Classifier
+from birds_lpft.classifier import Classifier
+from birds_lpft.data.sets import DataError, list_image_files
+from birds_lpft.utils.cli import Written, check_output_file, fail, printable, run_interruptible
+from birds_lpft.utils.outputs import atomic_write
 
 
 @dataclass(frozen=True)

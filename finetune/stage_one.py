@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from probe.backbone import BirdNet
+from birds_lpft.models.net import BirdNet
+
 from probe.linear import FittedProbe, fit_probe, init_head_from_probe
 
 from finetune.config import FinetuneConfig

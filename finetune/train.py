@@ -15,15 +15,17 @@ import lightning as L
 import torch
 import torch.utils.deterministic
 
-from probe.backbone import BirdNet, build_net
-from probe.data import LabelledImages
-from probe.features import resolve_precision, reusing_freed_memory
+from birds_lpft.classifier import Classifier
+from birds_lpft.data.sets import LabelledImages
+from birds_lpft.extract import resolve_precision
+from birds_lpft.memory import reusing_freed_memory
+from birds_lpft.models.net import BirdNet, build_net
+from birds_lpft.models.weights import pretrained_net, pretrained_source_head
+from birds_lpft.utils.timing import Stopwatch
+
 from probe.linear import FittedProbe
-from probe.timing import Stopwatch
-from probe.weights import pretrained_net, pretrained_source_head
 
 from finetune.cache import CachedViews
-from finetune.checkpoint import Classifier
 from finetune.config import FinetuneConfig
 from finetune.datamodule import TrunkCacheData, val_loader_of
 from finetune.levers import LeverInputs
@@ -226,7 +228,7 @@ def fine_tune(train: LabelledImages, cfg: FinetuneConfig, weights: str = "requir
     """Both stages on ``train``: LP init of the head, then fine-tuning of tail + head.
 
     Args:
-        weights: see :func:`probe.weights.pretrained_net` ('required', 'if-cached' or 'none').
+        weights: see :func:`birds_lpft.models.weights.pretrained_net` ('required', 'if-cached' or 'none').
         weights_file: a local pretrained weights file to use instead of the cache (checked first).
         cache_budget: bytes the trunk cache may take on this machine (None: no check).
         log_dir: write Lightning's CSV (and TensorBoard) logs there; None writes nothing.

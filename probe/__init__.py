@@ -1,5 +1,3 @@
-"""Stage one of LP-FT: frozen-backbone features in RAM and a scikit-learn linear probe.
-
-Also home to what both stages share: the data layer (``probe.data``), backbones and preprocessing
-(``probe.backbone``) and the offline pretrained weights (``probe.weights``).
-"""
+"""Stage one of LP-FT: frozen-backbone features extracted in RAM, a scikit-learn linear probe fitted on them and
+folded into the network's linear head (``linear``); stage one end to end (``pipeline``), backbones compared by
+probe (``compare``), and the offline weights' provisioning (``weights``, ``python -m probe.weights``)."""

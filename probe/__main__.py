@@ -10,14 +10,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from probe.backbone import get_spec
-from probe.cli import Written, check_output_file, fail, layout_inputs, run_interruptible
+from birds_lpft.data.sets import DataError
+from birds_lpft.data.synthetic import load_data
+from birds_lpft.models.net import get_spec
+from birds_lpft.models.weights import WeightsError
+from birds_lpft.utils.cli import Written, check_output_file, fail, layout_inputs, run_interruptible
+from birds_lpft.utils.timing import Stopwatch, peak_rss_mb
+
 from probe.compare import compare, markdown, write_table
-from probe.data import DataError
-from probe.datasets import load_data
 from probe.pipeline import ProbeConfig, run_probe
-from probe.timing import Stopwatch, peak_rss_mb
-from probe.weights import WeightsError
 
 PROG = "python -m probe"
 

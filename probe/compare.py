@@ -15,12 +15,13 @@ from pathlib import Path
 
 import torch
 
-from probe.backbone import NetConfig, build_net, get_spec
-from probe.data import LabelledImages
-from probe.outputs import write_text
+from birds_lpft.data.sets import LabelledImages
+from birds_lpft.models.net import NetConfig, build_net, get_spec
+from birds_lpft.models.preprocess import TRAIN_IMAGE_SIZE
+from birds_lpft.models.weights import WeightsError, cache_path, has_pretrained, missing
+from birds_lpft.utils.outputs import write_text
+
 from probe.pipeline import ProbeConfig, run_probe
-from probe.preprocess import TRAIN_IMAGE_SIZE
-from probe.weights import WeightsError, cache_path, has_pretrained, missing
 
 # (table heading, row key), in table order
 COLUMNS = (("backbone", "backbone"), ("probe val", "probe_val"), ("probe test", "probe_test"), ("C", "C"),

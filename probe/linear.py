@@ -15,8 +15,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from probe.data import stratified_split
-from probe.settings import check_number, require
+from birds_lpft.data.sets import stratified_split
+from birds_lpft.utils.settings import check_number, require
 
 
 class LinearProbe:

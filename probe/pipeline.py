@@ -6,14 +6,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from probe.backbone import BirdNet, NetConfig, get_spec
-from probe.data import LabelledImages
-from probe.features import extract, make_loader
-from probe.images import ImageDataset
+from birds_lpft.data.images import ImageDataset
+from birds_lpft.data.sets import LabelledImages
+from birds_lpft.extract import extract, make_loader
+from birds_lpft.models.net import BirdNet, NetConfig, get_spec
+from birds_lpft.models.preprocess import DataConfig, EvalTransform, data_config
+from birds_lpft.models.weights import pretrained_net
+from birds_lpft.utils.timing import Stopwatch
+
 from probe.linear import FittedProbe, ProbeFit, fit_probe
-from probe.preprocess import DataConfig, EvalTransform, data_config
-from probe.timing import Stopwatch
-from probe.weights import pretrained_net
 
 
 @dataclass(frozen=True)
@@ -21,7 +22,7 @@ class ProbeConfig:
     """Stage-one settings.
 
     Attributes:
-        backbone: a torchvision model name or ``timm/NAME`` (see ``probe.zoo``).
+        backbone: a torchvision model name or ``timm/NAME`` (see ``birds_lpft.models.zoo``).
         image_size: network input side; None keeps the weights' own (224 for MobileNetV2).
         probe: how C is chosen and the probe fitted (the fine-tune's LP init uses the same recipe, under the
             same name: ``FinetuneConfig.probe``).

@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import probe.compare as compare
-from probe.backbone import BirdNet, get_spec
-from probe.synthetic import make_synthetic, write_grader_layout
-from probe.weights import WeightsError, load_pretrained, sha256_of
+from birds_lpft.classifier import Classifier
+from birds_lpft.data.synthetic import make_synthetic, write_grader_layout
+from birds_lpft.models.net import BirdNet, get_spec
+from birds_lpft.models.weights import WeightsError, load_pretrained, sha256_of
 
-from finetune.checkpoint import Classifier
+import probe.compare as compare
+
 from finetune.cli import settings
 from finetune.config import preset
 from finetune.train import fine_tune

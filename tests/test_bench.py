@@ -16,10 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from probe.synthetic import make_synthetic, write_grader_layout
-
-import tools.bench as bench
-import tools.bench_report as bench_report
+import birds_lpft.tools.bench as bench
+import birds_lpft.tools.bench_report as bench_report
+from birds_lpft.data.synthetic import make_synthetic, write_grader_layout
 
 from conftest import snapshot
 
@@ -151,7 +150,8 @@ def test_scratch_files_live_in_the_report_dir_and_are_removed(tmp_path, monkeypa
 def test_importing_the_bench_imports_neither_lightning_nor_matplotlib():
     # The parent of a CLI run must not import them before main() sets MPLCONFIGDIR: `import lightning`
     # imports matplotlib.pyplot (through torchmetrics), which writes ~/.config and ~/.cache/matplotlib.
-    code = "import sys, tools.bench; print(sorted(m for m in ('lightning', 'matplotlib') if m in sys.modules))"
+    code = ("import sys, birds_lpft.tools.bench; "
+            "print(sorted(m for m in ('lightning', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from probe.data import (
+from birds_lpft.data.images import open_rgb
+from birds_lpft.data.sets import (
     MAX_CLASS_ID,
     DataError,
     LabelledImages,
@@ -24,9 +25,7 @@ from probe.data import (
     read_gt,
     stratified_split,
 )
-from probe.datasets import load_data
-from probe.images import open_rgb
-from probe.synthetic import make_synthetic, write_grader_layout
+from birds_lpft.data.synthetic import load_data, make_synthetic, write_grader_layout
 
 
 def _png_bytes(size=(8, 8), colour=(10, 200, 30)) -> bytes:

@@ -16,23 +16,24 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-import probe.features as probe_features
-from probe.backbone import NetConfig, build_net
-from probe.data import load_split_dir, stratified_split
-from probe.features import extract
-from probe.images import ImageDataset
+import birds_lpft.memory as memory
+from birds_lpft.classifier import Classifier
+from birds_lpft.data.images import ImageDataset
+from birds_lpft.data.sets import load_split_dir, stratified_split
+from birds_lpft.data.synthetic import make_synthetic, write_grader_layout
+from birds_lpft.extract import extract
+from birds_lpft.models.net import NetConfig, build_net
+from birds_lpft.models.preprocess import EvalTransform, data_config, with_crop_fraction
+from birds_lpft.predict import predict_logits
+
 from probe.linear import LinearProbe, ProbeFit, fit_probe, init_head_from_probe
-from probe.preprocess import EvalTransform, data_config, with_crop_fraction
-from probe.synthetic import make_synthetic, write_grader_layout
 
 import finetune.__main__ as finetune_cli
 import finetune.stage_one as finetune_stage_one
 import finetune.train as finetune_train
 from finetune.cache import CachedViews, Mirrored, View, ViewBatches, cache_views, extract_views
-from finetune.checkpoint import Classifier
 from finetune.config import PRESETS, preset
 from finetune.datamodule import TrunkCacheData, stage_two_split
-from finetune.inference import predict_logits
 from finetune.module import LPFTModule, TrunkFreeze, lr_factor
 from finetune.stage_one import pooled_from_trunk
 from finetune.train import FinetuneResult, fine_tune, train_tops
@@ -278,23 +279,23 @@ class HeadCheck(L.Callback):
 
 
 class MemoryKept(L.Callback):
-    """Whether freed memory is kept for the next step (``probe.features.reusing_freed_memory``) at each step."""
+    """Whether freed memory is kept for the next step (``birds_lpft.extract.reusing_freed_memory``) at each step."""
 
     def __init__(self):
         self.depths = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.depths.append(probe_features._reuse_depth)
+        self.depths.append(memory._reuse_depth)
 
 
 def test_every_training_step_reuses_freed_memory_and_training_hands_it_back(monkeypatch):
     calls = []
-    monkeypatch.setattr(probe_features, "_glibc", lambda name, *args: calls.append((name, *args)))
+    monkeypatch.setattr(memory, "_glibc", lambda name, *args: calls.append((name, *args)))
     check = MemoryKept()
     fine_tune(make_synthetic(num_classes=3, per_class=6, size=48, seed=4), replace(TINY, members=2), "none",
               progress=False, callbacks=[check], **TRAINER)
     assert len(check.depths) >= 2 and all(d >= 1 for d in check.depths)  # every step of both members
-    assert probe_features._reuse_depth == 0 and calls[-1] == ("malloc_trim", 0)
+    assert memory._reuse_depth == 0 and calls[-1] == ("malloc_trim", 0)
 
 
 def test_fine_tune_trains_from_the_probe_head(monkeypatch):

@@ -14,16 +14,14 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from probe.backbone import NetConfig, build_net
-from probe.data import DataError
-from probe.images import MAX_ASPECT, ImageDataset, open_rgb
-from probe.preprocess import EvalTransform, TrainTransform, data_config
-
-from finetune.checkpoint import Classifier
+from birds_lpft.classifier import Classifier
+from birds_lpft.data.images import MAX_ASPECT, ImageDataset, open_rgb
+from birds_lpft.data.sets import DataError
+from birds_lpft.models.net import NetConfig, build_net
+from birds_lpft.models.preprocess import EvalTransform, TrainTransform, data_config
+from birds_lpft.tools.hostile_folder import encode, hostile_folder, mistyped_exif, png_claiming
 
 import solution
-
-from tools.hostile_folder import encode, hostile_folder, mistyped_exif, png_claiming
 
 SIZE = 64
 CFG = data_config("mobilenet_v2", SIZE)
@@ -168,7 +166,7 @@ def test_any_exception_in_preprocessing_is_a_label_in_classify_never_a_base_exce
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("probe.images.open_rgb", interrupted)
+    monkeypatch.setattr("birds_lpft.data.images.open_rgb", interrupted)
     with pytest.raises(KeyboardInterrupt):
         ImageDataset([data], ["x.png"], EvalTransform(CFG), on_error="blank")[0]
 

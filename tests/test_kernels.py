@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from test_finetune import TINY, TRAINER, Spy, _class_acts
 from torch import nn
 
-from probe.backbone import NetConfig, build_net
+from birds_lpft.models.net import NetConfig, build_net
 
 from finetune.datamodule import TrunkCacheData
 from finetune.kernels import fp32_depthwise_input_grads, is_strided_depthwise

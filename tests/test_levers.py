@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from probe.backbone import GeM, NetConfig, _GeMPool, build_net
-from probe.synthetic import make_synthetic, write_grader_layout
+from birds_lpft.data.synthetic import make_synthetic, write_grader_layout
+from birds_lpft.models.net import GeM, NetConfig, _GeMPool, build_net
 
 import finetune.cache as finetune_cache
 import finetune.cv as cv

@@ -14,17 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 
-import probe.outputs as outputs
-from probe.backbone import NetConfig, build_net
-from probe.preprocess import data_config
-from probe.synthetic import make_synthetic, write_grader_layout
+import birds_lpft.tools.bench as bench
+import birds_lpft.utils.outputs as outputs
+from birds_lpft.classifier import Classifier
+from birds_lpft.data.synthetic import make_synthetic, write_grader_layout
+from birds_lpft.models.net import NetConfig, build_net
+from birds_lpft.models.preprocess import data_config
 
 import finetune.__main__ as finetune_cli
 import finetune.cv as cv
-from finetune.checkpoint import Classifier
 from finetune.predict import main as predict_main
-
-import tools.bench as bench
 
 SIZE = 64
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from probe.backbone import NetConfig, build_net
-from probe.preprocess import data_config
-from probe.synthetic import make_synthetic, write_grader_layout
+from birds_lpft.classifier import Classifier
+from birds_lpft.data.synthetic import make_synthetic, write_grader_layout
+from birds_lpft.models.net import NetConfig, build_net
+from birds_lpft.models.preprocess import data_config
 
 import finetune.__main__ as finetune_cli
-from finetune.checkpoint import Classifier
 from finetune.config import preset
 from finetune.predict import main as predict_main
 from finetune.train import fine_tune
@@ -134,7 +134,7 @@ def test_cli_output_is_free_of_framework_noise(tmp_path):
 
 def test_reproduce_compares_two_checkpoints_without_training(tmp_path, capsys):
     """``tools/reproduce.py --retrained``: accuracy, agreement and bit-identical tensors of two checkpoints."""
-    import tools.reproduce as reproduce
+    import birds_lpft.tools.reproduce as reproduce
 
     root = tmp_path / "data"
     write_grader_layout(root, "test", make_synthetic(num_classes=3, per_class=2, size=64, seed=0))

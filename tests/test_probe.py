@@ -7,15 +7,16 @@ import pytest
 import torch
 from torch import nn
 
+from birds_lpft.data.images import ImageDataset
+from birds_lpft.data.sets import load_split_dir
+from birds_lpft.data.synthetic import make_synthetic, write_grader_layout
+from birds_lpft.models.net import NetConfig, build_net
+from birds_lpft.models.preprocess import EvalTransform, data_config
+from birds_lpft.models.weights import pretrained_net
+
 import probe.__main__ as probe_cli
-from probe.backbone import NetConfig, build_net
-from probe.data import load_split_dir
-from probe.images import ImageDataset
 from probe.linear import LinearProbe, ProbeFit, init_head_from_probe, path_scores, select_C
 from probe.pipeline import ProbeConfig, pooled_features, run_probe
-from probe.preprocess import EvalTransform, data_config
-from probe.synthetic import make_synthetic, write_grader_layout
-from probe.weights import pretrained_net
 
 from conftest import calibrate_batchnorm
 

@@ -16,12 +16,11 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from probe.backbone import NetConfig, build_net
-from probe.data import DataError
-from probe.images import ImageDataset
-from probe.preprocess import EvalTransform, TrainTransform, data_config
-
-from finetune.checkpoint import Classifier
+from birds_lpft.classifier import Classifier
+from birds_lpft.data.images import ImageDataset
+from birds_lpft.data.sets import DataError
+from birds_lpft.models.net import NetConfig, build_net
+from birds_lpft.models.preprocess import EvalTransform, TrainTransform, data_config
 
 SIZE = 32
 CFG = data_config("mobilenet_v2", SIZE)

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from probe.backbone import NetConfig
-from probe.data import labelled_from_gt, read_gt
+from birds_lpft.data.sets import labelled_from_gt, read_gt
+from birds_lpft.models.net import NetConfig
+from birds_lpft.models.weights import pretrained_net
+
 from probe.linear import ProbeFit
 from probe.pipeline import ProbeConfig, run_probe
-from probe.weights import pretrained_net
 
 REAL_TORCH_HOME = Path(torch.hub.get_dir()).parent  # read at import, before conftest swaps $TORCH_HOME
 WEIGHTS = REAL_TORCH_HOME / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth"
@@ -66,7 +67,7 @@ def test_birds50a_images_decode_exactly_as_before():
     ask for: none of them is large or elongated enough to trigger a guard."""
     from PIL import Image, ImageOps
 
-    from probe.images import _to_rgb, open_rgb
+    from birds_lpft.data.images import _to_rgb, open_rgb
 
     files = sorted((BIRDS / "train" / "images").iterdir())[::7] + sorted((BIRDS / "test" / "images").iterdir())[::7]
     assert len(files) > 400

@@ -18,13 +18,13 @@ import pytest
 import torch
 import torch.utils.deterministic
 
-from probe.data import load_split_dir, read_gt
-from probe.synthetic import make_synthetic, write_grader_layout
+from birds_lpft.classifier import Classifier
+from birds_lpft.data.sets import load_split_dir, read_gt
+from birds_lpft.data.synthetic import make_synthetic, write_grader_layout
 
 import finetune.cache as finetune_cache
 from finetune.__main__ import report_shards
 from finetune.cache import CacheBudgetError, check_budget, parse_size
-from finetune.checkpoint import Classifier
 from finetune.config import preset
 from finetune.train import fine_tune
 

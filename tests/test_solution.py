@@ -29,17 +29,16 @@ from hypothesis import strategies as st
 from PIL import Image
 from torch import nn
 
-from probe.backbone import NetConfig, build_net
-from probe.data import read_gt
-from probe.preprocess import data_config
-from probe.synthetic import make_synthetic, write_grader_layout
+from birds_lpft.classifier import Classifier
+from birds_lpft.data.sets import read_gt
+from birds_lpft.data.synthetic import make_synthetic, write_grader_layout
+from birds_lpft.models.net import NetConfig, build_net
+from birds_lpft.models.preprocess import data_config
+from birds_lpft.tools.grader_check import PROJECT_GUARD
 
-from finetune.checkpoint import Classifier
 from finetune.config import PRESETS
 
 import solution
-
-from tools.grader_check import PROJECT_GUARD
 
 from conftest import snapshot
 
@@ -50,7 +49,7 @@ SIZE = 64
 GRADER_PACKAGES = {"torch", "torchvision", "timm", "huggingface_hub", "safetensors", "lightning", "pytorch_lightning",
                    "albumentations", "numpy", "PIL", "sklearn", "cv2", "tqdm"}
 GONE_IN_PY312 = {"distutils", "imp", "asynchat", "asyncore", "smtpd"}  # the grader runs Python 3.12
-PROJECT_PACKAGES = ("probe", "finetune", "solution", "tools")
+PROJECT_PACKAGES = ("birds_lpft", "probe", "finetune", "solution", "tools")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -210,7 +209,7 @@ def test_fast_train_and_classify_write_nothing_and_stay_offline(tmp_path, offlin
 
 
 def _build_tool():
-    return importlib.import_module("tools.build_submission")
+    return importlib.import_module("birds_lpft.tools.build_submission")
 
 
 def _imported_packages(source: str) -> set[str]:
@@ -240,17 +239,20 @@ def test_built_file_imports_only_grader_packages():
     # the file's own code: the importer (standard library) and the re-export from the embedded entry
     assert _imported_packages(source) - {"solution"} <= set(sys.stdlib_module_names)
     assert set(modules) == set(plan.classify) | set(plan.training)
-    assert {"solution", "probe.data", "finetune.checkpoint"} <= set(plan.classify)
+    assert {"solution", "birds_lpft.data.sets", "birds_lpft.classifier"} <= set(plan.classify)
     assert {"finetune.train", "finetune.module", "probe.linear"} <= set(plan.training)
     assert not any(name.startswith("tools") or name.endswith("__main__") for name in modules)
-    assert not {"probe.pipeline", "probe.synthetic", "finetune.cv", "finetune.predict"} & set(modules)  # unused
+    unused = {"probe.pipeline", "birds_lpft.data.synthetic", "finetune.cv", "finetune.predict"}
+    assert not unused & set(modules)
     eager = set().union(*(_imported_packages(modules[name][1]) for name in plan.classify))
     lazy = set().union(*(_imported_packages(modules[name][1]) for name in plan.training))
     assert {"torch", "torchvision", "numpy", "PIL"} <= eager  # it parsed real imports
     assert {"lightning", "sklearn"} <= lazy and not {"lightning", "sklearn"} & eager  # training only
     for name, (is_package, text) in modules.items():  # verbatim copies of the files
         assert text == build.module_path(ROOT, name).read_text()
-        assert is_package == (name in {"probe", "finetune", "probe.weights", "finetune.levers"})
+        packages = {"birds_lpft", "birds_lpft.data", "birds_lpft.models", "birds_lpft.utils", "probe", "finetune",
+                    "finetune.levers"}
+        assert is_package == (name in packages)
         compile(text, name, "exec")
     for packages in (eager, lazy):
         assert not packages & GONE_IN_PY312
@@ -316,7 +318,7 @@ def test_built_file_runs_without_the_project(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["not_embedded"] == [] and out["model"] == "Classifier"
-    assert {"solution", "probe.data", "finetune.train"} <= set(out["loaded"])  # loaded, from the table only
+    assert {"solution", "birds_lpft.data.sets", "finetune.train"} <= set(out["loaded"])  # loaded, from the table only
     # importing the file and classifying need neither Lightning nor scikit-learn; training loads them
     assert out["after_import"] == [] and out["after_classify"] == []
     assert out["trained_with"] == ["lightning", "sklearn"] and out["again"] == out["result"]
@@ -335,7 +337,7 @@ def test_importing_the_built_file_and_classifying_write_nothing_beyond_torch(tmp
     """Traced at the syscall level (a file created and deleted at once counts): ``import classification`` +
     ``classify`` write nothing that ``import torch, torchvision`` alone does not (torchvision 0.29 probes the
     temp dir; the grader's 0.19 does not, see tools/trace_writes.py)."""
-    trace_writes = pytest.importorskip("tools.trace_writes")
+    trace_writes = pytest.importorskip("birds_lpft.tools.trace_writes")
     model = _save_model(tmp_path / "trained.pt", num_classes=4)
     upload = tmp_path / "upload"
     _build_tool().main(["--model", str(model), "--out", str(upload)])

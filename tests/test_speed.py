@@ -11,16 +11,27 @@ from pathlib import Path
 import pytest
 import torch
 
-from probe import features
-from probe.features import prefetched, release_freed_memory
-from probe.settings import ConfigError
+import birds_lpft.tools.speed as speed
+from birds_lpft import extract
+from birds_lpft import memory as features
+from birds_lpft.extract import prefetched
+from birds_lpft.memory import release_freed_memory
+from birds_lpft.tools.backbones import for_backbone, markdown
+from birds_lpft.tools.flops import forward_macs, matmul_gflops, training_macs
+from birds_lpft.tools.speed import (
+    Bare,
+    CvRun,
+    compute_ceiling,
+    cv_spec,
+    cv_table,
+    mean_bare,
+    parse_cv,
+    parse_run,
+    pipeline_rates,
+)
+from birds_lpft.utils.settings import ConfigError
 
 from finetune.config import PRESETS
-
-import tools.speed as speed
-from tools.backbones import for_backbone, markdown
-from tools.flops import forward_macs, matmul_gflops, training_macs
-from tools.speed import Bare, CvRun, compute_ceiling, cv_spec, cv_table, mean_bare, parse_cv, parse_run, pipeline_rates
 
 
 def test_prefetched_keeps_order_and_raises_the_threads_error():
@@ -47,7 +58,7 @@ def test_leaving_a_prefetched_loop_early_stops_its_thread():
 
 def test_a_prefetched_loop_hands_its_memory_back_once_its_thread_has_stopped(monkeypatch):
     calls = []
-    monkeypatch.setattr(features, "release_freed_memory", lambda: calls.append(threading.active_count()))
+    monkeypatch.setattr(extract, "release_freed_memory", lambda: calls.append(threading.active_count()))
     before = threading.active_count()
     assert list(prefetched(range(5))) == list(range(5))
     for item in prefetched(iter(range(10**6))):
@@ -124,7 +135,7 @@ def test_cv_spec_and_table_put_new_against_old():
 
 
 def test_speed_cv_runs_both_trees_cv_and_finds_their_fold_scores_equal(tmp_path, capsys):
-    from probe.synthetic import make_synthetic, write_grader_layout
+    from birds_lpft.data.synthetic import make_synthetic, write_grader_layout
 
     data = tmp_path / "data"
     write_grader_layout(data, "train", make_synthetic(num_classes=2, per_class=6, size=48, seed=0))

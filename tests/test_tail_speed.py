@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import tools.tail_speed as tail_speed
+import birds_lpft.tools.tail_speed as tail_speed
 
 
 def test_tail_speed_reports_every_setting(tmp_path, monkeypatch, capsys):

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import probe.backbone
-from probe.backbone import NetConfig, build_net, get_spec
-from probe.weights import (
+import birds_lpft.models.net
+from birds_lpft.models.net import NetConfig, build_net, get_spec
+from birds_lpft.models.weights import (
     WeightsError,
     cache_path,
     has_pretrained,
@@ -23,7 +23,8 @@ from probe.weights import (
     sha256_of,
     verify_sha256,
 )
-from probe.weights.provision import main, provision
+
+from probe.weights import main, provision
 
 NAME = "mobilenet_v2"
 
@@ -49,7 +50,7 @@ def trusted(tmp_path, monkeypatch):
         path.parent.mkdir(exist_ok=True)
         torch.save(state, path)
         spec = dataclasses.replace(get_spec(NAME), sha256=sha256_of(path))
-        monkeypatch.setitem(probe.backbone.BACKBONES, NAME, spec)
+        monkeypatch.setitem(birds_lpft.models.net.BACKBONES, NAME, spec)
         assert get_spec(NAME).sha256 == sha256_of(path)
         return path
 

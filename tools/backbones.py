@@ -26,16 +26,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from probe.backbone import build_net
-from probe.cli import fail
-from probe.data import LabelledImages
-from probe.settings import ConfigError
+from birds_lpft.data.sets import LabelledImages
+from birds_lpft.models.net import build_net
+from birds_lpft.tools.tail_speed import tail_step
+from birds_lpft.utils.cli import fail
+from birds_lpft.utils.settings import ConfigError
 
 from finetune.cache import DEFAULT_BUDGET_SHARE, bytes_per_view, cache_views, extract_views
 from finetune.cli import settings
 from finetune.config import FinetuneConfig
-
-from tools.tail_speed import tail_step
 
 TORCHVISION = ("mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "efficientnet_b3", "resnet18", "resnet50",
                "convnext_tiny", "regnet_y_400mf", "efficientnet_v2_s")

@@ -14,13 +14,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from probe.backbone import BirdNet, NetConfig, get_spec
-from probe.data import LabelledImages
-from probe.images import ImageDataset
-from probe.preprocess import TrainTransform, data_config
-from probe.weights import pretrained_net
+from birds_lpft.classifier import Classifier
+from birds_lpft.data.images import ImageDataset
+from birds_lpft.data.sets import LabelledImages
+from birds_lpft.models.net import BirdNet, NetConfig, get_spec
+from birds_lpft.models.preprocess import TrainTransform, data_config
+from birds_lpft.models.weights import pretrained_net
 
-from finetune.checkpoint import Classifier
 from finetune.config import FinetuneConfig
 
 
@@ -29,7 +29,7 @@ class BaselineConfig:
     """The online fine-tune recipe.
 
     Attributes:
-        backbone: a torchvision model name or ``timm/NAME`` (see ``probe.zoo``).
+        backbone: a torchvision model name or ``timm/NAME`` (see ``birds_lpft.models.zoo``).
         image_size: network input side; images are decoded and augmented again every epoch.
         split: first trainable block; None takes the backbone's own default (the pipeline's too).
         dropout: before the fresh linear head (torchvision's MobileNetV2 classifier uses 0.2).

@@ -3,7 +3,7 @@
 The machine is noisy, so every figure comes from the same command:
 
 1. **compute limit**: backbone forward throughput on pre-decoded random tensors at the pipeline's image
-   size (full network and trunk only), with ``probe.features.extract``'s settings: the ceiling of every
+   size (full network and trunk only), with ``birds_lpft.extract.extract``'s settings: the ceiling of every
    step that decodes images and runs the network on them (probe features, the trunk cache, classify);
 2. **linear probe**: stage one alone (``probe.pipeline.run_probe``, ``ProbeConfig`` defaults);
 3. **baseline** (``--baseline``, slow): the online fine-tune a user would otherwise write (``tools.baseline``);
@@ -41,26 +41,33 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from probe.cli import Written, check_output_dir, fail, run_interruptible
-from probe.data import DataError, read_class_names
-from probe.datasets import load_data
-from probe.features import bf16_supported, extract, make_loader, resolve_precision
-from probe.outputs import write_text
+from birds_lpft.data.sets import DataError, read_class_names
+from birds_lpft.data.synthetic import load_data
+from birds_lpft.extract import bf16_supported, extract, make_loader, resolve_precision
+from birds_lpft.models.weights import WeightsError, pretrained_net
+from birds_lpft.tools.baseline import BaselineConfig
+from birds_lpft.tools.bench_plots import write_plots
+from birds_lpft.tools.bench_report import (
+    class_breakdown,
+    most_confused,
+    report_markdown,
+    table_rows,
+    text_table,
+    top_losses,
+)
+from birds_lpft.utils.cli import Written, check_output_dir, fail, run_interruptible
+from birds_lpft.utils.outputs import write_text
+from birds_lpft.utils.settings import ConfigError, overridden, split_overrides
+from birds_lpft.utils.timing import peak_rss_mb, proc_status_mb
+
 from probe.pipeline import ProbeConfig
-from probe.settings import ConfigError, overridden, split_overrides
-from probe.timing import peak_rss_mb, proc_status_mb
-from probe.weights import WeightsError, pretrained_net
 
 from finetune.cli import add_settings, alias_changes
 from finetune.config import PRESETS, FinetuneConfig, preset
 
-from tools.baseline import BaselineConfig
-from tools.bench_plots import write_plots
-from tools.bench_report import class_breakdown, most_confused, report_markdown, table_rows, text_table, top_losses
-
 CHECKPOINT = "birds_model.pt"
-COMPUTE_BATCH = 16  # probe.features.extract's batch size: small batches are fastest on a CPU
-STEPS = "tools.bench_steps"
+COMPUTE_BATCH = 16  # birds_lpft.extract.extract's batch size: small batches are fastest on a CPU
+STEPS = "birds_lpft.tools.bench_steps"
 
 
 @dataclass(frozen=True)
@@ -134,7 +141,7 @@ class RandomImages(Dataset):
 
 
 def throughput(fn: Callable, size: int, batches: int, precision: str, desc: str, progress: bool) -> dict:
-    """Images/s of ``fn`` over ``batches`` batches of 16 through :func:`probe.features.extract`."""
+    """Images/s of ``fn`` over ``batches`` batches of 16 through :func:`birds_lpft.extract.extract`."""
     extract(fn, make_loader(RandomImages(COMPUTE_BATCH, size), COMPUTE_BATCH), precision=precision,
             progress=False)  # warm-up: oneDNN builds its kernels on the first batch
     _, stats = extract(fn, make_loader(RandomImages(batches * COMPUTE_BATCH, size), COMPUTE_BATCH),

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from probe.images import open_rgb
-from probe.outputs import atomic_write
+from birds_lpft.data.images import open_rgb
+from birds_lpft.utils.outputs import atomic_write
 
 THUMB = 160  # contact-sheet thumbnail side, pixels
 
@@ -27,7 +27,7 @@ def agg_figure() -> type:
 
 
 def save_figure(fig, path: Path, dpi: int) -> None:
-    """``fig.savefig`` as a PNG, atomically (``probe.outputs``)."""
+    """``fig.savefig`` as a PNG, atomically (``birds_lpft.utils.outputs``)."""
     with atomic_write(path) as f:
         fig.savefig(f, format="png", dpi=dpi)
 

@@ -12,17 +12,17 @@ from pathlib import Path
 
 import numpy as np
 
-from probe.data import read_gt, stratified_split
-from probe.datasets import load_data
+from birds_lpft.data.sets import read_gt, stratified_split
+from birds_lpft.data.synthetic import load_data
+from birds_lpft.tools.baseline import BaselineConfig, baseline_classifier, baseline_net, train_baseline
+from birds_lpft.utils.timing import Stopwatch
+
 from probe.pipeline import ProbeConfig, run_probe
-from probe.timing import Stopwatch
 
 from finetune.config import FinetuneConfig
 from finetune.train import fine_tune
 
 import solution
-
-from tools.baseline import BaselineConfig, baseline_classifier, baseline_net, train_baseline
 
 
 def probe_step(data_dir: Path, weights: str, progress: bool) -> dict:

@@ -37,10 +37,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from probe.cli import check_output_dir, fail
-from probe.outputs import copy_file, write_text
-
-from finetune.checkpoint import Classifier
+from birds_lpft.classifier import Classifier
+from birds_lpft.utils.cli import check_output_dir, fail
+from birds_lpft.utils.outputs import copy_file, write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 ENTRY = "solution"
@@ -59,7 +58,6 @@ OPTIONAL = {
     "finetune.levers.contrastive": lambda cfg: cfg.supcon > 0,
     "finetune.levers.distill": lambda cfg: cfg.distill > 0,
     "finetune.levers.l2sp": lambda cfg: cfg.l2sp > 0,
-    "probe.ensemble": lambda cfg: cfg.members > 1,
 }
 TRAINING_ONLY = {"lightning", "pytorch_lightning", "sklearn"}  # never imported by `import classification`
 
@@ -70,7 +68,7 @@ TRAINING_ONLY = {"lightning", "pytorch_lightning", "sklearn"}  # never imported 
 class EmbeddedImporter(importlib.abc.MetaPathFinder, importlib.abc.ExecutionLoader):
     """Finds and loads modules from an in-memory table ``{name: (is_package, source)}``; writes nothing.
 
-    A module's file is named ``<origin>/<its path in the project>`` (``.../classification.py/probe/data.py``):
+    A module's file is named ``<origin>/<its path in the project>`` (``.../classification.py/birds_lpft/data/sets.py``):
     no such file exists, so ``linecache`` and ``traceback`` ask :meth:`get_source` for its lines. Code is
     compiled by ``ExecutionLoader.get_code`` (``dont_inherit``: each module's own ``__future__`` imports).
     """
@@ -132,7 +130,7 @@ class Module:
 
 
 def module_path(root: Path, name: str) -> Path | None:
-    """'probe.data' -> root/probe/data.py, or root/probe/data/__init__.py for a package; None if neither."""
+    """'a.b' -> root/a/b.py, or root/a/b/__init__.py for a package; None if neither."""
     path = root.joinpath(*name.split("."))
     for candidate in (path.with_suffix(".py"), path / "__init__.py"):
         if candidate.is_file():

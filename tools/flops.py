@@ -13,7 +13,7 @@ import time
 import torch
 from torch import nn
 
-from probe.features import autocast
+from birds_lpft.extract import autocast
 
 
 def forward_macs(module: nn.Module, x: torch.Tensor) -> list[int]:

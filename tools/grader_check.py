@@ -25,9 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from probe.data import load_split_dir
-
-from finetune.checkpoint import Classifier
+from birds_lpft.classifier import Classifier
+from birds_lpft.data.sets import load_split_dir
 
 # First in every child: the project may be installed in this interpreter (editable: a finder in sys.meta_path),
 # and the single file must not lean on it. A blocking finder goes first in sys.meta_path; the file's own
@@ -35,7 +34,7 @@ from finetune.checkpoint import Classifier
 # ``not_embedded`` (called after the run) names each loaded project module that came from anywhere else.
 PROJECT_GUARD = r"""
 import importlib.abc, os, sys
-PROJECT = ("probe", "finetune", "solution", "tools")
+PROJECT = ("birds_lpft", "probe", "finetune", "solution", "tools")
 
 class ProjectBlocker(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from probe.outputs import atomic_write, write_bytes
+from birds_lpft.utils.outputs import atomic_write, write_bytes
 
 
 def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:

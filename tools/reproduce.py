@@ -19,11 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from probe.cli import check_output_file
-from probe.data import load_split_dir, read_gt
-from probe.timing import peak_rss_mb
-
-from finetune.checkpoint import Classifier
+from birds_lpft.classifier import Classifier
+from birds_lpft.data.sets import load_split_dir, read_gt
+from birds_lpft.utils.cli import check_output_file
+from birds_lpft.utils.timing import peak_rss_mb
 
 from solution import train_classifier
 

@@ -42,20 +42,20 @@ from pathlib import Path
 
 import torch
 
-from probe.cli import check_output_dir, fail, run_interruptible
-from probe.data import DataError, LabelledImages, load_split_dir
-from probe.features import autocast, resolve_precision, reusing_freed_memory
-from probe.images import open_rgb
-from probe.outputs import copy_file, write_text
-from probe.preprocess import EvalTransform, TrainTransform
-from probe.settings import ConfigError
+from birds_lpft.data.images import open_rgb
+from birds_lpft.data.sets import DataError, LabelledImages, load_split_dir
+from birds_lpft.extract import autocast, resolve_precision
+from birds_lpft.memory import reusing_freed_memory
+from birds_lpft.models.preprocess import EvalTransform, TrainTransform
+from birds_lpft.tools.flops import forward_macs, matmul_gflops, training_macs
+from birds_lpft.tools.tail_speed import tail_step
+from birds_lpft.utils.cli import check_output_dir, fail, run_interruptible
+from birds_lpft.utils.outputs import copy_file, write_text
+from birds_lpft.utils.settings import ConfigError
 
 from finetune.cli import settings
 from finetune.config import PRESETS, FinetuneConfig
 from finetune.train import trainer_precision
-
-from tools.flops import forward_macs, matmul_gflops, training_macs
-from tools.tail_speed import tail_step
 
 STAGES = ("extraction", "stage one", "tail training", "whole run")
 
@@ -95,7 +95,7 @@ class Bare:
 def bare_rates(images: LabelledImages, cfg: FinetuneConfig, samples: int = 64) -> Bare:
     """Each piece alone, on ``samples`` of the training images (the trunk and tail on random tensors: their
     cost is the shape's)."""
-    from probe.backbone import build_net
+    from birds_lpft.models.net import build_net
 
     data_cfg = cfg.data_config()
     centre, train = EvalTransform(data_cfg), TrainTransform(data_cfg, scale=cfg.crop_scale, jitter=cfg.jitter)
@@ -139,7 +139,7 @@ def _bare_line(when: str, bare: Bare) -> Bare:
 def compute_ceiling(cfg: FinetuneConfig, num_classes: int, bare: Bare) -> str:
     """The trunk's and the tail step's arithmetic rate at their bare rates, each as a share of this machine's
     dense matmul rate in its own precision: how far the network itself is from the hardware."""
-    from probe.backbone import build_net
+    from birds_lpft.models.net import build_net
 
     net = build_net(replace(cfg, members=1).net_config(num_classes)).eval()
     x = torch.zeros(1, 3, cfg.image_size, cfg.image_size).contiguous(memory_format=torch.channels_last)

@@ -21,8 +21,9 @@ from itertools import product
 import torch
 import torch.nn.functional as F
 
-from probe.backbone import build_net
-from probe.features import autocast, reusing_freed_memory
+from birds_lpft.extract import autocast
+from birds_lpft.memory import reusing_freed_memory
+from birds_lpft.models.net import build_net
 
 from finetune.config import PRESETS
 from finetune.kernels import fp32_depthwise_input_grads
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--precision", nargs="+", choices=list(PRECISIONS), default=list(PRECISIONS))
     p.add_argument("--memory", nargs="+", choices=list(MEMORY), default=["kept"],
                    help="'kept': freed memory kept for the next step, as training runs "
-                        "(probe.features.reusing_freed_memory); 'glibc': glibc's thresholds")
+                        "(birds_lpft.extract.reusing_freed_memory); 'glibc': glibc's thresholds")
     args = p.parse_args(argv)
     rates: dict[str, list[float]] = {}
     for r in range(args.rounds):

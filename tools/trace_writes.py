@@ -24,9 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from probe.data import list_image_files
-
-from tools.grader_check import PROJECT_GUARD
+from birds_lpft.data.sets import list_image_files
+from birds_lpft.tools.grader_check import PROJECT_GUARD
 
 CHILD = PROJECT_GUARD + r"""
 import json, time

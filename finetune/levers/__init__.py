@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import lightning as L
 from torch import nn
 
-from probe.backbone import TailHead
+from birds_lpft.models.net import TailHead
 
 
 @dataclass

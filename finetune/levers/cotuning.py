@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from probe.backbone import TailHead
+from birds_lpft.models.net import TailHead
 
 
 @torch.inference_mode()

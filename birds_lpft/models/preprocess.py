@@ -3,7 +3,7 @@
 :class:`DataConfig` (sizes, mean, std, interpolation) comes from the weights' own transforms
 (:func:`data_config`); the two presets turn a decoded RGB image into a network input: :class:`EvalTransform`
 (probe features, the centre view of the cache, validation, ``classify``) and :class:`TrainTransform` (the
-augmented views). Each carries ``min_side``, the shorter side decoding must keep (see ``probe.images``).
+augmented views). Each carries ``min_side``, the shorter side decoding must keep (see ``birds_lpft.data.images``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
-from probe.backbone import get_spec
+from birds_lpft.models.net import get_spec
 
 # The fine-tune's default input side (``FinetuneConfig.image_size``): larger than the weights' own 224, since
 # the species differ in small parts; stage one's comparison reports cache sizes at it.
@@ -69,7 +69,7 @@ class EvalTransform:
     """The evaluation preset: resize the shorter side, centre-crop, normalise: PIL RGB -> (3, S, S) float.
 
     Attributes:
-        min_side: the shorter side decoding must keep (JPEGs may decode smaller, see ``probe.images``).
+        min_side: the shorter side decoding must keep (JPEGs may decode smaller, see ``birds_lpft.data.images``).
         mean: the normalisation mean, for a blank stand-in image.
     """
 

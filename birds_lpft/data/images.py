@@ -1,7 +1,7 @@
 """Decoding untrusted image files into 8-bit RGB, with bounded memory and time whatever the file holds.
 
 Every stage reads images through :func:`open_rgb` and :class:`ImageDataset`, so training and ``classify``
-see the same pixels. A file that cannot be decoded raises :class:`~probe.data.DataError` naming it;
+see the same pixels. A file that cannot be decoded raises :class:`~birds_lpft.data.sets.DataError` naming it;
 ``ImageDataset(on_error="blank")`` turns that into a warning and a blank image instead, for ``classify``,
 where every file must get a label (a missing key scores zero at the grader).
 """
@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from probe.data import DataError, Source
+from birds_lpft.data.sets import DataError, Source
 
 # Beyond this aspect ratio the long side is cut to the middle before resizing: a 40000x1 strip would
 # otherwise be resized to 14.6M x 366 pixels. The centre crop only ever sees the middle; a training crop
@@ -223,7 +223,7 @@ class ImageDataset(Dataset):
 
     Args:
         sources, names: the images and the names messages use for them.
-        transform: a preset from :mod:`probe.backbone`; its ``min_side`` (if any) bounds JPEG decoding.
+        transform: a preset from :mod:`birds_lpft.models.net`; its ``min_side`` (if any) bounds JPEG decoding.
         on_error: 'raise' (training: a :class:`DataError` naming the file) or 'blank' (``classify``: any
             ``Exception`` while reading or preprocessing a file gives a warning naming it and a blank,
             mean-grey image, so that the file still gets a prediction).

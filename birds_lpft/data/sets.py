@@ -1,8 +1,8 @@
 """Data layer: the grader's layout (``gt.csv`` + an image folder) read into a checked, sorted labelled set.
 
 Every bad input raises :class:`DataError` naming the file and the fix, so nothing is silently dropped.
-Parsing the untrusted labels (``gt.csv``, file names, class ids) is :mod:`probe.labels`; decoding the
-images themselves is :mod:`probe.images`.
+Parsing the untrusted labels (``gt.csv``, file names, class ids) is :mod:`birds_lpft.data.labels`; decoding the
+images themselves is :mod:`birds_lpft.data.images`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import numpy as np
 
 # GT_HEADER, MAX_CLASS_ID, DataError, check_labels and read_gt are re-exported (the "as" form says so to the
 # linter): callers import the data layer from here.
-from probe.labels import GT_HEADER as GT_HEADER
-from probe.labels import MAX_CLASS_ID, DataError, check_labels, check_name, parse_label, read_gt
+from birds_lpft.data.labels import GT_HEADER as GT_HEADER
+from birds_lpft.data.labels import MAX_CLASS_ID, DataError, check_labels, check_name, parse_label, read_gt
 
 # An image source is a file on disk or encoded bytes held in RAM (the generated demo set).
 Source = Union[Path, bytes]

@@ -1,4 +1,4 @@
-"""A small generated image set: the demo default when no dataset is given, and the tests' data.
+"""A small generated image set: the demo default when no dataset is given (:func:`load_data`), and the tests' data.
 
 Each class is a coloured shape on a textured background, so a pretrained backbone separates the
 classes easily and a random one still runs the whole pipeline. Images are JPEG bytes held in RAM;
@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from probe.data import LabelledImages
-from probe.outputs import write_bytes, write_text
+from birds_lpft.data.sets import LabelledImages, load_split_dir
+from birds_lpft.utils.outputs import write_bytes, write_text
 
 _SHAPES = ("ellipse", "rectangle", "triangle", "cross")
 
@@ -62,3 +62,23 @@ def write_grader_layout(root: Path, split: str, images: LabelledImages) -> Path:
     rows = "".join(f"{n},{int(y)}\n" for n, y in zip(images.names, images.labels))
     write_text(root / split / "gt.csv", "filename,class_id\n" + rows)
     return root / split
+
+
+def load_data(data_dir: Path | None) -> tuple[LabelledImages, LabelledImages | None]:
+    """(train, test or None) from a grader-layout folder, or the generated demo set when ``data_dir`` is None.
+
+    The test split is checked against the training split's K: its labels must be training class ids, but
+    a small test split may lack a species or two (one line says so).
+    """
+    if data_dir is None:
+        print("no DATA_DIR given: using a small generated set (4 shapes x 24 images)")
+        images = make_synthetic(num_classes=4, per_class=24, seed=0)
+        return images.subset(range(0, 64)), images.subset(range(64, 96))
+    train = load_split_dir(data_dir, "train")
+    if not (data_dir / "test" / "gt.csv").is_file():
+        return train, None
+    test = load_split_dir(data_dir, "test", num_classes=train.num_classes)
+    species = len(np.unique(test.labels))
+    if species < test.num_classes:
+        print(f"test split: {len(test)} images of {species} of the {test.num_classes} species")
+    return train, test

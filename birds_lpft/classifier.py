@@ -19,12 +19,11 @@ import torch
 from torch import nn
 from torchvision.transforms import InterpolationMode
 
-from probe.backbone import BirdNet, NetConfig, build_net, get_spec
-from probe.data import LabelledImages, Source
-from probe.outputs import atomic_write
-from probe.preprocess import DataConfig
-
-from finetune.inference import Predictions, predict_logits
+from birds_lpft.data.sets import LabelledImages, Source
+from birds_lpft.models.net import BirdNet, NetConfig, build_net, get_spec
+from birds_lpft.models.preprocess import DataConfig
+from birds_lpft.predict import Predictions, predict_logits
+from birds_lpft.utils.outputs import atomic_write
 
 FORMAT = "birds-lpft/2"
 READABLE_FORMATS = ("birds-lpft/1", FORMAT)  # 1: before pooling and class names were stored
@@ -104,8 +103,8 @@ class Classifier(nn.Module):
         }
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the checkpoint atomically (``probe.outputs.atomic_write``): an interrupted or failed save leaves
-        the file that was there before, and two saves racing to one path leave one of the two models whole."""
+        """Write the checkpoint atomically (``birds_lpft.utils.outputs.atomic_write``): an interrupted or failed
+        save leaves the file that was there before, and two saves racing to one path leave one model whole."""
         with atomic_write(path) as f:
             torch.save(self.checkpoint(), f)
 

@@ -1,17 +1,18 @@
 """The network built on a backbone: trunk -> tail -> pool -> head.
 
-Backbones are named as torchvision or timm name them (:mod:`probe.zoo` derives how each is split);
-preprocessing derived from the backbone's weights is :mod:`probe.preprocess`.
+Backbones are named as torchvision or timm name them (:mod:`birds_lpft.models.zoo` derives how each is split);
+preprocessing derived from the backbone's weights is :mod:`birds_lpft.models.preprocess`.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from probe.zoo import BACKBONES, BackboneSpec, get_spec  # noqa: F401 - re-exported: the backbone layer's names
+from birds_lpft.models.zoo import BACKBONES, BackboneSpec, get_spec  # noqa: F401 - re-exported: the backbone layer's names
 
 
 class GeM(nn.Module):
@@ -144,6 +145,39 @@ class BirdNet(nn.Module):
         return self.forward_from_trunk(self.forward_trunk(x))
 
 
+class EnsembleNet(BirdNet):
+    """A :class:`BirdNet` whose ``extra`` holds ``members - 1`` more tails and heads.
+
+    Member 0 is the net's own tail and head, so the state dict is a single model's plus ``extra.*`` (the
+    layout checkpoints have always had).
+    """
+
+    def __init__(self, *args, members: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        if members < 2:
+            raise ValueError(f"an ensemble has at least 2 members, got {members}")
+        self.extra = nn.ModuleList(copy.deepcopy(self.top()) for _ in range(members - 1))
+
+    @property
+    def members(self) -> int:
+        return 1 + len(self.extra)
+
+    def member(self, i: int) -> TailHead:
+        """Member ``i``'s tail and head: the very modules the net holds, so training them trains the net."""
+        return self.top() if i == 0 else self.extra[i - 1]
+
+    def tops(self) -> list[TailHead]:
+        return [self.member(i) for i in range(self.members)]
+
+    def member_logits(self, a: torch.Tensor) -> torch.Tensor:
+        """Trunk activations (B, C, h', w') -> every member's logits, (members, B, K) in fp32."""
+        return torch.stack([self.member(i)(a).float() for i in range(self.members)])
+
+    def forward_from_trunk(self, a: torch.Tensor) -> torch.Tensor:
+        """Trunk activations (B, C, h', w') -> logits (B, K), averaged over the members."""
+        return self.member_logits(a).mean(0)
+
+
 @dataclass(frozen=True)
 class NetConfig:
     """Everything needed to rebuild a :class:`BirdNet` without downloading anything."""
@@ -157,7 +191,7 @@ class NetConfig:
 
 
 def build_net(cfg: NetConfig, state_dict: dict | None = None) -> BirdNet:
-    """Build a randomly initialised :class:`BirdNet` (an ensemble's, ``probe.ensemble.EnsembleNet``, when
+    """Build a randomly initialised :class:`BirdNet` (an ensemble's, ``birds_lpft.models.net.EnsembleNet``, when
     ``cfg.members`` > 1); ``state_dict`` holds backbone weights to load first.
 
     ``state_dict`` is a torchvision state dict for the whole backbone (e.g. the pretrained file); the
@@ -168,11 +202,5 @@ def build_net(cfg: NetConfig, state_dict: dict | None = None) -> BirdNet:
     if state_dict is not None:
         model.load_state_dict(state_dict)
     args = (spec.blocks(model), spec.width, cfg.num_classes, cfg.split, cfg.dropout, cfg.pooling)
-    if cfg.members == 1:
-        net = BirdNet(*args)
-    else:
-        # Imported only here: the ensemble is a lever, and a grader file for a single model does not carry it.
-        from probe.ensemble import EnsembleNet
-
-        net = EnsembleNet(*args, members=cfg.members)
+    net = BirdNet(*args) if cfg.members == 1 else EnsembleNet(*args, members=cfg.members)
     return net.to(memory_format=torch.channels_last)  # the layout oneDNN's CPU convolutions run fastest in
