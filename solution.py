@@ -4,7 +4,7 @@
 self-contained ``classification.py`` that is uploaded next to ``birds_model.pt``.
 
 ``classify`` needs neither Lightning nor scikit-learn, so they are imported only when ``train_classifier``
-runs (the function-level imports below, made without the temp-dir probe file that importing Lightning
+runs (the function-level import below, made without the temp-dir probe file that importing Lightning
 would otherwise create; see ``birds_lpft.utils.sandbox``).
 """
 
@@ -16,7 +16,12 @@ from pathlib import Path
 
 from birds_lpft.classifier import Classifier
 from birds_lpft.data.sets import labelled_from_gt, list_image_files, read_class_names
+from birds_lpft.recipe import grader_recipe
 from birds_lpft.utils.sandbox import no_tempdir_probe
+
+# What train_classifier(fast_train=False) trains: None here, the 'full' preset; in a built grader file, the
+# shipped model's own recipe (tools/build_submission.py writes it on this line), so that file reproduces it.
+SHIPPED_RECIPE: dict | None = None
 
 
 def train_classifier(train_gt: dict, train_img_dir: str, fast_train: bool = True) -> Classifier:
@@ -25,23 +30,20 @@ def train_classifier(train_gt: dict, train_img_dir: str, fast_train: bool = True
     Args:
         fast_train: True runs the same pipeline on the small 'fast' preset (on the shipped recipe's backbone),
             on the CPU, writing nothing and never downloading (pretrained weights from the local cache, else
-            random init with a warning). False runs the shipped recipe (``finetune.shipped``: the model's
-            own, in a built grader file; else the 'full' preset), which reproduces ``birds_model.pt``; it
-            needs the pretrained weights (cached, or downloaded where the network allows).
+            random init with a warning). False runs the shipped recipe (``SHIPPED_RECIPE``), which reproduces
+            ``birds_model.pt``; it needs the pretrained weights (cached, or downloaded where the network allows).
 
     Returns:
         The trained :class:`Classifier`; ``model.save("birds_model.pt")`` writes the checkpoint.
     """
     with no_tempdir_probe():  # training only: see the module docstring
-        from finetune.config import shipped
-        from finetune.shipped import RECIPE
         from finetune.train import fine_tune
 
     images = labelled_from_gt(train_gt, train_img_dir, where="train_gt")
     # The grader layout keeps classes.txt at the data root, two levels above train/images.
     images = replace(images, class_names=read_class_names(Path(train_img_dir).parent.parent / "classes.txt",
                                                           images.num_classes))
-    cfg = shipped(fast_train, RECIPE)
+    cfg = grader_recipe(fast_train, SHIPPED_RECIPE)
     weights = "if-cached" if fast_train else "required"
     result = fine_tune(images, cfg, weights, allow_download=not fast_train, accelerator="cpu", devices=1)
     return result.classifier

@@ -27,13 +27,20 @@ from birds_lpft.data.sets import DataError
 from birds_lpft.data.synthetic import load_data
 from birds_lpft.models.net import BirdNet
 from birds_lpft.models.weights import WeightsError
-from birds_lpft.utils.cli import Written, check_output_dir, check_output_file, fail, layout_inputs, run_interruptible
+from birds_lpft.recipe import FinetuneConfig, add_recipe_args, alias_overrides, recipe
+from birds_lpft.utils.cli import (
+    Written,
+    check_output_dir,
+    check_output_file,
+    fail,
+    layout_inputs,
+    run_interruptible,
+    split_positionals,
+)
 from birds_lpft.utils.settings import ConfigError
 from birds_lpft.utils.timing import Stopwatch, peak_rss_mb
 
 from finetune.cache import CacheBudgetError, default_budget, parse_size
-from finetune.cli import add_settings, settings, split_positionals
-from finetune.config import FinetuneConfig
 from finetune.distributed import gather_rows
 from finetune.train import FinetuneResult, fine_tune
 
@@ -46,7 +53,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, FinetuneConf
     p.add_argument("args", nargs="*", metavar="[DATA_DIR] [field=value ...]",
                    help="grader-layout folder (default: a generated set), then FinetuneConfig overrides")
     p.add_argument("--out", type=Path, help="write the checkpoint here (e.g. birds_model.pt)")
-    add_settings(p)
+    add_recipe_args(p)
     p.add_argument("--weights", type=Path, help="a local pretrained weights file (air-gapped machines), checked "
                                                 "against its published hash, used instead of the cache")
     p.add_argument("--allow-download", action="store_true", help="let torchvision download missing weights")
@@ -67,7 +74,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, FinetuneConf
         fail(PROG, f"one DATA_DIR at most, got {paths}; overrides are field=value")
     args.data_dir = Path(paths[0]) if paths else None
     try:
-        cfg = settings(args.preset, overrides, args)
+        cfg = recipe(args.preset, [*overrides, *alias_overrides(args)])
     except ConfigError as err:
         fail(PROG, str(err))
     if args.num_nodes < 1:

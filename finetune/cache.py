@@ -21,10 +21,9 @@ from torch.utils.data import Dataset
 from birds_lpft.data.images import as_data_error, open_rgb_many
 from birds_lpft.data.sets import LabelledImages
 from birds_lpft.extract import extract
-from birds_lpft.models.net import BirdNet
+from birds_lpft.models.net import BirdNet, trunk_bytes
 from birds_lpft.models.preprocess import DataConfig, EvalTransform, TrainTransform
-
-from finetune.config import FinetuneConfig
+from birds_lpft.recipe import FinetuneConfig
 
 # Default budget: this share of the memory available when the run starts (MemAvailable). The rest is
 # for the libraries (~0.8 GiB), the network, the optimiser and the batches in flight.
@@ -144,13 +143,9 @@ class Mirrored:
         return torch.flip(self.preset(img), dims=[-1])
 
 
-@torch.inference_mode()
 def bytes_per_view(net: BirdNet, cfg: FinetuneConfig) -> int:
-    """Cache bytes of one view of one image: the trunk's output shape at ``cfg.image_size`` x the cache dtype."""
-    param = next(net.trunk.parameters(), None)
-    x = torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=param.device if param is not None else "cpu")
-    shape = net.forward_trunk(x.contiguous(memory_format=torch.channels_last)).shape[1:]
-    return int(np.prod(shape)) * torch.empty((), dtype=getattr(torch, cfg.cache_dtype)).element_size()
+    """Cache bytes of one view of one image: the trunk's output at ``cfg.image_size`` in the cache dtype."""
+    return trunk_bytes(net, cfg.image_size, getattr(torch, cfg.cache_dtype))
 
 
 def available_memory() -> int | None:

@@ -35,13 +35,12 @@ from birds_lpft.models.net import BirdNet, build_net
 from birds_lpft.models.preprocess import EvalTransform, data_config, with_crop_fraction
 from birds_lpft.models.weights import WeightsError, pretrained_net
 from birds_lpft.predict import tta_mean
+from birds_lpft.recipe import FinetuneConfig, recipe
 from birds_lpft.utils.cli import Written, check_output_file, fail, layout_inputs, run_interruptible
 from birds_lpft.utils.outputs import write_text
 from birds_lpft.utils.settings import ConfigError
 
 from finetune.cache import Mirrored, View, cache_views, extract_views
-from finetune.cli import candidate
-from finetune.config import FinetuneConfig
 from finetune.cv_readouts import SizeReadouts, member_readouts, scheme_name, tta_schemes
 from finetune.cv_report import compare_rows, format_row, markdown, mean_se
 from finetune.datamodule import TrunkCacheData
@@ -52,8 +51,8 @@ from finetune.train import lever_inputs, train_tops
 
 
 def parse_candidate(spec: str) -> tuple[str, FinetuneConfig]:
-    """'PRESET[:field=value,...]' -> (spec, config), every value checked (``finetune.cli.candidate``)."""
-    return spec, candidate(spec)
+    """'PRESET[:field=value,...]' -> (spec, config), every value checked (``birds_lpft.recipe.recipe``)."""
+    return spec, recipe(spec)
 
 
 def stratified_folds(labels: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:

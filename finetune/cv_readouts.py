@@ -20,10 +20,10 @@ import torch
 
 from birds_lpft.extract import autocast
 from birds_lpft.models.net import BirdNet
+from birds_lpft.recipe import FinetuneConfig
 
 from probe.linear import fit_probe
 
-from finetune.config import FinetuneConfig
 from finetune.train import Training, one_network
 
 

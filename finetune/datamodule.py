@@ -21,10 +21,10 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from birds_lpft.data.sets import LabelledImages, stratified_split
 from birds_lpft.models.net import BirdNet
+from birds_lpft.recipe import FinetuneConfig
 from birds_lpft.utils.timing import Stopwatch
 
 from finetune.cache import CachedViews, bytes_per_view, cache_views, check_budget, extract_views
-from finetune.config import FinetuneConfig
 from finetune.distributed import gather_rows, shards_by_rank
 
 

@@ -15,8 +15,8 @@ from lightning.pytorch.callbacks import BaseFinetuning, Callback
 from torch import nn
 
 from birds_lpft.models.net import BirdNet, TailHead
+from birds_lpft.recipe import FinetuneConfig
 
-from finetune.config import FinetuneConfig
 from finetune.kernels import fp32_depthwise_input_grads
 from finetune.levers import LeverInputs, loss_terms
 

@@ -17,10 +17,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from birds_lpft.models.net import BirdNet
+from birds_lpft.recipe import FinetuneConfig
 
 from probe.linear import FittedProbe, fit_probe, init_head_from_probe
 
-from finetune.config import FinetuneConfig
 from finetune.distributed import gather_rows
 
 

@@ -21,12 +21,12 @@ from birds_lpft.extract import resolve_precision
 from birds_lpft.memory import reusing_freed_memory
 from birds_lpft.models.net import BirdNet, build_net
 from birds_lpft.models.weights import pretrained_net, pretrained_source_head
+from birds_lpft.recipe import FinetuneConfig
 from birds_lpft.utils.timing import Stopwatch
 
 from probe.linear import FittedProbe
 
 from finetune.cache import CachedViews
-from finetune.config import FinetuneConfig
 from finetune.datamodule import TrunkCacheData, val_loader_of
 from finetune.levers import LeverInputs
 from finetune.module import CpuBf16Kernels, LPFTModule, TrunkFreeze
@@ -262,8 +262,7 @@ def _result(train: LabelledImages, cfg: FinetuneConfig, data: TrunkCacheData, ru
     """The one place a run's result is assembled: the classifier and what was measured."""
     net = run.net
     val_acc = cached_accuracy(net, data.val_set, run.trainer) if data.val_set is not None else None
-    classifier = Classifier(net.cpu(), cfg.net_config(train.num_classes), cfg.data_config(), cfg.tta_flip,
-                            train.class_names, cfg.tta_crops, cfg.to_dict()).eval()
+    classifier = Classifier(net.cpu(), cfg, train.class_names).eval()
     return FinetuneResult(classifier, cfg, run.fitted, val_acc, [row for m in run.modules for row in m.history],
                           data.cache_bytes, len(train), sum(m.samples_seen for m in run.modules), data.shards,
                           run.trainer.is_global_zero, sw)

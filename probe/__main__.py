@@ -12,8 +12,8 @@ from pathlib import Path
 
 from birds_lpft.data.sets import DataError
 from birds_lpft.data.synthetic import load_data
-from birds_lpft.models.net import get_spec
 from birds_lpft.models.weights import WeightsError
+from birds_lpft.models.zoo import get_spec
 from birds_lpft.utils.cli import Written, check_output_file, fail, layout_inputs, run_interruptible
 from birds_lpft.utils.timing import Stopwatch, peak_rss_mb
 

@@ -9,16 +9,16 @@ the file to provide, never silently skipped.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from birds_lpft.data.sets import LabelledImages
-from birds_lpft.models.net import NetConfig, build_net, get_spec
-from birds_lpft.models.preprocess import TRAIN_IMAGE_SIZE
+from birds_lpft.models.net import NetConfig, build_net, trunk_bytes
 from birds_lpft.models.weights import WeightsError, cache_path, has_pretrained, missing
+from birds_lpft.models.zoo import get_spec
+from birds_lpft.recipe import TRAIN_IMAGE_SIZE
 from birds_lpft.utils.outputs import write_text
 
 from probe.pipeline import ProbeConfig, run_probe
@@ -32,14 +32,15 @@ COLUMNS = (("backbone", "backbone"), ("probe val", "probe_val"), ("probe test", 
 def compare(train: LabelledImages, test: LabelledImages | None, names: list[str], cfg: ProbeConfig, *,
             random_init: bool = False, progress: bool = False) -> list[dict]:
     """One row per backbone name, in order (see the module docstring)."""
-    return [_row(train, test, name, replace(cfg, backbone=name), random_init, progress) for name in names]
+    return [_row(train, test, name, cfg, random_init, progress) for name in names]
 
 
 def _row(train, test, name: str, cfg: ProbeConfig, random_init: bool, progress: bool) -> dict:
     try:
-        spec = get_spec(name)
+        cfg = replace(cfg, backbone=name)
     except ValueError as err:
         return {"backbone": name, "error": str(err)}
+    spec = cfg.spec
     row = {"backbone": name, "width": spec.width, "cache_mib_per_1k_view": cache_mib(name)}
     if not random_init and not has_pretrained(name):
         return {**row, "weights": f"missing: {missing(name, cache_path(name))}"}
@@ -53,13 +54,11 @@ def _row(train, test, name: str, cfg: ProbeConfig, random_init: bool, progress: 
             "weights": "random init" if random_init else str(cache_path(name))}
 
 
-@torch.no_grad()
 def cache_mib(name: str, image_size: int = TRAIN_IMAGE_SIZE) -> float:
     """MiB of fp16 trunk activations of 1,000 images, one view each, at ``image_size`` and the default split."""
     with torch.random.fork_rng(devices=[]):  # a random-init net only for its shapes: seeded runs stay as they are
         net = build_net(NetConfig(name, 2, get_spec(name).default_split)).eval()
-        shape = net.forward_trunk(torch.zeros(1, 3, image_size, image_size)).shape[1:]
-    return 1000 * math.prod(shape) * 2 / 2**20
+    return 1000 * trunk_bytes(net, image_size) / 2**20
 
 
 def _cell(row: dict, key: str) -> str:

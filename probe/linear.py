@@ -16,7 +16,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from birds_lpft.data.sets import stratified_split
-from birds_lpft.utils.settings import check_number, require
+from birds_lpft.recipe import ProbeFit
 
 
 class LinearProbe:
@@ -101,27 +101,6 @@ def path_scores(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_v
         clf.set_params(C=C).fit(Xt, y_train)
         scores[C] = float(np.mean(clf.predict(Xv) == np.asarray(y_val)))
     return {float(C): scores[float(C)] for C in Cs}
-
-
-@dataclass(frozen=True)
-class ProbeFit:
-    """How stage one's probe is fitted: the one recipe of ``python -m probe`` and of the fine-tune's LP init.
-
-    Attributes:
-        val_fraction: share of each class held out to choose C (one-standard-error rule, see
-            :func:`select_C`); the probe is then refitted on every image it was given.
-        Cs: LogisticRegression C values tried.
-    """
-
-    val_fraction: float = 0.2
-    Cs: tuple[float, ...] = (0.002, 0.005, 0.01, 0.02, 0.05)
-
-    def __post_init__(self):
-        check_number("probe.val_fraction", self.val_fraction, 0, 1, low_open=True, high_open=True)
-        require(isinstance(self.Cs, tuple) and len(self.Cs) >= 1, "probe.Cs",
-                f"must be a non-empty tuple; got {self.Cs!r}")
-        for C in self.Cs:
-            check_number("probe.Cs", C, 0, 1e6, low_open=True)
 
 
 @dataclass

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
 from birds_lpft.data.images import ImageDataset
 from birds_lpft.data.sets import LabelledImages
 from birds_lpft.extract import extract, make_loader
-from birds_lpft.models.net import BirdNet, NetConfig, get_spec
+from birds_lpft.models.net import BirdNet, NetConfig
 from birds_lpft.models.preprocess import DataConfig, EvalTransform, data_config
 from birds_lpft.models.weights import pretrained_net
+from birds_lpft.models.zoo import BackboneSpec, get_spec
+from birds_lpft.recipe import MAX_IMAGE_SIZE, PRECISIONS, ProbeFit
+from birds_lpft.utils.settings import ConfigError, check_choice, check_int
 from birds_lpft.utils.timing import Stopwatch
 
-from probe.linear import FittedProbe, ProbeFit, fit_probe
+from probe.linear import FittedProbe, fit_probe
 
 
 @dataclass(frozen=True)
@@ -38,12 +42,27 @@ class ProbeConfig:
     precision: str = "auto"
     seed: int = 0
 
+    def __post_init__(self):
+        try:
+            spec = self.spec
+        except ValueError as err:
+            raise ConfigError("backbone", str(err)) from None
+        if self.image_size is not None:
+            check_int("image_size", self.image_size, spec.min_image_size, MAX_IMAGE_SIZE)
+        check_choice("precision", self.precision, PRECISIONS)
+        check_int("extract_batch_size", self.extract_batch_size, 1)
+
+    @cached_property
+    def spec(self) -> BackboneSpec:
+        """The backbone, resolved once."""
+        return get_spec(self.backbone)
+
     def net_config(self, num_classes: int) -> NetConfig:
         """The network whose pooled features the probe sees (its split does not change them)."""
-        return NetConfig(self.backbone, num_classes, get_spec(self.backbone).default_split)
+        return NetConfig(self.backbone, num_classes, self.spec.default_split)
 
     def data_config(self) -> DataConfig:
-        return data_config(self.backbone, self.image_size)
+        return data_config(self.spec, self.image_size)
 
 
 def pooled_features(net: BirdNet, images: LabelledImages, cfg: ProbeConfig, desc: str,

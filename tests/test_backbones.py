@@ -5,6 +5,7 @@ images only (the speed and memory of random-init networks are real; their accura
 from __future__ import annotations
 
 import socket
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,13 +13,13 @@ import torch
 
 from birds_lpft.classifier import Classifier
 from birds_lpft.data.synthetic import make_synthetic, write_grader_layout
-from birds_lpft.models.net import BirdNet, get_spec
+from birds_lpft.models.net import BirdNet
 from birds_lpft.models.weights import WeightsError, load_pretrained, sha256_of
+from birds_lpft.models.zoo import get_spec
+from birds_lpft.recipe import PRESETS, recipe
 
 import probe.compare as compare
 
-from finetune.cli import settings
-from finetune.config import preset
 from finetune.train import fine_tune
 
 import solution
@@ -81,9 +82,11 @@ def test_mobilenet_v2_is_derived_as_before():
 
 
 def test_a_preset_with_another_backbone_takes_that_backbones_default_split():
-    cfg = settings("full", ["backbone=resnet18"])
+    cfg = recipe("full", ["backbone=resnet18"])
     assert cfg.split is None and cfg.trunk_split == get_spec("resnet18").default_split
-    assert settings("full", ["backbone=resnet18", "split=3"]).trunk_split == 3
+    assert recipe("full", ["backbone=resnet18", "split=3"]).trunk_split == 3
+    assert recipe("full:backbone=resnet18") == cfg  # the same text as a CV candidate
+    assert PRESETS["full"].on_backbone("mobilenet_v2") == PRESETS["full"]  # its own backbone: its own split
 
 
 @pytest.fixture
@@ -101,7 +104,7 @@ def no_network(monkeypatch):
 @pytest.mark.parametrize("name", TORCHVISION + TIMM)
 def test_probe_finetune_save_load_classify(name, tmp_path, no_network):
     images = make_synthetic(num_classes=3, per_class=4, size=48, seed=0)
-    cfg = preset("fast", backbone=name, split=None, image_size=SIZE, batch_size=8, limit_train_batches=2)
+    cfg = replace(PRESETS["fast"], backbone=name, split=None, image_size=SIZE, batch_size=8, limit_train_batches=2)
     result = fine_tune(images, cfg, "none", progress=False, accelerator="cpu", devices=1)
     path = tmp_path / "m.pt"
     result.classifier.save(path)
@@ -149,16 +152,14 @@ def test_the_comparison_lists_absent_weights_instead_of_skipping_them(tmp_path):
 
 
 def test_the_grader_interface_trains_the_shipped_recipes_backbone(tmp_path, monkeypatch):
-    import finetune.shipped
-
-    recipe = preset("full", backbone="resnet18", split=None).to_dict()
-    monkeypatch.setattr(finetune.shipped, "RECIPE", recipe)  # what the build writes into the grader file
+    shipped = replace(PRESETS["full"], backbone="resnet18", split=None).to_dict()
+    monkeypatch.setattr(solution, "SHIPPED_RECIPE", shipped)  # what the build writes into the grader file
     images = make_synthetic(num_classes=3, per_class=4, size=48, seed=0)
     train_dir = write_grader_layout(tmp_path / "data", "train", images)
     gt = dict(zip(images.names, images.labels.tolist()))
     with pytest.warns(UserWarning, match="random init"):  # no resnet18 weights here: the smoke run says so
         model = solution.train_classifier(gt, str(train_dir / "images"), fast_train=True)
-    assert model.net_cfg.backbone == "resnet18" and model.recipe["image_size"] == preset("fast").image_size
+    assert model.net_cfg.backbone == "resnet18" and model.recipe.image_size == PRESETS["fast"].image_size
     path = tmp_path / "m.pt"
     model.save(path)
     assert Classifier.load(path).recipe == model.recipe  # the checkpoint knows how it was trained

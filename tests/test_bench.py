@@ -1,6 +1,6 @@
-"""The benchmark (``python -m tools.bench``): one tiny end-to-end run on a generated grader layout that
-checks the report, the figures in results.json, the PNGs and that nothing lands outside REPORT_DIR; and the
-small pure helpers. Random-init networks and generated images only."""
+"""The one measurement command (``python -m tools.bench``): a tiny end-to-end ``run`` on a generated grader layout
+that checks the report, the figures in results.json and that nothing lands outside REPORT_DIR; ``speed`` of
+this checkout against itself; ``backbones``; and the pure helpers. Random-init networks and generated images."""
 
 from __future__ import annotations
 
@@ -11,21 +11,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
-from PIL import Image
 
 import birds_lpft.tools.bench as bench
 import birds_lpft.tools.bench_report as bench_report
+import birds_lpft.tools.bench_speed as bench_speed
 from birds_lpft.data.synthetic import make_synthetic, write_grader_layout
 
 from conftest import snapshot
 
 SPECIES = ("Acadian_Flycatcher", "American_Goldfinch", "Baltimore_Oriole")
-PNGS = ("learning_curves.png", "per_class_accuracy.png", "confusion_matrix.png", "top_losses.png")
-TINY = ["--random-init", "--preset", "fast", "--image-size", "64", "--epochs", "1", "--compute-batches", "1",
-        "--no-progress", "--compare"]  # no preset beside the pipeline (the end-to-end test adds one)
+TINY = ["--random-init", "--preset", "fast", "--image-size", "64", "--epochs", "1", "--no-progress", "--compare"]
 
 
 def _grader_layout(root: Path, with_test: bool = True) -> Path:
@@ -40,107 +36,93 @@ def _is_accuracy(value) -> bool:
     return isinstance(value, float) and 0.0 <= value <= 1.0
 
 
-# --------------------------------------------------------------------------- end to end
-
-
-def test_bench_end_to_end_writes_only_the_report(tmp_path, watched, capsys):
+def test_bench_run_end_to_end_writes_only_the_report(tmp_path, watched, capsys):
     data, report = _grader_layout(tmp_path / "data"), tmp_path / "report"
     before, data_before = watched(), snapshot(data)
 
-    bench.main([str(data), "--out", str(report), *TINY, "v1", "--baseline", "--baseline-epochs", "1",
-                "--baseline-image-size", "64"])
+    results = bench.main([str(data), "--out", str(report), *TINY, "v1"])  # 'run' is the default subcommand
 
     printed = capsys.readouterr().out
-    assert all(s in printed for s in ("LP-FT pipeline (fast)", "LP-FT pipeline (v1)", "baseline (online FT)",
-                                      "classify", "peak RSS MiB"))
-    assert watched() == before and snapshot(data) == data_before
-    assert "MPLCONFIGDIR" not in os.environ
-    assert {p.name for p in report.iterdir()} == {"report.md", "results.json", bench.CHECKPOINT, *PNGS}
-    for name in PNGS:
-        with Image.open(report / name) as img:
-            assert img.format == "PNG" and min(img.size) > 200
-    results = json.loads((report / "results.json").read_text())
-    _check_results(results, report)
-    text = (report / "report.md").read_text()
-    assert "| LP-FT pipeline (fast) |" in text and "| LP-FT pipeline (v1) |" in text and "| classify |" in text
-    assert '"torch"' in text and "precision" in text and "![confusion_matrix.png]" in text
-    assert "## Most-confused species (test)" in text and "![top_losses.png]" in text
-
-
-def _check_results(results: dict, report: Path) -> None:
-    assert {"compute", "probe", "pipeline", "classify", "baseline", "config", "environment"} <= set(results)
-    compute = results["compute"]
-    assert compute["image_size"] == 64 and compute["batch_size"] == 16
-    assert all(compute[part]["images_per_s"] > 0 and compute[part]["seconds"] > 0 for part in ("full", "trunk"))
-    for step in ("probe", "baseline", "pipeline"):
-        r = results[step]
-        assert _is_accuracy(r["val_accuracy"]) and _is_accuracy(r["test_accuracy"]), step
-        assert 0 < r["seconds"] < r["wall_seconds"] and r["peak_rss_mib"] > 0, step
-        assert 0 < r["start_rss_mib"] <= r["peak_rss_mib"], step
-    pipeline, classify = results["pipeline"], results["classify"]
-    assert pipeline["train_images_per_s"] > 0 and pipeline["cache_mib"] > 0 and pipeline["cache_images"] == 24
+    assert all(s in printed for s in ("LP-FT pipeline (fast)", "LP-FT pipeline (v1)", "classify", "peak RSS MiB"))
+    assert watched() == before and snapshot(data) == data_before and "MPLCONFIGDIR" not in os.environ
+    assert {p.name for p in report.iterdir()} == {"report.md", "results.json", bench.CHECKPOINT}
+    assert json.loads((report / "results.json").read_text()) == json.loads(json.dumps(results))
+    probe, pipeline, classify = results["probe"], results["pipelines"]["fast"], results["classify"]
+    for step in (probe, pipeline, results["pipelines"]["v1"]):
+        assert _is_accuracy(step["val_accuracy"]) and _is_accuracy(step["test_accuracy"])
+        assert 0 < step["seconds"] < step["wall_seconds"] and step["peak_rss_mib"] > 0
     assert {"load network", "trunk cache", "probe", "fine-tune"} <= set(pipeline["stages"])
-    assert [h["epoch"] for h in pipeline["history"]] == [1] and {"train_loss", "val_acc"} <= set(pipeline["history"][0])
-    assert pipeline["checkpoint"] == str(report / bench.CHECKPOINT) and pipeline["config"]["val_fraction"] == 0.2
-    assert classify["images"] == 12 and classify["images_per_s"] > 0 and classify["peak_rss_mib"] > 0
-    assert classify["accuracy"] == pytest.approx(pipeline["test_accuracy"])  # classify == the project's evaluation
-    assert results["baseline"]["config"]["epochs"] == 1 and len(results["baseline"]["history"]) == 1
+    assert [h["epoch"] for h in pipeline["history"]] == [1] and pipeline["cache_mib"] > 0
+    assert results["config"]["fast"]["val_fraction"] == 0.2 and results["config"]["v1"]["image_size"] == 64
+    assert classify["images"] == 12 and classify["accuracy"] == pytest.approx(pipeline["test_accuracy"])
     assert results["classes"] == [s.replace("_", " ") for s in SPECIES]
-    assert np.asarray(results["confusion_matrix"]).sum() == 12
-    assert results["config"]["pipeline"]["image_size"] == 64 and results["environment"]["torch"] == torch.__version__
-    v1 = results["compare"]["v1"]  # the previous recipe, measured in the same run, same split and size
-    assert _is_accuracy(v1["val_accuracy"]) and _is_accuracy(v1["test_accuracy"]) and v1["config"]["image_size"] == 64
-    assert v1["config"]["train_precision"] == "fp32" and "checkpoint" not in v1
     wrong = sum(p != y for p, y in zip(pipeline["test_predictions"], pipeline["test_labels"]))
     assert len(results["top_losses"]) == min(wrong, 16)
-    assert sum(pair["count"] for pair in results["most_confused"]) <= wrong
+    assert sum(pair["count"] for pair in results["most_confused"]) == wrong or len(results["most_confused"]) == 10
+    text = (report / "report.md").read_text()
+    assert "| LP-FT pipeline (v1) |" in text and "| classify |" in text and '"torch"' in text
 
 
-def test_bench_without_test_split_skips_classify(tmp_path, watched, capsys):
+def test_bench_run_without_a_test_split_skips_classify(tmp_path, watched, capsys):
     data, report = _grader_layout(tmp_path / "data", with_test=False), tmp_path / "report"
-
-    results = bench.main([str(data), "--out", str(report), *TINY])
-
-    assert results["classify"] is None and results["baseline"] is None and results["confusion_matrix"] is None
-    assert results["probe"]["test_accuracy"] is None and results["pipeline"]["test_accuracy"] is None
-    assert _is_accuracy(results["pipeline"]["val_accuracy"])
-    assert {p.name for p in report.iterdir()} == {"report.md", "results.json", bench.CHECKPOINT, PNGS[0]}
-    table = capsys.readouterr().out.split("peak RSS MiB")[1]
-    assert "n/a" in table and "classify" not in table and "baseline" not in table
-    assert json.loads((report / "results.json").read_text())["classify"] is None
+    results = bench.main(["run", str(data), "--out", str(report), *TINY])
+    assert results["classify"] is None and results["probe"]["test_accuracy"] is None
+    assert _is_accuracy(results["pipelines"]["fast"]["val_accuracy"]) and "most_confused" not in results
+    assert "n/a" in capsys.readouterr().out
 
 
-# --------------------------------------------------------------------------- helpers
+def test_bench_refuses_a_bad_setting_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.main([str(tmp_path), "--out", str(tmp_path / "r"), "epochs=0"])
+    assert exc.value.code == 2 and "epochs" in capsys.readouterr().err and not (tmp_path / "r").exists()
 
 
-def test_class_breakdown_per_class_and_confusion():
-    out = bench_report.class_breakdown({"test_labels": [0, 0, 1, 1, 1], "test_predictions": [0, 1, 1, 1, 0]}, 3)
-    assert out["confusion_matrix"] == [[1, 1, 0], [1, 2, 0], [0, 0, 0]]
-    assert out["per_class_test_accuracy"][:2] == [0.5, pytest.approx(2 / 3)]
-    assert out["per_class_test_accuracy"][2] is None  # no test image of class 2
-    assert bench_report.class_breakdown({"test_predictions": None}, 3) == {"per_class_test_accuracy": None,
-                                                                    "confusion_matrix": None}
+def test_speed_of_this_checkout_against_itself_finds_the_same_fold_scores(tmp_path, capsys):
+    data = tmp_path / "data"
+    write_grader_layout(data, "train", make_synthetic(num_classes=2, per_class=6, size=48, seed=0))
+    text = bench.main(["speed", str(data), "--cv", "2", "--old", str(bench_speed.ROOT), "--random-init",
+                       "--preset", "fast", "image_size=64", "--per-class", "4"])
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()}
+    old, new = (cell.strip() for cell in rows["fold scores"].split("|")[2:4])
+    assert old == new and len(old.split()) == 2 and "wall s" in rows and capsys.readouterr().out.count("round 1 ") == 2
 
 
-def test_table_shows_n_a_and_skips_steps_not_run():
-    step = {"val_accuracy": 0.5, "test_accuracy": None, "seconds": 1.0, "wall_seconds": 2.0, "peak_rss_mib": 300.0}
-    results = {
-        "compute": {"full": {"seconds": 0.5, "images_per_s": 40.0}, "trunk": {"seconds": 0.25, "images_per_s": 80.0},
-                    "wall_seconds": 1.0},
-        "probe": {**step, "images_per_s": 10.0}, "baseline": None, "classify": None,
-        "pipeline": {**step, "train_images_per_s": 123.4},
-    }
-    rows = bench_report.table_rows(results)
-    assert [r[0] for r in rows] == ["compute: full", "compute: trunk", "linear probe", "LP-FT pipeline (full)"]
-    assert rows[-1][1:] == ["0.5000", "n/a", "1.00", "2.00", "123", "300"]
-    assert bench_report.markdown_table(rows).count("\n") == len(rows) + 1
-    assert len(set(map(len, bench_report.text_table(rows).splitlines()))) == 1  # aligned columns
+def test_speed_reads_a_runs_stages_and_a_cvs_figures():
+    out = ("fine-tune: 37290 cached views in 500.0s (74.6 views/s)\n"
+           "time: read data 0.1s, test 4.3s, load network 0.1s, trunk cache 200.0s, probe 5.5s, fine-tune 500.0s; "
+           "peak RSS 2100 MiB\n")
+    assert bench_speed.stage_seconds(out)["trunk cache"] == 200.0 and bench_speed.stage_seconds(out)["probe"] == 5.5
+    cv = ("trunk cache for ['full:crop_scale=(0.2, 1.0)']: 294s\n"
+          "  full:crop_scale=(0.2, 1.0) fold 1/2: 0.8936 (flip TTA off: 0.8996)\n"
+          "  full:crop_scale=(0.2, 1.0) fold 2/2: 0.9095 (flip TTA off: 0.9000)\n"
+          "full:crop_scale=(0.2, 1.0)               0.9016 +- 0.0080  [0.8936 0.9095]  1042s\n")
+    assert bench_speed.cv_figures(cv) == {"trunk cache s": 294.0, "folds s": 1042.0, "folds": [0.8936, 0.9095]}
+    for broken in (bench_speed.stage_seconds, bench_speed.cv_figures):
+        with pytest.raises(RuntimeError, match="no"):
+            broken("Traceback ...")
+
+
+def test_speed_table_puts_new_against_old():
+    old = {"wall s": 520.0, "peak MiB": 2000.0}
+    new = {"wall s": 312.0, "peak MiB": 1900.0}
+    text = bench_speed.speed_table({"old": [old], "new": [new]})
+    assert "| wall s | 520.0 | 312.0 | 60% |" in text and "| peak MiB | 2000.0 | 1900.0 | 95% |" in text
+
+
+def test_backbones_refuses_a_split_of_another_models_blocks_and_measures_one(capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["backbones", "resnet18", "split=11"])
+    assert exc.value.code == 2 and "split" in capsys.readouterr().err
+    text = bench.main(["backbones", "mobilenet_v2", "image_size=64", "views=1", "--images", "16"])
+    row = next(line for line in text.splitlines() if line.startswith("| mobilenet_v2 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "11" and float(cells[2]) > 0 and float(cells[3]) > 0 and int(cells[5].replace(",", "")) > 0
 
 
 def test_scratch_files_live_in_the_report_dir_and_are_removed(tmp_path, monkeypatch):
     monkeypatch.delenv("MPLCONFIGDIR", raising=False)
     monkeypatch.setenv("TMPDIR", "/somewhere/tmp")
-    with bench.scratch_in(tmp_path) as scratch:
+    with bench_report.scratch_in(tmp_path) as scratch:
         assert os.environ["MPLCONFIGDIR"] == str(tmp_path / ".scratch" / "mpl") and scratch == tmp_path / ".scratch"
         assert tempfile.gettempdir() == str(scratch / "tmp")
         (scratch / "tmp" / "pymp-x").write_text("")  # what multiprocessing leaves while running
@@ -148,8 +130,8 @@ def test_scratch_files_live_in_the_report_dir_and_are_removed(tmp_path, monkeypa
 
 
 def test_importing_the_bench_imports_neither_lightning_nor_matplotlib():
-    # The parent of a CLI run must not import them before main() sets MPLCONFIGDIR: `import lightning`
-    # imports matplotlib.pyplot (through torchmetrics), which writes ~/.config and ~/.cache/matplotlib.
+    # The parent of a run must not import them before it sets MPLCONFIGDIR: `import lightning` may import
+    # matplotlib.pyplot (through torchmetrics), which writes ~/.config and ~/.cache/matplotlib.
     code = ("import sys, birds_lpft.tools.bench; "
             "print(sorted(m for m in ('lightning', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -158,13 +140,12 @@ def test_importing_the_bench_imports_neither_lightning_nor_matplotlib():
 
 def test_most_confused_pairs_and_top_losses():
     names = ["a", "b", "c"]
-    matrix = [[5, 2, 0], [1, 4, 3], [0, 0, 6]]
-    pairs = bench_report.most_confused(matrix, names, top=2)
+    pipeline = {"test_predictions": [0, 1, 2, 1, 2, 2, 1], "test_labels": [0, 2, 2, 0, 1, 1, 1],
+                "test_names": list("uvwxyzq"), "test_p_predicted": [0.9, 0.6, 0.8, 0.95, 0.5, 0.4, 0.7],
+                "test_p_true": [0.9, 0.3, 0.8, 0.01, 0.2, 0.3, 0.7]}
+    pairs = bench_report.most_confused(pipeline, names)
     found = [(p["true"], p["predicted"], p["count"], p["of_true"]) for p in pairs]
-    assert found == [("b", "c", 3, 8), ("a", "b", 2, 7)]
-    pipeline = {"test_predictions": [0, 1, 2, 1], "test_labels": [0, 2, 2, 0], "test_names": ["w", "x", "y", "z"],
-                "test_p_predicted": [0.9, 0.6, 0.8, 0.95], "test_p_true": [0.9, 0.3, 0.8, 0.01]}
-    losses = bench_report.top_losses(pipeline, names)
-    assert [(loss["file"], loss["true"], loss["predicted"]) for loss in losses] == [("z", "a", "b"), ("x", "c", "b")]
+    assert found == [("b", "c", 2, 3), ("a", "b", 1, 2), ("c", "b", 1, 2)]
+    losses = bench_report.top_losses(pipeline, names, top=2)
+    assert [(loss["file"], loss["true"], loss["predicted"]) for loss in losses] == [("x", "a", "b"), ("v", "c", "b")]
     assert losses[0]["p_predicted"] == 0.95 and losses[0]["p_true"] == 0.01
-    assert bench_report.top_losses({"test_predictions": None}, names) == []

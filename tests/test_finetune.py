@@ -24,7 +24,9 @@ from birds_lpft.data.synthetic import make_synthetic, write_grader_layout
 from birds_lpft.extract import extract
 from birds_lpft.models.net import NetConfig, build_net
 from birds_lpft.models.preprocess import EvalTransform, data_config, with_crop_fraction
+from birds_lpft.models.zoo import get_spec
 from birds_lpft.predict import predict_logits
+from birds_lpft.recipe import PRESETS, recipe
 
 from probe.linear import LinearProbe, ProbeFit, fit_probe, init_head_from_probe
 
@@ -32,16 +34,15 @@ import finetune.__main__ as finetune_cli
 import finetune.stage_one as finetune_stage_one
 import finetune.train as finetune_train
 from finetune.cache import CachedViews, Mirrored, View, ViewBatches, cache_views, extract_views
-from finetune.config import PRESETS, preset
 from finetune.datamodule import TrunkCacheData, stage_two_split
 from finetune.module import LPFTModule, TrunkFreeze, lr_factor
 from finetune.stage_one import pooled_from_trunk
 from finetune.train import FinetuneResult, fine_tune, train_tops
 
-from conftest import calibrate_batchnorm, snapshot
+from conftest import calibrate_batchnorm, make_classifier, snapshot
 
 SIZE = 64  # network input side of every test here: split 14 gives (96, 4, 4) trunk activations
-TINY = preset("fast", image_size=SIZE, batch_size=8, limit_train_batches=2)
+TINY = replace(PRESETS["fast"], image_size=SIZE, batch_size=8, limit_train_batches=2)
 TRAINER = dict(accelerator="cpu", devices=1)
 
 
@@ -50,7 +51,8 @@ TRAINER = dict(accelerator="cpu", devices=1)
 
 def _inputs(images, image_size: int = SIZE) -> torch.Tensor:
     """The evaluation view of every image as one (N, 3, S, S) batch."""
-    dataset = ImageDataset(images.sources, images.names, EvalTransform(data_config("mobilenet_v2", image_size)))
+    transform = EvalTransform(data_config(get_spec("mobilenet_v2"), image_size))
+    dataset = ImageDataset(images.sources, images.names, transform)
     return torch.stack([dataset[i][0] for i in range(len(dataset))])
 
 
@@ -205,7 +207,7 @@ def test_stage_one_head_equals_probe_decision_function():
     k = 3
     images = make_synthetic(num_classes=k, per_class=8, size=48, seed=3)
     cfg = replace(TINY, probe=ProbeFit(Cs=(1.0,)))
-    data_cfg = data_config(cfg.backbone, cfg.image_size)
+    data_cfg = cfg.data_config()
     net = calibrate_batchnorm(build_net(NetConfig(cfg.backbone, k, cfg.trunk_split, cfg.dropout)), _inputs(images))
 
     (centre,) = extract_views(net, images, cache_views(data_cfg, cfg)[:1], cfg, progress=False)
@@ -366,7 +368,7 @@ def test_cached_views_indexing():
 def test_augmented_views_are_seeded_and_differ_across_views():
     images = make_synthetic(num_classes=2, per_class=3, size=48, seed=5)
     cfg = replace(TINY, views=2, cache_dtype="float32", seed=7)
-    data_cfg = data_config(cfg.backbone, cfg.image_size)
+    data_cfg = cfg.data_config()
     net = build_net(NetConfig(cfg.backbone, 2, cfg.trunk_split)).eval()
 
     state = torch.get_rng_state()
@@ -405,7 +407,7 @@ def test_one_pass_gives_the_cache_of_one_pass_per_view_bit_for_bit(tmp_path, siz
     images = load_split_dir(tmp_path, "train")
     cfg = replace(TINY, views=3, extract_batch_size=4, jitter=0.3)
     net = build_net(NetConfig(cfg.backbone, 2, cfg.trunk_split)).eval()
-    views = cache_views(data_config(cfg.backbone, cfg.image_size), cfg, rank=1)
+    views = cache_views(cfg.data_config(), cfg, rank=1)
     views.insert(1, View("mirror", Mirrored(views[0].transform)))
     fused = extract_views(net, images, views, cfg, progress=False)
     for name, a, b in zip([v.name for v in views], fused, _one_pass_per_view(net, images, views, cfg)):
@@ -414,7 +416,7 @@ def test_one_pass_gives_the_cache_of_one_pass_per_view_bit_for_bit(tmp_path, siz
 
 def test_view_batches_come_one_view_at_a_time_and_repeat_pass_for_pass():
     images = make_synthetic(num_classes=2, per_class=3, size=48, seed=2)
-    views = cache_views(data_config(TINY.backbone, SIZE), replace(TINY, views=2))
+    views = cache_views(replace(TINY, image_size=SIZE).data_config(), replace(TINY, views=2))
     batches = ViewBatches(images, views, batch_size=4)
     first, second = list(batches), list(batches)
     assert [(k, idx.tolist()) for _, idx, k in first] == [
@@ -433,7 +435,7 @@ def _classifier(k: int, split: int, image_size: int, tta_flip: bool, dropout: fl
     torch.manual_seed(k * 100 + split)
     net_cfg = NetConfig("mobilenet_v2", k, split, dropout)
     net = calibrate_batchnorm(build_net(net_cfg), torch.randn(8, 3, image_size, image_size))
-    return Classifier(net, net_cfg, data_config("mobilenet_v2", image_size), tta_flip, tta_crops=tta_crops)
+    return make_classifier(net, net_cfg, image_size, tta_flip, tta_crops=tta_crops)
 
 
 @pytest.mark.parametrize("k, split, image_size, tta_flip, tta_crops",
@@ -446,8 +448,8 @@ def test_checkpoint_round_trip(tmp_path, k, split, image_size, tta_flip, tta_cro
     torch.manual_seed(12345)  # the rebuilt network's random init must not matter
     loaded = Classifier.load(path)
     assert isinstance(loaded, Classifier) and not loaded.training and not loaded.net.training
-    assert (loaded.net_cfg, loaded.data_cfg, loaded.tta_flip, loaded.tta_crops) == \
-        (original.net_cfg, original.data_cfg, tta_flip, tta_crops)
+    assert (loaded.net_cfg, loaded.data_cfg, loaded.recipe) == (original.net_cfg, original.data_cfg, original.recipe)
+    assert (loaded.recipe.tta_flip, loaded.recipe.tta_crops) == (tta_flip, tta_crops)
     assert len(loaded.net.trunk) == split and loaded.net.head.out_features == k
     assert loaded.data_cfg.image_size == image_size
     for name, value in original.net.state_dict().items():
@@ -464,12 +466,27 @@ def test_checkpoint_round_trip(tmp_path, k, split, image_size, tta_flip, tta_cro
     assert a.shape == (4, k) and torch.equal(a, b)
 
 
-def test_checkpoint_without_tta_crops_loads_with_none(tmp_path):
-    """Checkpoints written before multi-crop TTA have no 'tta_crops': they predict as they always did."""
-    ckpt = _classifier(3, 14, 64, True).checkpoint()
-    del ckpt["tta_crops"]
-    torch.save(ckpt, tmp_path / "old.pt")
-    assert Classifier.load(tmp_path / "old.pt").tta_crops == ()
+def _legacy(clf: Classifier, version: int, with_recipe: bool) -> dict:
+    """``clf``'s checkpoint as format ``version`` wrote it: the network's and the preprocessing's configs beside
+    the state dict, and the recipe only where one was stored (format 1: no pooling, no class names either)."""
+    data = {"image_size": clf.data_cfg.image_size, "resize_size": clf.data_cfg.resize_size,
+            "mean": list(clf.data_cfg.mean), "std": list(clf.data_cfg.std), "interpolation": "bilinear"}
+    net = {"backbone": "mobilenet_v2", "num_classes": clf.num_classes, "split": clf.net_cfg.split,
+           "dropout": clf.net_cfg.dropout, **({"pooling": "avg", "members": 1} if version == 2 else {})}
+    ckpt = {"format": f"birds-lpft/{version}", "net": net, "data": data, "tta_flip": clf.recipe.tta_flip,
+            "state_dict": clf.net.state_dict(), "recipe": clf.recipe.to_dict() if with_recipe else None}
+    return {**ckpt, "class_names": None} if version == 2 else ckpt
+
+
+@pytest.mark.parametrize("version, with_recipe", [(2, True), (2, False), (1, False)])
+def test_older_checkpoints_still_load_and_predict_as_before(tmp_path, version, with_recipe):
+    clf = _classifier(3, 14, 64, True, dropout=0.0)
+    torch.save(_legacy(clf, version, with_recipe), tmp_path / "old.pt")
+    loaded = Classifier.load(tmp_path / "old.pt")
+    assert (loaded.net_cfg, loaded.data_cfg, loaded.recipe.tta_flip) == (clf.net_cfg, clf.data_cfg, True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded.net(x), clf.net(x))
 
 
 @pytest.mark.parametrize("tta_flip", [True, False])
@@ -488,7 +505,7 @@ def test_multi_crop_tta_is_the_mean_of_each_crops_logits(tta_flip):
 
 
 def test_crop_fraction_one_keeps_the_whole_shorter_side():
-    cfg = data_config("mobilenet_v2", 64)
+    cfg = data_config(get_spec("mobilenet_v2"), 64)
     assert with_crop_fraction(cfg, cfg.crop_fraction) == cfg
     assert with_crop_fraction(cfg, 1.0).resize_size == 64
     with pytest.raises(ValueError, match="crop fraction"):
@@ -531,7 +548,7 @@ def test_fine_tune_end_to_end_tiny():
     assert result.fitted.C in TINY.probe.Cs and result.val_accuracy is None
     clf = result.classifier
     assert isinstance(clf, Classifier) and not clf.net.training
-    assert clf.data_cfg == data_config("mobilenet_v2", SIZE) and clf.tta_flip == TINY.tta_flip
+    assert clf.data_cfg == data_config(get_spec("mobilenet_v2"), SIZE) and clf.recipe == TINY
     assert clf.net_cfg == NetConfig("mobilenet_v2", 3, TINY.trunk_split, TINY.dropout)
     assert [row["epoch"] for row in result.history] == [1]
     assert all(math.isfinite(v) for row in result.history for v in row.values())
@@ -634,6 +651,6 @@ def test_fast_preset_is_the_grader_smoke_run():
     fast, full = PRESETS["fast"], PRESETS["full"]
     assert fast.epochs == 1 and fast.views == 1 and fast.image_size < full.image_size
     assert fast.backbone == full.backbone and fast.trunk_split >= full.trunk_split  # no more tail than shipped
-    assert preset("fast", image_size=SIZE) == replace(fast, image_size=SIZE)
+    assert recipe(f"fast:image_size={SIZE}") == replace(fast, image_size=SIZE)
     with pytest.raises(ValueError, match="unknown preset"):
-        preset("fastest")
+        recipe("fastest")

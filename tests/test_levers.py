@@ -14,12 +14,12 @@ from torch import nn
 
 from birds_lpft.data.synthetic import make_synthetic, write_grader_layout
 from birds_lpft.models.net import GeM, NetConfig, _GeMPool, build_net
+from birds_lpft.recipe import PRESETS
 
 import finetune.cache as finetune_cache
 import finetune.cv as cv
 import finetune.cv_report as cv_report
 import finetune.stage_one as finetune_stage_one
-from finetune.config import PRESETS, preset
 from finetune.datamodule import TrunkCacheData
 from finetune.levers.averaging import WeightAverage
 from finetune.levers.mixing import mix_batch
@@ -295,7 +295,7 @@ def test_gem_pooling_spans_average_to_max():
     assert gem(x).shape == (2, 3) and gem.p.requires_grad
     net = build_net(NetConfig("mobilenet_v2", 3, 14, pooling="gem"))
     assert isinstance(net.pool, GeM) and net(torch.randn(1, 3, 64, 64)).shape == (1, 3)
-    assert preset("full", pooling="gem").pooling == "gem"
+    assert replace(PRESETS["full"], pooling="gem").pooling == "gem"
 
 
 def _gem_formula(x: torch.Tensor, p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,11 +20,12 @@ import birds_lpft.utils.outputs as outputs
 from birds_lpft.classifier import Classifier
 from birds_lpft.data.synthetic import make_synthetic, write_grader_layout
 from birds_lpft.models.net import NetConfig, build_net
-from birds_lpft.models.preprocess import data_config
 
 import finetune.__main__ as finetune_cli
 import finetune.cv as cv
 from finetune.predict import main as predict_main
+
+from conftest import make_classifier
 
 SIZE = 64
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _classifier(seed: int) -> Classifier:
     torch.manual_seed(seed)
     cfg = NetConfig("mobilenet_v2", 3, 14)
-    return Classifier(build_net(cfg).eval(), cfg, data_config("mobilenet_v2", SIZE), True)
+    return make_classifier(build_net(cfg).eval(), cfg, SIZE)
 
 
 def _same_weights(a: Classifier, b: Classifier) -> bool:
@@ -93,7 +95,7 @@ def test_a_save_under_a_file_size_limit_keeps_the_old_file(saved):
         "import resource, signal, sys\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit raises EFBIG instead\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (2_000_000, 2_000_000))\n"
-        "sys.path.insert(0, sys.argv[2])\n"
+        "sys.path[:0] = [sys.argv[2], sys.argv[2] + '/tests']\n"
         "from tests.test_outputs import _classifier\n"
         "try:\n"
         "    _classifier(1).save(sys.argv[1])\n"
@@ -159,7 +161,8 @@ def test_ctrl_c_during_training_exits_130_and_keeps_the_old_model(saved, tmp_pat
 def test_ctrl_c_inside_the_api_propagates_as_keyboard_interrupt_with_state_restored():
     import lightning as L
 
-    from finetune.config import preset
+    from birds_lpft.recipe import PRESETS
+
     from finetune.train import fine_tune
 
     class CtrlC(L.Callback):
@@ -169,7 +172,8 @@ def test_ctrl_c_inside_the_api_propagates_as_keyboard_interrupt_with_state_resto
     handler, rng = signal.getsignal(signal.SIGINT), torch.get_rng_state()
     images = make_synthetic(num_classes=3, per_class=4, size=48, seed=0)
     with pytest.raises(KeyboardInterrupt):  # not Lightning's SystemExit(1), which would quit a notebook
-        fine_tune(images, preset("fast", image_size=SIZE), "none", progress=False, accelerator="cpu", devices=1,
+        fine_tune(images, replace(PRESETS["fast"], image_size=SIZE), "none", progress=False, accelerator="cpu",
+                  devices=1,
                   callbacks=[CtrlC()])
     assert signal.getsignal(signal.SIGINT) is handler  # Lightning ignores SIGINT after one; ours is back
     assert torch.equal(torch.get_rng_state(), rng)

@@ -17,17 +17,18 @@ import torch
 from birds_lpft.classifier import Classifier
 from birds_lpft.data.synthetic import make_synthetic, write_grader_layout
 from birds_lpft.models.net import NetConfig, build_net
-from birds_lpft.models.preprocess import data_config
+from birds_lpft.recipe import PRESETS
 
 import finetune.__main__ as finetune_cli
-from finetune.config import preset
 from finetune.predict import main as predict_main
 from finetune.train import fine_tune
 
 import solution
 
+from conftest import make_classifier
+
 SIZE = 64
-TINY = preset("fast", image_size=SIZE, batch_size=8, limit_train_batches=2)
+TINY = replace(PRESETS["fast"], image_size=SIZE, batch_size=8, limit_train_batches=2)
 NAMES = ("Acadian Flycatcher", "Blue Jay", "Common Raven")
 # What Lightning and torch print by themselves about choices this design makes on purpose.
 NOISE = ("Tip:", "GPU available", "TPU available", "does not have many workers", "validation_step",
@@ -38,7 +39,7 @@ NOISE = ("Tip:", "GPU available", "TPU available", "does not have many workers",
 def _model(path: Path, names=NAMES) -> Path:
     torch.manual_seed(0)
     cfg = NetConfig("mobilenet_v2", len(names), 14)
-    Classifier(build_net(cfg).eval(), cfg, data_config("mobilenet_v2", SIZE), True, names).save(path)
+    make_classifier(build_net(cfg).eval(), cfg, SIZE, names=names).save(path)
     return path
 
 
@@ -53,9 +54,10 @@ def test_class_names_travel_from_the_data_into_the_checkpoint(tmp_path):
 
 def test_a_checkpoint_without_names_or_new_fields_still_loads(tmp_path):
     ckpt = torch.load(_model(tmp_path / "new.pt"), weights_only=True)
-    old = {**ckpt, "format": "birds-lpft/1", "net": {k: ckpt["net"][k] for k in ("backbone", "num_classes", "split",
-                                                                               "dropout")}}
-    del old["class_names"]
+    net = {"backbone": "mobilenet_v2", "num_classes": 3, "split": 14, "dropout": 0.0}
+    data = {"image_size": SIZE, "resize_size": 73, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+            "interpolation": "bilinear"}
+    old = {"format": "birds-lpft/1", "net": net, "data": data, "tta_flip": True, "state_dict": ckpt["state_dict"]}
     torch.save(old, tmp_path / "old.pt")
     loaded = Classifier.load(tmp_path / "old.pt")
     assert loaded.class_names is None and loaded.name_of(2) == "2"
@@ -143,7 +145,7 @@ def test_reproduce_compares_two_checkpoints_without_training(tmp_path, capsys):
         torch.manual_seed(seed)
         net_cfg = NetConfig("mobilenet_v2", 3, 14)
         paths.append(tmp_path / f"m{len(paths)}.pt")
-        Classifier(build_net(net_cfg), net_cfg, data_config("mobilenet_v2", 64), True).save(paths[-1])
+        make_classifier(build_net(net_cfg), net_cfg, 64).save(paths[-1])
     with pytest.raises(SystemExit):
         reproduce.main([str(root), "--shipped", str(paths[0]), "--retrained", str(paths[1])])
     assert "agree on 100.0% of 6 images" in capsys.readouterr().out

@@ -13,6 +13,7 @@ from birds_lpft.data.synthetic import make_synthetic, write_grader_layout
 from birds_lpft.models.net import NetConfig, build_net
 from birds_lpft.models.preprocess import EvalTransform, data_config
 from birds_lpft.models.weights import pretrained_net
+from birds_lpft.models.zoo import get_spec
 
 import probe.__main__ as probe_cli
 from probe.linear import LinearProbe, ProbeFit, init_head_from_probe, path_scores, select_C
@@ -116,7 +117,8 @@ def test_head_refuses_wrong_width():
 def test_birdnet_head_from_probe_end_to_end(k):
     images = make_synthetic(num_classes=k, per_class=8, size=48, seed=k)
     net = pretrained_net(NetConfig("mobilenet_v2", k, 14), "none")
-    dataset = ImageDataset(images.sources, images.names, EvalTransform(data_config("mobilenet_v2", SMALL.image_size)))
+    transform = EvalTransform(data_config(get_spec("mobilenet_v2"), SMALL.image_size))
+    dataset = ImageDataset(images.sources, images.names, transform)
     x = torch.stack([dataset[i][0] for i in range(len(dataset))])
     assert x.shape == (len(images), 3, 64, 64)
     calibrate_batchnorm(net, x)

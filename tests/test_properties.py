@@ -21,9 +21,12 @@ from birds_lpft.data.images import ImageDataset
 from birds_lpft.data.sets import DataError
 from birds_lpft.models.net import NetConfig, build_net
 from birds_lpft.models.preprocess import EvalTransform, TrainTransform, data_config
+from birds_lpft.models.zoo import get_spec
+
+from conftest import make_classifier
 
 SIZE = 32
-CFG = data_config("mobilenet_v2", SIZE)
+CFG = data_config(get_spec("mobilenet_v2"), SIZE)
 MODES = ["1", "L", "P", "RGB", "RGBA", "LA", "I;16", "I", "F", "CMYK"]
 FORMATS = ["PNG", "JPEG", "GIF", "WEBP", "TIFF", "BMP"]
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -70,7 +73,7 @@ def image_files(draw, whole: bool = False) -> bytes:
 def model() -> Classifier:
     torch.manual_seed(0)
     cfg = NetConfig("mobilenet_v2", 5, 14)
-    return Classifier(build_net(cfg).eval(), cfg, CFG, tta_flip=True)
+    return make_classifier(build_net(cfg).eval(), cfg, SIZE)
 
 
 @SETTINGS

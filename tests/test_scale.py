@@ -21,17 +21,17 @@ import torch.utils.deterministic
 from birds_lpft.classifier import Classifier
 from birds_lpft.data.sets import load_split_dir, read_gt
 from birds_lpft.data.synthetic import make_synthetic, write_grader_layout
+from birds_lpft.recipe import PRESETS
 
 import finetune.cache as finetune_cache
 from finetune.__main__ import report_shards
 from finetune.cache import CacheBudgetError, check_budget, parse_size
-from finetune.config import preset
 from finetune.train import fine_tune
 
 import solution
 
 SIZE = 64
-TINY = preset("fast", image_size=SIZE, batch_size=8, limit_train_batches=2)
+TINY = replace(PRESETS["fast"], image_size=SIZE, batch_size=8, limit_train_batches=2)
 
 
 def test_ddp_two_processes_shard_the_cache_and_agree_on_the_probe(tmp_path):

@@ -33,14 +33,12 @@ from birds_lpft.classifier import Classifier
 from birds_lpft.data.sets import read_gt
 from birds_lpft.data.synthetic import make_synthetic, write_grader_layout
 from birds_lpft.models.net import NetConfig, build_net
-from birds_lpft.models.preprocess import data_config
+from birds_lpft.recipe import PRESETS
 from birds_lpft.tools.grader_check import PROJECT_GUARD
-
-from finetune.config import PRESETS
 
 import solution
 
-from conftest import snapshot
+from conftest import make_classifier, snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 64
@@ -67,7 +65,7 @@ def _save_model(path: Path, num_classes: int = 4, dropout: float = 0.5) -> Path:
     net.train()
     with torch.no_grad():
         net(torch.randn(8, 3, SIZE, SIZE))
-    Classifier(net.eval(), net_cfg, data_config("mobilenet_v2", SIZE), tta_flip=True).save(path)
+    make_classifier(net.eval(), net_cfg, SIZE).save(path)
     return path
 
 

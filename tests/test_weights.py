@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import birds_lpft.models.net
-from birds_lpft.models.net import NetConfig, build_net, get_spec
+from birds_lpft.models.net import NetConfig, build_net
 from birds_lpft.models.weights import (
     WeightsError,
     cache_path,
@@ -23,6 +23,7 @@ from birds_lpft.models.weights import (
     sha256_of,
     verify_sha256,
 )
+from birds_lpft.models.zoo import get_spec
 
 from probe.weights import main, provision
 
@@ -50,7 +51,7 @@ def trusted(tmp_path, monkeypatch):
         path.parent.mkdir(exist_ok=True)
         torch.save(state, path)
         spec = dataclasses.replace(get_spec(NAME), sha256=sha256_of(path))
-        monkeypatch.setitem(birds_lpft.models.net.BACKBONES, NAME, spec)
+        monkeypatch.setitem(birds_lpft.models.zoo.BACKBONES, NAME, spec)
         assert get_spec(NAME).sha256 == sha256_of(path)
         return path
 

@@ -1,44 +1,55 @@
-"""The benchmark's report from plain results: the table, the per-class breakdown, the most-confused species
-pairs, the most confidently wrong test images, and ``report.md``. No model, no Lightning, no plotting."""
+"""``tools.bench run``'s report from plain results: the table, the most-confused species pairs, the test images
+the model got most confidently wrong, the machine, and ``report.md`` / ``results.json``. No model, no
+Lightning; and the scratch folder that keeps the run's temporary files inside the report folder."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
+import torch
 
-HEADER = ["step", "val acc", "test acc", "seconds", "wall s", "images/s", "peak RSS MiB"]
+from birds_lpft.extract import bf16_supported
+from birds_lpft.utils.outputs import write_text
+
+HEADER = ("step", "val acc", "test acc", "seconds", "wall s", "images/s", "peak RSS MiB")
 NOTES = """\
-- seconds: the step's own work. probe, baseline, pipeline: producing the model (test scoring excluded);
-  compute: the timed batches; classify: the `solution.classify` call, model load included.
-  wall s: the parent's wall clock for the whole step (process start and imports of a child included).
-- images/s: compute: forward passes on pre-decoded tensors; probe: training images per second end to end;
-  baseline: training images per second of online training; pipeline: cached views per second of the
-  fine-tune stage; classify: test images per second.
-- peak RSS: each step's own process (VmHWM); compute runs in the parent and is not measured.
-- val acc: the same seeded 20% per class for probe, baseline and pipelines, pipelines on the cached centre
-  view (no TTA); pipeline test accuracy uses each preset's own TTA (its `tta_flip` and `tta_crops`)."""
+- seconds: the step's own work (probe and pipelines: making the model, test scoring excluded; classify: the
+  `solution.classify` call, model load included); wall s: the step's whole process, start and imports included.
+- images/s: probe: training images end to end; pipelines: cached views trained per second; classify: test images.
+- val acc: the same seeded 20% per class for the probe and the pipelines (theirs on the cached centre view);
+  test acc: each pipeline's own prediction views."""
+
+
+def test_outputs(evaluation: dict, test) -> dict:
+    """A pipeline's test predictions, with the probabilities of the predicted and of the true species."""
+    probs = evaluation["probabilities"]
+    return {"test_accuracy": evaluation["accuracy"], "test_predictions": evaluation["predictions"].tolist(),
+            "test_labels": test.labels.tolist(), "test_names": list(test.names),
+            "test_p_predicted": probs.max(1).tolist(),
+            "test_p_true": probs[np.arange(len(probs)), test.labels].tolist()}
 
 
 def table_rows(results: dict) -> list[list[str]]:
-    """One row per measured step: step, val acc, test acc, seconds, wall s, images/s, peak RSS MiB."""
-    c = results["compute"]
-    rows = []
-    for part in ("full", "trunk"):
-        rows.append([f"compute: {part}", "-", "-", _f(c[part]["seconds"]), _f(c["wall_seconds"]),
-                     _f(c[part]["images_per_s"]), "-"])
-    named = [("linear probe", results["probe"], "images_per_s"),
-             ("baseline (online FT)", results["baseline"], "images_per_s"),
-             (f"LP-FT pipeline ({results.get('preset', 'full')})", results["pipeline"], "train_images_per_s")]
-    named += [(f"LP-FT pipeline ({name})", r, "train_images_per_s") for name, r in results.get("compare", {}).items()]
-    for label, r, rate in named:
-        if r is not None:
-            rows.append([label, _acc(r["val_accuracy"]), _acc(r["test_accuracy"]), _f(r["seconds"]),
-                         _f(r["wall_seconds"]), _f(r[rate]), _f(r["peak_rss_mib"])])
-    r = results["classify"]
-    if r is not None:
-        rows.append(["classify", "-", _acc(r["accuracy"]), _f(r["seconds"]), _f(r["wall_seconds"]),
-                     _f(r["images_per_s"]), _f(r["peak_rss_mib"])])
+    """One row per step that ran."""
+    p = results["probe"]
+    rows = [["linear probe", _acc(p["val_accuracy"]), _acc(p["test_accuracy"]), _f(p["seconds"]),
+             _f(p["wall_seconds"]), _f(p["images_per_s"]), _f(p["peak_rss_mib"])]]
+    for name, r in results["pipelines"].items():
+        rows.append([f"LP-FT pipeline ({name})", _acc(r["val_accuracy"]), _acc(r["test_accuracy"]), _f(r["seconds"]),
+                     _f(r["wall_seconds"]), _f(r["train_images_per_s"]), _f(r["peak_rss_mib"])])
+    c = results["classify"]
+    if c is not None:
+        rows.append(["classify", "-", _acc(c["accuracy"]), _f(c["seconds"]), _f(c["wall_seconds"]),
+                     _f(c["images_per_s"]), _f(c["peak_rss_mib"])])
     return rows
 
 
@@ -50,74 +61,82 @@ def _acc(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def text_table(rows: list[list[str]]) -> str:
-    """A fixed-width table for the terminal."""
-    widths = [max(len(r[i]) for r in [HEADER, *rows]) for i in range(len(HEADER))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in [HEADER, *rows]]
-    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+def markdown(header, rows) -> str:
+    """A Markdown table, the first column left-aligned and the others right-aligned."""
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
 
 
-def markdown_table(rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" + "---:|" * (len(HEADER) - 1)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
-
-def class_breakdown(pipeline: dict, num_classes: int) -> dict:
-    """Per-class test accuracy and the confusion matrix (rows: true class) of the pipeline's predictions."""
-    if pipeline.get("test_predictions") is None:
-        return {"per_class_test_accuracy": None, "confusion_matrix": None}
-    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(matrix, (pipeline["test_labels"], pipeline["test_predictions"]), 1)
-    totals = matrix.sum(1)
-    per_class = [float(matrix[k, k] / totals[k]) if totals[k] else None for k in range(num_classes)]
-    return {"per_class_test_accuracy": per_class, "confusion_matrix": matrix.tolist()}
-
-
-def most_confused(matrix: list[list[int]], names: list[str], top: int = 10, min_count: int = 1) -> list[dict]:
+def most_confused(pipeline: dict, names: list[str], top: int = 10) -> list[dict]:
     """The (true, predicted) species pairs with the most test mistakes, most first (fastai's ``most_confused``)."""
-    m = np.asarray(matrix)
-    pairs = [(int(m[i, j]), i, j) for i in range(len(m)) for j in range(len(m)) if i != j and m[i, j] >= min_count]
-    pairs.sort(key=lambda t: (-t[0], t[1], t[2]))
+    k = len(names)
+    m = np.zeros((k, k), dtype=np.int64)
+    np.add.at(m, (pipeline["test_labels"], pipeline["test_predictions"]), 1)
+    pairs = sorted(((int(m[i, j]), i, j) for i in range(k) for j in range(k) if i != j and m[i, j]),
+                   key=lambda t: (-t[0], t[1], t[2]))
     return [{"true": names[i], "predicted": names[j], "count": c, "of_true": int(m[i].sum())}
             for c, i, j in pairs[:top]]
 
 
 def top_losses(pipeline: dict, names: list[str], top: int = 16) -> list[dict]:
-    """The test images the model got most confidently wrong: highest probability on a wrong class first."""
-    if pipeline.get("test_predictions") is None:
-        return []
-    wrong = [i for i, (p, y) in enumerate(zip(pipeline["test_predictions"], pipeline["test_labels"])) if p != y]
-    wrong.sort(key=lambda i: -pipeline["test_p_predicted"][i])
-    return [{"file": pipeline["test_names"][i], "true": names[pipeline["test_labels"][i]],
-             "predicted": names[pipeline["test_predictions"][i]], "p_predicted": pipeline["test_p_predicted"][i],
-             "p_true": pipeline["test_p_true"][i]} for i in wrong[:top]]
+    """The test images the model got most confidently wrong: highest probability on a wrong species first."""
+    labels, predicted = pipeline["test_labels"], pipeline["test_predictions"]
+    wrong = sorted((i for i, (p, y) in enumerate(zip(predicted, labels)) if p != y),
+                   key=lambda i: -pipeline["test_p_predicted"][i])
+    return [{"file": pipeline["test_names"][i], "true": names[labels[i]], "predicted": names[predicted[i]],
+             "p_predicted": pipeline["test_p_predicted"][i], "p_true": pipeline["test_p_true"][i]}
+            for i in wrong[:top]]
 
 
-def confused_markdown(pairs: list[dict]) -> str:
-    if not pairs:
-        return "No test mistakes."
-    lines = ["| true species | predicted as | mistakes | of its test images |", "|---|---|---:|---:|"]
-    return "\n".join(lines + [f"| {p['true']} | {p['predicted']} | {p['count']} | {p['of_true']} |" for p in pairs])
+def environment() -> dict:
+    """The machine and library versions the figures come from."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    versions = {lib: importlib.metadata.version(lib) for lib in ("torchvision", "lightning", "scikit-learn")}
+    return {"cpu_count": os.cpu_count(), "cpus_usable": usable, "torch_threads": torch.get_num_threads(),
+            "bf16_supported": bf16_supported(), "python": platform.python_version(), "torch": torch.__version__,
+            **versions}
 
 
-def report_markdown(title: str, results: dict, plots: list[str]) -> str:
-    """report.md: the table, the pipeline's stage times, the mistakes, the plots, the config and the machine."""
-    env = results["environment"]
-    p = results["pipeline"]
-    stages = ", ".join(f"{k} {_f(v)}s" for k, v in p["stages"].items())
-    floor = "n/a" if p["start_rss_mib"] is None else f"{p['start_rss_mib']:.0f} MiB"
-    parts = [
-        f"# Benchmark: {title}", "", markdown_table(table_rows(results)), "", NOTES, "",
-        f"Pipeline stages: {stages}. Trunk cache {p['cache_mib']:.1f} MiB for {p['cache_images']} images; "
-        f"training {p['train_images_per_s']:.1f} views/s. A child holds {floor} (torch and the other "
-        "libraries) before its step starts: part of every peak RSS above.", "",
-        f"Machine: {env['cpu_count']} CPUs ({env['cpus_usable']} usable, {env['cpu_model'] or 'model unknown'}), "
-        f"torch {env['torch']} with {env['torch_threads']} threads, precision {env['precision']}.", "",
-    ]
-    if results.get("confusion_matrix") is not None:
-        parts += ["## Most-confused species (test)", "", confused_markdown(results["most_confused"]), ""]
-    parts += [*[f"![{name}]({name})" for name in plots], "",
-              "## Config", "", "```json", json.dumps(results["config"], indent=2), "```", "",
-              "## Environment", "", "```json", json.dumps(env, indent=2), "```", ""]
-    return "\n".join(parts)
+def write(out: Path, title: str, results: dict) -> None:
+    """Print the table; write ``results.json`` and ``report.md`` (with the mistakes) into ``out``."""
+    first = next(iter(results["pipelines"].values()))
+    if "test_predictions" in first:
+        results["most_confused"] = most_confused(first, results["classes"])
+        results["top_losses"] = top_losses(first, results["classes"])
+    table = markdown(HEADER, table_rows(results))
+    print("\n" + table)
+    write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    parts = [f"# Benchmark: {title}", "", table, "", NOTES, ""]
+    if results.get("most_confused"):
+        rows = [(p["true"], p["predicted"], p["count"], p["of_true"]) for p in results["most_confused"]]
+        parts += ["## Most-confused species (test)", "",
+                  markdown(("true species", "predicted as", "mistakes", "of its test images"), rows), ""]
+    parts += ["## Config and machine", "", "```json", json.dumps({"config": results["config"],
+                                                                   "environment": results["environment"]}, indent=2),
+              "```", ""]
+    write_text(out / "report.md", "\n".join(parts))
+    print(f"report written to {out / 'report.md'}")
+
+
+@contextmanager
+def scratch_in(folder: Path) -> Iterator[Path]:
+    """Keep the run's scratch files inside ``folder``: the temp dir (``TMPDIR``, for multiprocessing's and
+    torch's short-lived files) and matplotlib's config and caches (``MPLCONFIGDIR``: ``import lightning`` may
+    import it through torchmetrics), both under ``folder/.scratch``, which is removed afterwards. The child
+    processes inherit both."""
+    scratch = folder / ".scratch"
+    (scratch / "tmp").mkdir(parents=True, exist_ok=True)
+    saved = {k: os.environ.get(k) for k in ("MPLCONFIGDIR", "TMPDIR")}
+    saved_tempdir = tempfile.tempdir
+    os.environ.update(MPLCONFIGDIR=str(scratch / "mpl"), TMPDIR=str(scratch / "tmp"))
+    tempfile.tempdir = None  # recomputed from $TMPDIR on next use
+    try:
+        yield scratch
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        tempfile.tempdir = saved_tempdir
+        shutil.rmtree(scratch, ignore_errors=True)

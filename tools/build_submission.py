@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from birds_lpft.classifier import Classifier
+from birds_lpft.recipe import PRESETS, grader_recipe
 from birds_lpft.utils.cli import check_output_dir, fail
 from birds_lpft.utils.outputs import copy_file, write_text
 
@@ -48,7 +49,8 @@ TRAINING_FUNCTION = "train_classifier"  # the entry's imports inside it are trai
 # huggingface_hub and safetensors come with timm (its own requirements), for timm/ backbones' weights.
 GRADER_PACKAGES = {"torch", "torchvision", "lightning", "pytorch_lightning", "sklearn", "numpy", "PIL", "tqdm",
                    "timm", "huggingface_hub", "safetensors", "albumentations", "cv2"}
-RECIPE_MODULE = "finetune.shipped"  # its copy in the grader file holds the shipped model's recipe
+# The entry's line that the build rewrites, in its copy in the grader file, to hold the shipped model's recipe.
+RECIPE_LINE = "SHIPPED_RECIPE: dict | None = None\n"
 # Levers a recipe may leave out, each imported only where a recipe that uses it runs, with the test of the
 # recipe (a FinetuneConfig) that says it is needed: a grader file carries only what its model's recipe needs.
 OPTIONAL = {
@@ -295,11 +297,12 @@ def _table(plan: Plan, root: Path) -> str:
     return "MODULES = {\n" + "\n".join(rows) + "\n}\n"
 
 
-def shipped_recipe_source(recipe: dict) -> str:
-    """The grader file's ``finetune.shipped``: the recipe ``train_classifier(fast_train=False)`` trains."""
-    return ('"""The recipe this grader file trains with fast_train=False: the shipped model\'s own, written by '
-            'tools/build_submission.py."""\n\nfrom __future__ import annotations\n\n'
-            f"RECIPE: dict | None = {recipe!r}\n")
+def with_shipped_recipe(source: str, recipe: dict) -> str:
+    """The entry's source with its ``SHIPPED_RECIPE`` line holding ``recipe``: what the grader file's
+    ``train_classifier(fast_train=False)`` trains."""
+    if source.count(RECIPE_LINE) != 1:
+        raise SystemExit(f"build: the entry must hold the line {RECIPE_LINE.strip()!r} exactly once")
+    return source.replace(RECIPE_LINE, f"SHIPPED_RECIPE: dict | None = {recipe!r}\n")
 
 
 def tailored(plan: Plan, recipes: list) -> Plan:
@@ -309,20 +312,17 @@ def tailored(plan: Plan, recipes: list) -> Plan:
                 {k: v for k, v in plan.training.items() if k not in unneeded})
 
 
-def _with_recipe(plan: Plan, recipe: dict) -> Plan:
-    from finetune.config import FinetuneConfig, shipped
-
-    if RECIPE_MODULE in plan.modules:
-        plan.modules[RECIPE_MODULE].source = shipped_recipe_source(recipe)
-    return tailored(plan, [shipped(False, recipe), shipped(True, recipe), FinetuneConfig.from_dict(recipe)])
+def _with_recipe(plan: Plan, recipe: dict, entry: str) -> Plan:
+    plan.modules[entry].source = with_shipped_recipe(plan.modules[entry].source, recipe)
+    return tailored(plan, [grader_recipe(False, recipe), grader_recipe(True, recipe)])
 
 
 def build_source(root: Path = ROOT, entry: str = ENTRY, recipe: dict | None = None) -> str:
     """The text of the self-contained ``classification.py`` for the project at ``root``; with ``recipe`` (the
-    shipped model's), its ``finetune.shipped`` holds that recipe and it carries only the levers it uses."""
+    shipped model's), its entry's ``SHIPPED_RECIPE`` holds that recipe and it carries only the levers it uses."""
     plan = plan_modules(root, entry)
     if recipe is not None:
-        plan = _with_recipe(plan, recipe)
+        plan = _with_recipe(plan, recipe, entry)
     table = _table(plan, root)
     names = {**plan.classify, **plan.training}
     embedded = {name: (plan.modules[name].is_package, plan.modules[name].source) for name in names}
@@ -339,28 +339,17 @@ PROG = "python tools/build_submission.py"
 
 
 def recipe_of(model: Classifier, preset_name: str | None) -> dict:
-    """The recipe the grader file trains: ``--preset``'s, else the one the checkpoint stores, else 'full'; it
-    must describe the shipped model's network, or the file could not reproduce it."""
-    from finetune.config import PRESETS, FinetuneConfig
-
-    if preset_name is not None:
-        if preset_name not in PRESETS:
-            fail(PROG, f"--preset {preset_name!r}: choose one of {sorted(PRESETS)}")
-        recipe = PRESETS[preset_name].to_dict()
-    elif model.recipe is not None:
-        recipe = model.recipe
-    else:
-        recipe = PRESETS["full"].to_dict()
-    rebuilt = FinetuneConfig.from_dict(recipe).net_config(model.net_cfg.num_classes)
-    if rebuilt == model.net_cfg:
-        return recipe
-    problem = (f"the recipe builds {rebuilt}, but the model is {model.net_cfg}: the file's fast_train=False "
-               "would not reproduce it")
-    if preset_name is not None or model.recipe is not None:
-        fail(PROG, f"{problem}; pass the --preset that trained it")
-    print(f"warning: the checkpoint stores no recipe (written before recipes were), so the file trains the "
-          f"'full' preset; {problem}. Retrain it, or pass the --preset that trained it.", file=sys.stderr)
-    return recipe
+    """The recipe the grader file trains: ``--preset``'s, else the model's own; it must build the shipped
+    model's network, or the file could not reproduce it."""
+    if preset_name is None:
+        return model.recipe.to_dict()
+    if preset_name not in PRESETS:
+        fail(PROG, f"--preset {preset_name!r}: choose one of {sorted(PRESETS)}")
+    rebuilt = PRESETS[preset_name].net_config(model.num_classes)
+    if rebuilt != model.net_cfg:
+        fail(PROG, f"--preset {preset_name} builds {rebuilt}, but the model is {model.net_cfg}: the file's "
+                   "fast_train=False would not reproduce it; pass the --preset that trained it, or none")
+    return PRESETS[preset_name].to_dict()
 
 
 def main(argv: list[str] | None = None) -> None:

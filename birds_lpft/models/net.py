@@ -7,12 +7,14 @@ preprocessing derived from the backbone's weights is :mod:`birds_lpft.models.pre
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
 
-from birds_lpft.models.zoo import BACKBONES, BackboneSpec, get_spec  # noqa: F401 - re-exported: the backbone layer's names
+from birds_lpft.models.zoo import BackboneSpec, get_spec
 
 
 class GeM(nn.Module):
@@ -180,7 +182,8 @@ class EnsembleNet(BirdNet):
 
 @dataclass(frozen=True)
 class NetConfig:
-    """Everything needed to rebuild a :class:`BirdNet` without downloading anything."""
+    """Everything needed to rebuild a :class:`BirdNet` without downloading anything (derived from a recipe:
+    ``birds_lpft.recipe.FinetuneConfig.net_config``)."""
 
     backbone: str
     num_classes: int
@@ -188,6 +191,20 @@ class NetConfig:
     dropout: float = 0.0
     pooling: str = "avg"
     members: int = 1
+
+    @cached_property
+    def spec(self) -> BackboneSpec:
+        """The backbone, resolved once."""
+        return get_spec(self.backbone)
+
+
+@torch.inference_mode()
+def trunk_bytes(net: BirdNet, image_size: int, dtype: torch.dtype = torch.float16) -> int:
+    """Bytes of one image's trunk activations at ``image_size`` in ``dtype``: what one cached view costs."""
+    param = next(net.trunk.parameters(), None)
+    x = torch.zeros(1, 3, image_size, image_size, device=param.device if param is not None else "cpu")
+    shape = net.forward_trunk(x.contiguous(memory_format=torch.channels_last)).shape[1:]
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
 
 
 def build_net(cfg: NetConfig, state_dict: dict | None = None) -> BirdNet:
@@ -197,7 +214,7 @@ def build_net(cfg: NetConfig, state_dict: dict | None = None) -> BirdNet:
     ``state_dict`` is a torchvision state dict for the whole backbone (e.g. the pretrained file); the
     head is always new. To restore a trained BirdNet, call ``load_state_dict`` on the result instead.
     """
-    spec = get_spec(cfg.backbone)
+    spec = cfg.spec
     model = spec.build()
     if state_dict is not None:
         model.load_state_dict(state_dict)

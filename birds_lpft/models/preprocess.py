@@ -16,11 +16,7 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
-from birds_lpft.models.net import get_spec
-
-# The fine-tune's default input side (``FinetuneConfig.image_size``): larger than the weights' own 224, since
-# the species differ in small parts; stage one's comparison reports cache sizes at it.
-TRAIN_IMAGE_SIZE = 320
+from birds_lpft.models.zoo import BackboneSpec
 
 
 @dataclass(frozen=True)
@@ -45,12 +41,12 @@ class DataConfig:
         return self.image_size / self.resize_size
 
 
-def data_config(backbone: str, image_size: int | None = None) -> DataConfig:
-    """Preprocessing of ``backbone``'s pretrained weights, optionally at another input size.
+def data_config(spec: BackboneSpec, image_size: int | None = None) -> DataConfig:
+    """Preprocessing of the backbone's pretrained weights, optionally at another input size.
 
     A different ``image_size`` keeps the weights' crop fraction (224/256 for MobileNetV2).
     """
-    d = get_spec(backbone).data
+    d = spec.data
     native = DataConfig(d["image_size"], d["resize_size"], tuple(float(v) for v in d["mean"]),
                         tuple(float(v) for v in d["std"]), InterpolationMode(d["interpolation"]).value)
     if image_size is None or image_size == native.image_size:

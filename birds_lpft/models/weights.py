@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from birds_lpft.models.net import BirdNet, NetConfig, build_net, get_spec
-from birds_lpft.models.zoo import source_head_of
+from birds_lpft.models.net import BirdNet, NetConfig, build_net
+from birds_lpft.models.zoo import get_spec, source_head_of
 
 KNOWN_OFFLINE = ("mobilenet_v2",)  # the weights python -m probe.weights provisions without a download
 

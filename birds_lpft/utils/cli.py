@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import NoReturn, TypeVar
 
 from birds_lpft.utils.outputs import output_dir_problem, output_file_problem
+from birds_lpft.utils.settings import is_override
 
 T = TypeVar("T")
 USAGE_ERROR = 2  # argparse's exit status for a bad command line
@@ -74,6 +75,12 @@ def run_interruptible(body: Callable[[Written], T], prog: str) -> T:
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted; {written.summary()}", file=sys.stderr)
         sys.exit(INTERRUPTED)
+
+
+def split_positionals(tokens: Iterable[str]) -> tuple[list[str], list[str]]:
+    """(plain arguments, ``field=value`` overrides) of a command's positional tokens, in order."""
+    tokens = list(tokens)
+    return [t for t in tokens if not is_override(t)], [t for t in tokens if is_override(t)]
 
 
 def printable(name: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import math
+import os
 import types
 import typing
 from collections.abc import Iterable
@@ -48,6 +49,15 @@ def check_number(field: str, value, low: float, high: float, *, low_open: bool =
     ok = number and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
     interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
     require(ok, field, f"must be a number in {interval}; got {value!r}")
+
+
+def plain(value):
+    """``value`` as JSON holds it: tuples as lists, paths as strings, recursively (dicts keep their keys)."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [plain(v) for v in value]
+    return str(value) if isinstance(value, os.PathLike) else value
 
 
 def parse_value(text: str):
