@@ -1,7 +1,9 @@
 """Prediction with the shipped preprocessing: batched, bounded memory, in-process loading, CPU by default.
 
 The one prediction path: ``classify``, ``python -m finetune.predict``, the CLIs' test evaluation and the
-tools all go through :func:`predict_logits`, so they always agree.
+tools go through :func:`predict_logits`; cross-validation, which holds every view's trunk activations already,
+enters it after the trunk. Both run the network's tops with :func:`top_logits` on views mirrored by
+``birds_lpft.models.preprocess.mirror`` and average them with :func:`tta_mean`, so they always agree.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from birds_lpft.data.images import ImageDataset
 from birds_lpft.data.sets import Source
 from birds_lpft.extract import extract, make_loader
 from birds_lpft.models.net import BirdNet
-from birds_lpft.models.preprocess import DataConfig, EvalTransform, TTATransform
+from birds_lpft.models.preprocess import DataConfig, EvalTransform, TTATransform, mirror
 
 
 def tta_mean(logits: torch.Tensor) -> torch.Tensor:
@@ -24,17 +26,23 @@ def tta_mean(logits: torch.Tensor) -> torch.Tensor:
     return logits.mean(dim=(0, 2))
 
 
+def top_logits(net: BirdNet, acts: torch.Tensor) -> torch.Tensor:
+    """Trunk activations (N, C, h, w) -> (tops, N, K) fp32 logits of each of the network's tops (its own, or an
+    ensemble's members): what every prediction runs after the trunk."""
+    return torch.stack([top(acts).float() for top in net.tops()])
+
+
 def tta_averaged(net: BirdNet, tta_flip: bool):
-    """x (B, 3, H, W), or (B, V, 3, H, W) for V crops of each image -> logits (B, K) averaged over the crops
-    (and their mirrors when ``tta_flip``), all in one pass."""
+    """x (B, 3, H, W), or (B, V, 3, H, W) for V crops of each image -> logits (B, K) averaged over the tops, the
+    crops and (with ``tta_flip``) their mirrors, all in one pass."""
 
     def logits(x: torch.Tensor) -> torch.Tensor:
         views = x if x.ndim == 5 else x.unsqueeze(1)  # (B, V, 3, H, W)
         b, v = views.shape[:2]
         flat = views.flatten(0, 1)
         if tta_flip:
-            flat = torch.cat([flat, torch.flip(flat, dims=[3])])
-        out = net(flat.contiguous(memory_format=torch.channels_last)).float()
+            flat = torch.cat([flat, mirror(flat)])
+        out = top_logits(net, net.forward_trunk(flat.contiguous(memory_format=torch.channels_last))).mean(0)
         return tta_mean(out.view(-1, b, v, out.shape[-1]))
 
     return logits

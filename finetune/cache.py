@@ -36,7 +36,7 @@ class CacheBudgetError(RuntimeError):
 
 @dataclass(frozen=True)
 class View:
-    """One cached view of every image: a preset of ``birds_lpft.models.preprocess`` (or :class:`Mirrored`) and, for a
+    """One cached view of every image: a preset of ``birds_lpft.models.preprocess`` (``Mirrored`` too) and, for a
     random one, the seed of its own random stream (None: deterministic)."""
 
     name: str
@@ -129,18 +129,6 @@ def extract_views(net: BirdNet, images: LabelledImages, views: Sequence[View], c
         out_device=out_device, echo=echo, first_batch=first_batch, prefetch=prefetch,
     )
     return acts
-
-
-class Mirrored:
-    """A preset followed by a horizontal flip of its tensor: the second view of flip TTA."""
-
-    def __init__(self, preset):
-        self.preset = preset
-        self.min_side = preset.min_side
-        self.mean = preset.mean
-
-    def __call__(self, img) -> torch.Tensor:
-        return torch.flip(self.preset(img), dims=[-1])
 
 
 def bytes_per_view(net: BirdNet, cfg: FinetuneConfig) -> int:

@@ -22,7 +22,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,15 +32,15 @@ from sklearn.model_selection import StratifiedKFold
 from birds_lpft.data.sets import DataError, LabelledImages, load_split_dir
 from birds_lpft.extract import autocast
 from birds_lpft.models.net import BirdNet, build_net
-from birds_lpft.models.preprocess import EvalTransform, data_config, with_crop_fraction
+from birds_lpft.models.preprocess import EvalTransform, Mirrored, data_config, with_crop_fraction
 from birds_lpft.models.weights import WeightsError, pretrained_net
-from birds_lpft.predict import tta_mean
+from birds_lpft.predict import top_logits, tta_mean
 from birds_lpft.recipe import FinetuneConfig, recipe
 from birds_lpft.utils.cli import Written, check_output_file, fail, layout_inputs, run_interruptible
 from birds_lpft.utils.outputs import write_text
 from birds_lpft.utils.settings import ConfigError
 
-from finetune.cache import Mirrored, View, cache_views, extract_views
+from finetune.cache import View, cache_views, extract_views
 from finetune.cv_readouts import SizeReadouts, member_readouts, scheme_name, tta_schemes
 from finetune.cv_report import compare_rows, format_row, markdown, mean_se
 from finetune.datamodule import TrunkCacheData
@@ -116,7 +116,7 @@ def held_out_logits(net: BirdNet, cache: TrunkCache, rows: np.ndarray,
         with autocast(cfg.precision):
             for key, pair in stacks.items():
                 for acc, stack in zip(out[key], pair):
-                    acc.append(torch.stack([top(stack[batch]).float() for top in net.tops()]))
+                    acc.append(top_logits(net, stack[batch]))
     return {key: torch.stack([torch.cat(parts, dim=1) for parts in pair]) for key, pair in out.items()}
 
 
@@ -194,7 +194,7 @@ def score_candidate(spec: str, cfg: FinetuneConfig, cache: TrunkCache, images: L
                   f"{out['other']:.4f}{more})", flush=True)
     row = {"candidate": spec, **mean_se([o["acc"] for o in folds_out]),
            "mean_other_tta": float(np.mean([o["other"] for o in folds_out])),
-           "seconds": time.perf_counter() - start, "cache_seconds": cache.seconds, "config": _jsonable(asdict(cfg))}
+           "seconds": time.perf_counter() - start, "cache_seconds": cache.seconds, "config": cfg.to_dict()}
     if cfg.members > 1:
         row["first_member"] = mean_se([o["first"] for o in folds_out])
     if folds_out[0]["readouts"]:
@@ -202,12 +202,6 @@ def score_candidate(spec: str, cfg: FinetuneConfig, cache: TrunkCache, images: L
     if cache.crops:
         row["tta"] = {name: mean_se([o["schemes"][name] for o in folds_out]) for name in folds_out[0]["schemes"]}
     return row
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    return list(value) if isinstance(value, tuple) else value
 
 
 def trunk_key(cfg: FinetuneConfig) -> tuple:

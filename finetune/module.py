@@ -4,7 +4,6 @@ Co-Tuning, a contrastive term, distillation, L2-SP) are ``finetune.levers``."""
 
 from __future__ import annotations
 
-import math
 from contextlib import ExitStack
 
 import lightning as L
@@ -21,12 +20,15 @@ from finetune.kernels import fp32_depthwise_input_grads
 from finetune.levers import LeverInputs, loss_terms
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
-    """Linear warm-up to 1, then cosine decay to 0 at ``total_steps``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int):
+    """Linear warm-up to each group's learning rate over ``warmup_steps`` steps, then cosine decay to 0 at
+    ``total_steps`` (torchvision's references compose the same two schedulers)."""
+    schedulers = torch.optim.lr_scheduler
+    cosine = schedulers.CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup_steps))
+    if warmup_steps == 0:
+        return cosine
+    warmup = schedulers.LinearLR(optimizer, start_factor=1 / warmup_steps, total_iters=warmup_steps - 1)
+    return schedulers.SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
 
 
 def freeze_batchnorm_stats(module: nn.Module) -> None:
@@ -182,6 +184,5 @@ class LPFTModule(L.LightningModule):
         optimizer = torch.optim.AdamW(self.param_groups())
         # Lightning's own count: epochs x batches after limit_train_batches, per rank under DDP.
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(self.cfg.warmup_fraction * total)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup))
+        schedule = warmup_cosine(optimizer, total, int(self.cfg.warmup_fraction * total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

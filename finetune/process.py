@@ -33,6 +33,7 @@ def process_state_kept():
     thread count and cuDNN flags (Lightning's launchers set them), the environment variables Lightning
     sets (``seed_everything``'s PL_GLOBAL_SEED and PL_SEED_WORKERS, the DDP launcher's), and the SIGINT
     handler (Lightning ignores Ctrl-C once it has seen one)."""
+    # Not Lightning's isolate_rng: it does not restore the generators when the block raises (Ctrl-C included).
     rng = random.getstate(), np.random.get_state(), torch.get_rng_state()
     deterministic = (torch.are_deterministic_algorithms_enabled(),
                      torch.is_deterministic_algorithms_warn_only_enabled(),

@@ -8,61 +8,43 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
-from sklearn.preprocessing import StandardScaler
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import FunctionTransformer, StandardScaler
 from torch import nn
 
 from birds_lpft.data.sets import stratified_split
 from birds_lpft.recipe import ProbeFit
 
+MAX_ITER = 3000  # lbfgs iterations: enough for every C tried to converge on standardised features
 
-class LinearProbe:
-    """Standardise features, then multinomial LogisticRegression (scikit-learn estimator conventions).
 
-    Args:
-        C: inverse L2 strength of the LogisticRegression.
-        max_iter: lbfgs iterations.
-        random_state: seed handed to scikit-learn.
+def linear_probe(C: float = 0.01, random_state: int = 0, warm_start: bool = False) -> Pipeline:
+    """The probe: features as float64, standardised, then a multinomial LogisticRegression (scikit-learn's own
+    estimators, so ``fit``, ``decision_function``, ``predict``, ``score`` and ``classes_`` are theirs)."""
+    return make_pipeline(FunctionTransformer(partial(np.asarray, dtype=np.float64)), StandardScaler(),
+                         LogisticRegression(C=C, max_iter=MAX_ITER, random_state=random_state, warm_start=warm_start))
+
+
+def folded_weights(probe: Pipeline) -> tuple[np.ndarray, np.ndarray]:
+    """(W, b) acting on raw features: the standardisation folded in (W/sigma, b - W.mu/sigma).
+
+    One row per class in ``classes_`` order, shapes (K, F) and (K,). A binary probe gives rows (0, w): the
+    two-logit softmax equals its predict_proba.
     """
-
-    def __init__(self, C: float = 0.01, max_iter: int = 3000, random_state: int = 0):
-        self.C = C
-        self.max_iter = max_iter
-        self.random_state = random_state
-
-    def fit(self, X: np.ndarray, y: np.ndarray) -> "LinearProbe":
-        X = np.asarray(X, dtype=np.float64)
-        self.scaler_ = StandardScaler().fit(X)
-        self.clf_ = LogisticRegression(C=self.C, max_iter=self.max_iter, random_state=self.random_state)
-        self.clf_.fit(self.scaler_.transform(X), y)
-        self.classes_ = self.clf_.classes_
-        return self
-
-    def decision_function(self, X: np.ndarray) -> np.ndarray:
-        return self.clf_.decision_function(self.scaler_.transform(np.asarray(X, dtype=np.float64)))
-
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        return self.clf_.predict(self.scaler_.transform(np.asarray(X, dtype=np.float64)))
-
-    def score(self, X: np.ndarray, y: np.ndarray) -> float:
-        return float(np.mean(self.predict(X) == np.asarray(y)))
-
-    def folded_weights(self) -> tuple[np.ndarray, np.ndarray]:
-        """(W, b) acting on raw features: the standardisation folded in (W/sigma, b - W.mu/sigma).
-
-        Returns one row per class in ``classes_`` order, shapes (K, F) and (K,). A binary probe gives
-        rows (0, w): the two-logit softmax equals its predict_proba.
-        """
-        coef = self.clf_.coef_
-        intercept = self.clf_.intercept_
-        if coef.shape[0] == 1:  # scikit-learn stores a binary problem as one row for class 1
-            coef = np.vstack([np.zeros_like(coef), coef])
-            intercept = np.concatenate([[0.0], intercept])
-        w = coef / self.scaler_.scale_
-        return w, intercept - w @ self.scaler_.mean_
+    scaler = probe[-2]
+    clf = probe[-1]
+    coef = clf.coef_
+    intercept = clf.intercept_
+    if coef.shape[0] == 1:  # scikit-learn stores a binary problem as one row for class 1
+        coef = np.vstack([np.zeros_like(coef), coef])
+        intercept = np.concatenate([[0.0], intercept])
+    w = coef / scaler.scale_
+    return w, intercept - w @ scaler.mean_
 
 
 def select_C(
@@ -88,26 +70,21 @@ def select_C(
 
 def path_scores(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_val: np.ndarray, Cs: Sequence[float],
                 random_state: int = 0) -> dict[float, float]:
-    """{C: validation accuracy} of :class:`LinearProbe` fits along the C path, each warm-started from the
-    solution at the next smaller C (the features standardised once): the same optimum as a cold fit per C,
-    reached in a fraction of the lbfgs iterations. Only the choice of C uses these fits; the probe that
-    becomes the head is refitted cold (:func:`fit_probe`)."""
-    X_train = np.asarray(X_train, dtype=np.float64)
-    scaler = StandardScaler().fit(X_train)
-    Xt, Xv = scaler.transform(X_train), scaler.transform(np.asarray(X_val, dtype=np.float64))
-    clf = LogisticRegression(max_iter=LinearProbe().max_iter, random_state=random_state, warm_start=True)
+    """{C: validation accuracy} of probes fitted along the C path, each warm-started from the solution at the
+    next smaller C: the same optimum as a cold fit per C, reached in a fraction of the lbfgs iterations. Only
+    the choice of C uses these fits; the probe that becomes the head is refitted cold (:func:`fit_probe`)."""
+    probe = linear_probe(random_state=random_state, warm_start=True)
     scores = {}
     for C in sorted(float(c) for c in Cs):
-        clf.set_params(C=C).fit(Xt, y_train)
-        scores[C] = float(np.mean(clf.predict(Xv) == np.asarray(y_val)))
-    return {float(C): scores[float(C)] for C in Cs}
+        scores[C] = probe.set_params(logisticregression__C=C).fit(X_train, y_train).score(X_val, y_val)
+    return {float(C): float(scores[float(C)]) for C in Cs}
 
 
 @dataclass
 class FittedProbe:
     """A probe fitted by :func:`fit_probe`, with how its C was chosen."""
 
-    probe: LinearProbe
+    probe: Pipeline  # linear_probe()'s, fitted
     C: float
     val_scores: dict[float, float]  # {C: accuracy on the held-out split}; empty when nothing was chosen
 
@@ -120,10 +97,10 @@ def fit_probe(X: np.ndarray, y: np.ndarray, cfg: ProbeFit, seed: int) -> FittedP
     """Choose C on a seeded stratified split of (X, y), then refit the probe on all of it."""
     tr, va = stratified_split(y, cfg.val_fraction, seed)
     C, scores = select_C(X[tr], y[tr], X[va], y[va], cfg.Cs, seed)
-    return FittedProbe(LinearProbe(C, random_state=seed).fit(X, y), C, scores)
+    return FittedProbe(linear_probe(C, random_state=seed).fit(X, y), C, scores)
 
 
-def init_head_from_probe(head: nn.Linear, probe: LinearProbe) -> nn.Linear:
+def init_head_from_probe(head: nn.Linear, probe: Pipeline) -> nn.Linear:
     """Copy the probe's folded weights into ``head`` so ``head(f)`` equals ``probe.decision_function(f)``.
 
     Raises:
@@ -132,7 +109,7 @@ def init_head_from_probe(head: nn.Linear, probe: LinearProbe) -> nn.Linear:
     k = head.out_features
     if not np.array_equal(np.asarray(probe.classes_), np.arange(k)):
         raise ValueError(f"probe classes {list(probe.classes_)[:10]}... are not 0..{k - 1}: rows would be mislabelled")
-    w, b = probe.folded_weights()
+    w, b = folded_weights(probe)
     if w.shape != (k, head.in_features):
         raise ValueError(f"probe weights {w.shape} do not fit head ({k}, {head.in_features})")
     with torch.no_grad():

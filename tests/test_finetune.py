@@ -23,19 +23,19 @@ from birds_lpft.data.sets import load_split_dir, stratified_split
 from birds_lpft.data.synthetic import make_synthetic, write_grader_layout
 from birds_lpft.extract import extract
 from birds_lpft.models.net import NetConfig, build_net
-from birds_lpft.models.preprocess import EvalTransform, data_config, with_crop_fraction
+from birds_lpft.models.preprocess import EvalTransform, Mirrored, data_config, with_crop_fraction
 from birds_lpft.models.zoo import get_spec
 from birds_lpft.predict import predict_logits
-from birds_lpft.recipe import PRESETS, recipe
+from birds_lpft.recipe import PRESETS, ProbeFit, recipe
 
-from probe.linear import LinearProbe, ProbeFit, fit_probe, init_head_from_probe
+from probe.linear import fit_probe, init_head_from_probe, linear_probe
 
 import finetune.__main__ as finetune_cli
 import finetune.stage_one as finetune_stage_one
 import finetune.train as finetune_train
-from finetune.cache import CachedViews, Mirrored, View, ViewBatches, cache_views, extract_views
+from finetune.cache import CachedViews, View, ViewBatches, cache_views, extract_views
 from finetune.datamodule import TrunkCacheData, stage_two_split
-from finetune.module import LPFTModule, TrunkFreeze, lr_factor
+from finetune.module import LPFTModule, TrunkFreeze, warmup_cosine
 from finetune.stage_one import pooled_from_trunk
 from finetune.train import FinetuneResult, fine_tune, train_tops
 
@@ -192,8 +192,9 @@ def test_training_follows_the_lr_schedule(spy):
     train_tail(build_net(NetConfig("mobilenet_v2", 3, cfg.trunk_split)).eval(), CachedViews([acts], y), cfg,
                progress=False, **TRAINER)
     assert [s["step"] for s in spy.steps] == [0, 1, 2]
+    factors = _factors(3, 0)
     for s in spy.steps:
-        factor = lr_factor(s["step"], 3, 0)
+        factor = factors[s["step"]]
         assert {peak for _, peak in s["lrs"]} == {cfg.lr_head, cfg.lr_tail}
         for lr, peak in s["lrs"]:
             assert lr == pytest.approx(peak * factor)
@@ -242,7 +243,7 @@ def test_fit_probe_chooses_C_on_a_split_then_refits_on_everything():
     cfg = ProbeFit(val_fraction=0.25, Cs=(0.1, 1.0))
     fitted = fit_probe(feats, labels, cfg, seed=0)
     assert fitted.C in cfg.Cs and set(fitted.val_scores) == set(cfg.Cs) and 0.0 <= fitted.val_accuracy <= 1.0
-    expected = LinearProbe(fitted.C, random_state=0).fit(feats, labels)
+    expected = linear_probe(fitted.C, random_state=0).fit(feats, labels)
     np.testing.assert_allclose(fitted.probe.decision_function(feats), expected.decision_function(feats), atol=1e-10)
 
 
@@ -327,21 +328,31 @@ def test_fine_tune_trains_from_the_probe_head(monkeypatch):
 # --------------------------------------------------------------------------- schedule
 
 
-@pytest.mark.parametrize("total, warmup", [(100, 10), (37, 5), (10, 0)])
-def test_lr_factor_warmup_then_cosine(total, warmup):
-    f = [lr_factor(s, total, warmup) for s in range(total + 1)]
+def _factors(total: int, warmup: int) -> list[float]:
+    """The learning rate ``warmup_cosine`` gives each step of a group whose peak is 1."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = warmup_cosine(optimizer, total, warmup)
+    factors = []
+    for _ in range(total + 1):
+        factors.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    return factors
+
+
+@pytest.mark.parametrize("total, warmup", [(100, 10), (37, 5), (10, 0), (1165, 58)])
+def test_warmup_then_cosine(total, warmup):
+    f = _factors(total, warmup)
     # linear warm-up reaching the peak on its last step
     if warmup:
         np.testing.assert_allclose(f[:warmup], [(s + 1) / warmup for s in range(warmup)], atol=1e-12)
-        np.testing.assert_allclose(np.diff(f[:warmup]), 1 / warmup, atol=1e-12)
-    assert max(f) == 1.0 and f[warmup] == 1.0 and 0.0 < f[0] <= 1.0
-    # cosine after it: monotone non-increasing, half-way is one half, ~0 at the end
+    assert max(f) == pytest.approx(1.0) and f[warmup] == pytest.approx(1.0) and 0.0 < f[0] <= 1.0
+    # cosine after it, the closed form to rounding: monotone non-increasing, half-way one half, 0 at the end
     after = f[warmup:]
-    assert all(b <= a for a, b in zip(after, after[1:]))
+    closed = [0.5 * (1 + math.cos(math.pi * s / max(1, total - warmup))) for s in range(total - warmup + 1)]
+    np.testing.assert_allclose(after, closed, atol=1e-12)
+    assert all(b <= a + 1e-15 for a, b in zip(after, after[1:]))
     assert after[-1] == pytest.approx(0.0, abs=1e-12) and f[total - 1] < 0.03
-    mid = (total - warmup) // 2
-    assert f[warmup + mid] == pytest.approx(0.5 * (1 + math.cos(math.pi * mid / (total - warmup))))
-    assert lr_factor(total + 50, total, warmup) == pytest.approx(0.0, abs=1e-12)  # never negative past the end
 
 
 # --------------------------------------------------------------------------- the trunk cache

@@ -14,9 +14,10 @@ from birds_lpft.models.net import NetConfig, build_net
 from birds_lpft.models.preprocess import EvalTransform, data_config
 from birds_lpft.models.weights import pretrained_net
 from birds_lpft.models.zoo import get_spec
+from birds_lpft.recipe import ProbeFit
 
 import probe.__main__ as probe_cli
-from probe.linear import LinearProbe, ProbeFit, init_head_from_probe, path_scores, select_C
+from probe.linear import init_head_from_probe, linear_probe, path_scores, select_C
 from probe.pipeline import ProbeConfig, pooled_features, run_probe
 
 from conftest import calibrate_batchnorm
@@ -37,7 +38,7 @@ def _features(n: int, f: int, k: int, seed: int, spread: float = 5.0) -> tuple[n
 
 
 def _probe_and_head(X, y, k, dtype):
-    probe = LinearProbe(C=0.5).fit(X, y)
+    probe = linear_probe(0.5).fit(X, y)
     head = nn.Linear(X.shape[1], k, dtype=dtype)
     assert init_head_from_probe(head, probe) is head
     with torch.no_grad():
@@ -66,7 +67,7 @@ def test_head_equals_decision_function_float32(k):
     assert np.abs(d).max() > 1.0
     np.testing.assert_allclose(logits, d, rtol=0, atol=1e-4)
     # the head's softmax is the probe's probability, not just its ranking
-    proba = probe.clf_.predict_proba(probe.scaler_.transform(X.astype(np.float32).astype(np.float64)))
+    proba = probe.predict_proba(X.astype(np.float32))
     np.testing.assert_allclose(torch.softmax(torch.as_tensor(logits), 1).numpy(), proba, atol=1e-5)
 
 
@@ -77,7 +78,7 @@ def test_head_binary(dtype, atol):
     d = probe.decision_function(X)
     assert d.shape == (120,) and np.abs(d).max() > 1.0
     np.testing.assert_allclose(logits[:, 1] - logits[:, 0], d, rtol=0, atol=atol)
-    proba = probe.clf_.predict_proba(probe.scaler_.transform(X))
+    proba = probe.predict_proba(X)
     np.testing.assert_allclose(torch.softmax(torch.as_tensor(logits), 1).numpy(), proba, atol=1e-6)
     assert (logits.argmax(1) == probe.predict(X)).all()
 
@@ -99,7 +100,7 @@ def test_head_handles_constant_features():
 )
 def test_head_refuses_classes_not_0_to_k_minus_1(labels, k):
     X, y = _features(60, 8, 3, seed=2)
-    probe = LinearProbe(C=0.5).fit(X, labels(y))
+    probe = linear_probe(0.5).fit(X, labels(y))
     head = nn.Linear(8, k)
     before = head.weight.detach().clone()
     with pytest.raises(ValueError, match="0.."):
@@ -110,7 +111,7 @@ def test_head_refuses_classes_not_0_to_k_minus_1(labels, k):
 def test_head_refuses_wrong_width():
     X, y = _features(60, 8, 3, seed=3)
     with pytest.raises(ValueError, match="do not fit head"):
-        init_head_from_probe(nn.Linear(9, 3), LinearProbe(C=0.5).fit(X, y))
+        init_head_from_probe(nn.Linear(9, 3), linear_probe(0.5).fit(X, y))
 
 
 @pytest.mark.parametrize("k", [2, 4])
@@ -126,7 +127,7 @@ def test_birdnet_head_from_probe_end_to_end(k):
     feats = pooled_features(net, images, SMALL, "test features").numpy()
     assert feats.shape == (len(images), net.head.in_features) and feats.std() > 1e-3
 
-    probe = LinearProbe(C=1.0).fit(feats, images.labels)
+    probe = linear_probe(1.0).fit(feats, images.labels)
     init_head_from_probe(net.head, probe)
     with torch.no_grad():
         logits = net(x).numpy()
@@ -154,14 +155,14 @@ def test_select_C_returns_grid_value_and_scores():
     best = max(scores.values())
     se = np.sqrt(best * (1 - best) / 50)
     assert C == min(c for c, s in scores.items() if s >= best - se)  # the one-standard-error rule
-    assert scores[C] == LinearProbe(C).fit(X[:100], y[:100]).score(X[100:], y[100:])
+    assert scores[C] == linear_probe(C).fit(X[:100], y[:100]).score(X[100:], y[100:])
 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_the_warm_started_C_path_scores_every_C_as_a_cold_fit_does(seed):
     X, y = _features(400, 10, 8, seed=seed)  # overlapping classes: accuracy varies with C
     grid = (0.002, 0.005, 0.01, 0.02, 0.05, 0.5)
-    cold = {C: LinearProbe(C).fit(X[:300], y[:300]).score(X[300:], y[300:]) for C in grid}
+    cold = {C: linear_probe(C).fit(X[:300], y[:300]).score(X[300:], y[300:]) for C in grid}
     assert len(set(cold.values())) > 1
     assert path_scores(X[:300], y[:300], X[300:], y[300:], grid) == cold
 
@@ -191,7 +192,7 @@ def test_run_probe_on_grader_layout(tmp_path):
     assert fitted.val_accuracy == fitted.val_scores[fitted.C]
     assert 0.0 <= fitted.val_accuracy <= 1.0 and 0.0 <= result.test_accuracy <= 1.0
     assert np.array_equal(fitted.probe.classes_, np.arange(k))
-    assert fitted.probe.C == fitted.C
+    assert fitted.probe[-1].C == fitted.C
     assert {"load network", "train features", "choose C and fit", "test features"} <= set(result.stopwatch.seconds)
 
 

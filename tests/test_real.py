@@ -16,7 +16,7 @@ from birds_lpft.data.sets import labelled_from_gt, read_gt
 from birds_lpft.models.net import NetConfig
 from birds_lpft.models.weights import pretrained_net
 
-from probe.linear import ProbeFit
+from birds_lpft.recipe import ProbeFit
 from probe.pipeline import ProbeConfig, run_probe
 
 REAL_TORCH_HOME = Path(torch.hub.get_dir()).parent  # read at import, before conftest swaps $TORCH_HOME
@@ -57,7 +57,7 @@ def test_real_probe_separates_six_species(real_cache):
                        ProbeConfig(probe=ProbeFit(Cs=(0.01,))), "required")
     # chance is 1/6; a probe on real ImageNet features separates six species from ten photos each
     assert result.test_accuracy is not None and result.test_accuracy >= 0.6, result.test_accuracy
-    assert np.isfinite(result.fitted.probe.clf_.coef_).all()
+    assert np.isfinite(result.fitted.probe[-1].coef_).all()
 
 
 @needs_birds

@@ -125,3 +125,20 @@ class TrainTransform:
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         return self.transforms(img)
+
+
+def mirror(x: torch.Tensor) -> torch.Tensor:
+    """The horizontal mirror of an image tensor (..., H, W): the second view of flip TTA."""
+    return torch.flip(x, dims=[-1])
+
+
+class Mirrored:
+    """A preset followed by :func:`mirror` of its tensor (a cached view of flip TTA)."""
+
+    def __init__(self, preset):
+        self.preset = preset
+        self.min_side = preset.min_side
+        self.mean = preset.mean
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return mirror(self.preset(img))
