@@ -53,12 +53,13 @@ def classify(model_path: str, test_img_dir: str) -> dict[str, int]:
     """Predict a class id for every file in ``test_img_dir`` with the model at ``model_path``.
 
     Runs on the CPU in-process (no workers), in batches; an unreadable file still gets a label, with a
-    warning naming it.
+    warning naming it, and so does every file of a model whose weights are not finite (with a warning saying
+    so): a missing key scores zero, a wrong label does not.
 
     Returns:
         {filename: int class id}, one entry per file.
     """
-    model = Classifier.load(model_path)
+    model = Classifier.load(model_path, allow_nonfinite=True)
     files = list_image_files(test_img_dir)
     if not files:
         return {}

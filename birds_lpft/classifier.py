@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -103,16 +104,21 @@ class Classifier(nn.Module):
             torch.save(self.checkpoint(), f)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Classifier:
+    def load(cls, path: str | os.PathLike, *, allow_nonfinite: bool = False) -> Classifier:
         """Rebuild a classifier (eval mode, CPU) from a checkpoint file.
 
+        Args:
+            allow_nonfinite: a model with NaN or infinite weights (a run that diverged, a damaged file) is
+                loaded with a warning instead of refused (``classify``: every file still gets a label).
+
         Raises:
-            ValueError: the file is unreadable, not a checkpoint of this project, or inconsistent; the
-                message names the file, what is wrong and how to get a good one.
+            ValueError: the file is unreadable, not a checkpoint of this project, inconsistent, or its weights
+                are not finite; the message names the file, what is wrong and how to get a good one.
         """
         ckpt = _read(path)
         recipe = _recipe(ckpt, path)
         state = ckpt["state_dict"]
+        _check_finite(state, path, allow_nonfinite)
         head = state.get("head.weight")
         _require(head is not None and head.ndim == 2 and 2 <= head.shape[0] <= MAX_CLASSES, path,
                  f"the state dict's head.weight must have 2..{MAX_CLASSES} rows, one per species")
@@ -196,6 +202,17 @@ def _legacy_recipe(ckpt: dict, path) -> dict:
     fields = {k: net[k] for k in ("backbone", "split", "dropout", "pooling", "members") if k in net}
     return {**PRESETS["full"].to_dict(), "pooling": "avg", **fields, "image_size": data.get("image_size"),
             "tta_flip": ckpt.get("tta_flip"), "tta_crops": ckpt.get("tta_crops", [])}
+
+
+def _check_finite(state: dict, path, warn_only: bool) -> None:
+    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if not broken:
+        return
+    problem = (f"{path}: {len(broken)} of its tensors hold NaN or infinite values (first: {broken[0]}): a run "
+               f"that diverged, or a damaged file; {_fix(path)}.")
+    if not warn_only:
+        raise ValueError(problem)
+    warnings.warn(f"{problem} Its labels are guesses.", stacklevel=3)
 
 
 def _restored(net_cfg: NetConfig, state_dict: dict, digest, path) -> BirdNet:

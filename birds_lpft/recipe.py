@@ -16,7 +16,7 @@ from functools import cached_property
 
 from birds_lpft.models.net import NetConfig
 from birds_lpft.models.preprocess import DataConfig, data_config
-from birds_lpft.models.zoo import BackboneSpec, get_spec
+from birds_lpft.models.zoo import BackboneSpec, get_spec, input_problem
 from birds_lpft.utils.settings import (
     ConfigError,
     check_choice,
@@ -138,6 +138,8 @@ class FinetuneConfig:
         except ValueError as err:
             raise ConfigError("backbone", str(err)) from None
         check_int("image_size", self.image_size, spec.min_image_size, MAX_IMAGE_SIZE)
+        problem = input_problem(self.backbone, self.image_size)
+        require(problem is None, "image_size", f"{problem}; choose a size the backbone takes")
         if self.split is not None:
             check_int("split", self.split, 0, spec.num_blocks)
         self._check_training()

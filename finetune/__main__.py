@@ -30,18 +30,21 @@ from birds_lpft.models.weights import WeightsError
 from birds_lpft.recipe import FinetuneConfig, add_recipe_args, alias_overrides, recipe
 from birds_lpft.utils.cli import (
     Written,
+    add_weights_args,
     check_output_dir,
     check_output_file,
     fail,
     layout_inputs,
     run_interruptible,
     split_positionals,
+    weights_mode,
 )
 from birds_lpft.utils.settings import ConfigError
 from birds_lpft.utils.timing import Stopwatch, peak_rss_mb
 
 from finetune.cache import CacheBudgetError, default_budget, parse_size
 from finetune.distributed import gather_rows
+from finetune.module import TrainingDiverged
 from finetune.train import FinetuneResult, fine_tune
 
 PROG = "python -m finetune"
@@ -54,10 +57,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, FinetuneConf
                    help="grader-layout folder (default: a generated set), then FinetuneConfig overrides")
     p.add_argument("--out", type=Path, help="write the checkpoint here (e.g. birds_model.pt)")
     add_recipe_args(p)
-    p.add_argument("--weights", type=Path, help="a local pretrained weights file (air-gapped machines), checked "
-                                                "against its published hash, used instead of the cache")
-    p.add_argument("--allow-download", action="store_true", help="let torchvision download missing weights")
-    p.add_argument("--random-init", action="store_true", help="no pretrained weights (a smoke run)")
+    add_weights_args(p)
     p.add_argument("--accelerator", default="cpu", help="Lightning's: cpu, gpu, auto, ...")
     p.add_argument("--devices", default="auto", help="Lightning's: a count, a list, or auto")
     p.add_argument("--strategy", default="auto", help="Lightning's: auto, ddp, ddp_spawn, ...")
@@ -79,8 +79,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, FinetuneConf
         fail(PROG, str(err))
     if args.num_nodes < 1:
         fail(PROG, f"--num-nodes must be at least 1, got {args.num_nodes}")
-    if args.weights is not None and not args.weights.is_file():
-        fail(PROG, f"--weights {args.weights}: no such file")
+    args.weights_mode = weights_mode(PROG, args)
     check_output_file(PROG, "--out", args.out, layout_inputs(args.data_dir))
     check_output_dir(PROG, "--log-dir", args.log_dir)
     return args, cfg
@@ -99,12 +98,12 @@ def run(args: argparse.Namespace, cfg: FinetuneConfig, written: Written) -> None
         with sw("read data"):
             train, test = load_data(args.data_dir)
         digests = HeadDigests()
-        result = fine_tune(train, cfg, "none" if args.random_init else "required", allow_download=args.allow_download,
+        result = fine_tune(train, cfg, args.weights_mode, allow_download=args.allow_download,
                            weights_file=args.weights, progress=progress, verbose=args.verbose, cache_budget=budget,
                            log_dir=args.log_dir,
                            accelerator=args.accelerator, devices=args.devices, strategy=args.strategy,
                            num_nodes=args.num_nodes, callbacks=[digests])
-    except (DataError, WeightsError, CacheBudgetError) as err:
+    except (DataError, WeightsError, CacheBudgetError, TrainingDiverged) as err:
         sys.exit(f"error: {err}")
     if not result.is_global_zero:
         return  # another rank of a distributed run: rank 0 reports and writes

@@ -22,7 +22,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,21 +29,27 @@ import torch
 from sklearn.model_selection import StratifiedKFold
 
 from birds_lpft.data.sets import DataError, LabelledImages, load_split_dir
-from birds_lpft.extract import autocast
 from birds_lpft.models.net import BirdNet, build_net
-from birds_lpft.models.preprocess import EvalTransform, Mirrored, data_config, with_crop_fraction
-from birds_lpft.models.weights import WeightsError, pretrained_net
-from birds_lpft.predict import top_logits, tta_mean
+from birds_lpft.models.weights import WeightsError, load_pretrained
 from birds_lpft.recipe import FinetuneConfig, recipe
-from birds_lpft.utils.cli import Written, check_output_file, fail, layout_inputs, run_interruptible
+from birds_lpft.utils.cli import (
+    Written,
+    add_weights_args,
+    check_output_file,
+    fail,
+    layout_inputs,
+    run_interruptible,
+    weights_mode,
+)
 from birds_lpft.utils.outputs import write_text
 from birds_lpft.utils.settings import ConfigError
 
-from finetune.cache import View, cache_views, extract_views
+from finetune.cv_cache import TrunkCache, build_cache, held_out_logits, tta_logits
 from finetune.cv_readouts import SizeReadouts, member_readouts, scheme_name, tta_schemes
 from finetune.cv_report import compare_rows, format_row, markdown, mean_se
 from finetune.datamodule import TrunkCacheData
 from finetune.levers import LeverInputs
+from finetune.module import TrainingDiverged
 from finetune.process import process_state_kept
 from finetune.stage_one import pooled_from_trunk
 from finetune.train import lever_inputs, train_tops
@@ -64,67 +69,6 @@ def stratified_folds(labels: np.ndarray, k: int, seed: int) -> list[tuple[np.nda
 def repeated_folds(labels: np.ndarray, k: int, seeds: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
     """Repeated k-fold CV: the k folds of every seed in turn (k x len(seeds) pairs), seed by seed."""
     return [fold for seed in seeds for fold in stratified_folds(labels, k, seed)]
-
-
-@dataclass
-class TrunkCache:
-    """Every training image's cached trunk activations for one trunk setting."""
-
-    net: BirdNet  # the pretrained network the activations came from (trunk and untrained tail)
-    centre: torch.Tensor
-    mirror: torch.Tensor
-    views: list[torch.Tensor]
-    seconds: float
-    crops: dict[float, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # TTA crop: (view, mirror)
-    sizes: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # test size: (centre, mirror)
-
-
-def build_cache(images: LabelledImages, cfg: FinetuneConfig, views: int, weights: str, progress: bool,
-                crops: tuple[float, ...] = (), sizes: tuple[int, ...] = ()) -> TrunkCache:
-    """Centre, mirrored centre and ``views`` augmented views of every image, with the pretrained network, each
-    TTA crop in ``crops`` with its mirror, and the centre view with its mirror at each input size in ``sizes``:
-    one pass over the images, each decoded once."""
-    start = time.perf_counter()
-    net = pretrained_net(replace(cfg, members=1).net_config(images.num_classes), weights)
-    data_cfg = cfg.data_config()
-    centre, *augmented = cache_views(data_cfg, replace(cfg, views=views))
-    plan = [centre, View("mirrored centre", Mirrored(centre.transform)), *augmented]
-    extra_views = [(f"crop {f}", EvalTransform(with_crop_fraction(data_cfg, f))) for f in crops]
-    extra_views += [(f"size {s}", EvalTransform(data_config(cfg.backbone, s))) for s in sizes]
-    for name, transform in extra_views:
-        plan += [View(name, transform), View(f"{name} mirrored", Mirrored(transform))]
-    stacks = dict(zip((v.name for v in plan), extract_views(net, images, plan, cfg, progress=progress)))
-    pairs = {name: (stacks[name], stacks[f"{name} mirrored"]) for name, _ in extra_views}
-    return TrunkCache(net, stacks["centre view"], stacks["mirrored centre"], [stacks[v.name] for v in augmented],
-                      time.perf_counter() - start, {f: pairs[f"crop {f}"] for f in crops},
-                      {s: pairs[f"size {s}"] for s in sizes})
-
-
-STANDARD = 0.0  # held_out_logits' key of the standard centre view (whatever crop fraction the weights use)
-
-
-@torch.inference_mode()
-def held_out_logits(net: BirdNet, cache: TrunkCache, rows: np.ndarray,
-                    cfg: FinetuneConfig) -> dict[float, torch.Tensor]:
-    """{crop fraction: (2, tops, N, K) logits of the view and its mirror, per top of ``net``} of cached rows, in
-    ``classify``'s precision, for the standard centre view (key ``STANDARD``) and every cached TTA crop."""
-    net.eval()
-    stacks = {STANDARD: (cache.centre, cache.mirror), **cache.crops}
-    out = {key: ([], []) for key in stacks}
-    for i in range(0, len(rows), 64):
-        batch = torch.as_tensor(rows[i:i + 64])
-        with autocast(cfg.precision):
-            for key, pair in stacks.items():
-                for acc, stack in zip(out[key], pair):
-                    acc.append(top_logits(net, stack[batch]))
-    return {key: torch.stack([torch.cat(parts, dim=1) for parts in pair]) for key, pair in out.items()}
-
-
-def tta_logits(logits: dict[float, torch.Tensor], crops: tuple[float, ...], flip: bool, member: int | None = None):
-    """(N, K) logits of the standard view and ``crops`` (and their mirrors when ``flip``), of every top averaged
-    (as the network's forward does) or of ``member`` alone, averaged as ``classify`` averages them."""
-    views = torch.stack([logits[key] for key in (STANDARD, *crops)], dim=3)[: 2 if flip else 1]  # (F, tops, N, V, K)
-    return tta_mean(views.mean(1) if member is None else views[:, member])
 
 
 def run_fold(cache: TrunkCache, images: LabelledImages, cfg: FinetuneConfig, train_idx: np.ndarray,
@@ -178,13 +122,13 @@ def centre_features(cache: TrunkCache, cfg: FinetuneConfig) -> torch.Tensor:
 
 
 def score_candidate(spec: str, cfg: FinetuneConfig, cache: TrunkCache, images: LabelledImages, folds,
-                    progress: bool, weights: str = "required") -> dict:
+                    progress: bool, weights: str = "required", weights_kwargs: dict | None = None) -> dict:
     """Fold accuracies, their mean and standard error, the readouts', and the seconds the folds took."""
     start = time.perf_counter()
     folds_out = []
     with process_state_kept():
         pooled = centre_features(cache, cfg)
-        inputs = lever_inputs(cfg, weights)
+        inputs = lever_inputs(cfg, weights, **(weights_kwargs or {}))
         for k, (tr, va) in enumerate(folds):
             torch.manual_seed(cfg.seed)  # each fold starts from the same state, whatever ran before
             out = run_fold(cache, images, cfg, tr, va, progress, pooled, inputs)
@@ -211,7 +155,8 @@ def trunk_key(cfg: FinetuneConfig) -> tuple:
 
 
 def cross_validate(images: LabelledImages, candidates: list[tuple[str, FinetuneConfig]], folds, *,
-                   weights: str = "required", progress: bool = False, sizes: tuple[int, ...] = ()) -> list[dict]:
+                   weights: str = "required", weights_kwargs: dict | None = None, progress: bool = False,
+                   sizes: tuple[int, ...] = ()) -> list[dict]:
     """Score every candidate on the same folds, building each trunk cache once. Returns rows in input order."""
     groups: dict[tuple, list[int]] = {}
     for i, (_, cfg) in enumerate(candidates):
@@ -221,10 +166,10 @@ def cross_validate(images: LabelledImages, candidates: list[tuple[str, FinetuneC
         first = candidates[members[0]][1]
         crops = tuple(sorted({c for i in members for c in candidates[i][1].tta_crops}))
         cache = build_cache(images, first, max(candidates[i][1].views for i in members), weights, progress, crops,
-                            sizes)
+                            sizes, weights_kwargs or {})
         print(f"trunk cache for {[candidates[i][0] for i in members]}: {cache.seconds:.0f}s", flush=True)
         for i in members:
-            rows[i] = score_candidate(*candidates[i], cache, images, folds, progress, weights)
+            rows[i] = score_candidate(*candidates[i], cache, images, folds, progress, weights, weights_kwargs or {})
             print(format_row(rows[i]), flush=True)
         del cache
     return rows
@@ -244,20 +189,25 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[tuple[s
     p.add_argument("--out", type=Path, help="also write the table: .json or .md")
     p.add_argument("--test-sizes", type=int, nargs="+", default=[], metavar="SIZE",
                    help="also score each fold's network on centre views at these input sizes")
-    p.add_argument("--random-init", action="store_true", help="no pretrained weights (a smoke run)")
+    add_weights_args(p)
     p.add_argument("--progress", action="store_true", help="progress bars")
     args = p.parse_args(argv)
     try:
         candidates = [parse_candidate(s) for s in args.candidates]
     except ConfigError as err:
         fail(PROG, f"--candidates: {err}")
+    args.weights_mode = weights_mode(PROG, args)
+    backbones = sorted({cfg.backbone for _, cfg in candidates})
+    if args.weights is not None and len(backbones) > 1:
+        fail(PROG, f"--weights is one backbone's file, and the candidates use {', '.join(backbones)}; give the "
+                   "others' files to the cache, or run them apart")
     if len(set(args.seed)) < len(args.seed):
         fail(PROG, f"--seed {' '.join(map(str, args.seed))}: a seed given twice would score the same folds twice")
     if args.folds < 2:
         fail(PROG, f"--folds must be at least 2, got {args.folds}")
     if args.out is not None and args.out.suffix not in (".json", ".md"):
         fail(PROG, f"--out {args.out}: the table is written as .json or .md; name the file so")
-    check_output_file(PROG, "--out", args.out, layout_inputs(args.data_dir))
+    check_output_file(PROG, "--out", args.out, layout_inputs(args.data_dir), example="cv.json")
     return args, candidates
 
 
@@ -273,9 +223,13 @@ def run(args: argparse.Namespace, candidates: list[tuple[str, FinetuneConfig]], 
             fail(PROG, f"--folds {args.folds}: the smallest class has {np.bincount(images.labels).min()} images; "
                        "use at most that many folds")
         folds = repeated_folds(images.labels, args.folds, args.seed)
-        rows = cross_validate(images, candidates, folds, weights="none" if args.random_init else "required",
+        weights = {"allow_download": args.allow_download, "weights_file": args.weights}
+        if args.weights_mode == "required":  # every candidate's weights now: a missing file costs no fold
+            for spec in {cfg.backbone: cfg.spec for _, cfg in candidates}.values():
+                load_pretrained(spec, **weights)
+        rows = cross_validate(images, candidates, folds, weights=args.weights_mode, weights_kwargs=weights,
                               progress=args.progress, sizes=tuple(args.test_sizes))
-    except (DataError, WeightsError) as err:
+    except (DataError, WeightsError, TrainingDiverged) as err:
         sys.exit(f"error: {err}")
     compare_rows(rows, args.seed)
     print("\n" + "\n".join(format_row(r) for r in rows))

@@ -20,6 +20,10 @@ from finetune.kernels import fp32_depthwise_input_grads
 from finetune.levers import LeverInputs, loss_terms
 
 
+class TrainingDiverged(RuntimeError):
+    """A training step's loss was NaN or infinite: the run stops, and nothing is written."""
+
+
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int):
     """Linear warm-up to each group's learning rate over ``warmup_steps`` steps, then cosine decay to 0 at
     ``total_steps`` (torchvision's references compose the same two schedulers)."""
@@ -132,6 +136,9 @@ class LPFTModule(L.LightningModule):
         else:
             logits = self(acts)
             loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"training diverged: the loss is {loss.item()} at step {self.global_step + 1} "
+                                   f"of member {self.member_index + 1}; lower lr_tail and lr_head")
         self._log("train", loss, (logits.argmax(1) == y).float().mean(), len(y))
         return loss
 

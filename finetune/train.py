@@ -29,7 +29,7 @@ from probe.linear import FittedProbe
 from finetune.cache import CachedViews
 from finetune.datamodule import TrunkCacheData, val_loader_of
 from finetune.levers import LeverInputs
-from finetune.module import CpuBf16Kernels, LPFTModule, TrunkFreeze
+from finetune.module import CpuBf16Kernels, LPFTModule, TrainingDiverged, TrunkFreeze
 from finetune.process import process_state_kept, quiet_lightning
 from finetune.stage_one import StageOne
 
@@ -181,6 +181,10 @@ def train_tops(net: BirdNet, data: TrunkCacheData, cfg: FinetuneConfig, *, input
 
             final = one_network(cfg, net, net.state_dict())
             uniform_soup(net.tops(), into=final.top())
+    broken = [name for name, p in final.named_parameters() if not torch.isfinite(p).all()]
+    if broken:  # an average or a last step that the losses did not show
+        raise TrainingDiverged(f"training diverged: {len(broken)} trained tensors are not finite (first: "
+                               f"{broken[0]}); lower lr_tail and lr_head")
     seconds = run.seconds - data.setup_seconds - stage.seconds
     return Training(run.modules, stage.fitted, stage.seconds, seconds, run.trainer, final.eval(), net)
 
@@ -254,7 +258,7 @@ def lever_inputs(cfg: FinetuneConfig, weights: str, **weights_kwargs) -> LeverIn
     """The pretrained ImageNet head where Co-Tuning needs it (from the same weights as the network)."""
     if cfg.cotuning == 0:
         return LeverInputs()
-    return LeverInputs(source_head=pretrained_source_head(cfg.backbone, weights, **weights_kwargs))
+    return LeverInputs(source_head=pretrained_source_head(cfg.spec, weights, **weights_kwargs))
 
 
 def _result(train: LabelledImages, cfg: FinetuneConfig, data: TrunkCacheData, run: Training,

@@ -13,8 +13,15 @@ from pathlib import Path
 from birds_lpft.data.sets import DataError
 from birds_lpft.data.synthetic import load_data
 from birds_lpft.models.weights import WeightsError
-from birds_lpft.models.zoo import get_spec
-from birds_lpft.utils.cli import Written, check_output_file, fail, layout_inputs, run_interruptible
+from birds_lpft.utils.cli import (
+    Written,
+    add_weights_args,
+    check_output_file,
+    fail,
+    layout_inputs,
+    run_interruptible,
+    weights_mode,
+)
 from birds_lpft.utils.timing import Stopwatch, peak_rss_mb
 
 from probe.compare import compare, markdown, write_table
@@ -30,25 +37,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--backbone", default=ProbeConfig.backbone, help="a torchvision model name or timm/NAME")
     p.add_argument("--backbones", nargs="+", help="compare these backbones by probe, one table row each")
     p.add_argument("--out", type=Path, help="with --backbones: also write the table (.md or .json)")
-    p.add_argument("--weights", type=Path, help="a local pretrained weights file for --backbone")
     p.add_argument("--image-size", type=int, default=None, help="input side (default: the weights' own)")
     p.add_argument("--precision", default=ProbeConfig.precision, choices=["auto", "bf16", "fp32"])
     p.add_argument("--seed", type=int, default=ProbeConfig.seed)
-    p.add_argument("--allow-download", action="store_true", help="let torchvision download missing weights")
-    p.add_argument("--random-init", action="store_true", help="no pretrained weights (a smoke run)")
+    add_weights_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
     args = p.parse_args(argv)
     if args.out is not None and (args.backbones is None or args.out.suffix not in (".md", ".json")):
         fail(PROG, "--out writes the --backbones table: give --backbones and a .md or .json file")
-    if args.weights is not None and not args.weights.is_file():
-        fail(PROG, f"--weights {args.weights}: no such file")
-    check_output_file(PROG, "--out", args.out, layout_inputs(args.data_dir))
-    try:
-        args.cfg = ProbeConfig(backbone=args.backbone, image_size=args.image_size, precision=args.precision,
-                               seed=args.seed)
-        get_spec(args.backbone)
-    except ValueError as err:
-        fail(PROG, f"--backbone: {err}")
+    if args.backbones and (args.weights is not None or args.allow_download):
+        fail(PROG, f"{'--weights' if args.weights is not None else '--allow-download'} goes with one --backbone; "
+                   "--backbones compares the weights each backbone has in the cache")
+    args.weights_mode = weights_mode(PROG, args)
+    check_output_file(PROG, "--out", args.out, layout_inputs(args.data_dir), example="table.md")
+    for name in args.backbones or [args.backbone]:  # every backbone resolved now: a typo costs nothing
+        flag = "--backbones" if args.backbones else "--backbone"
+        try:
+            args.cfg = ProbeConfig(backbone=name, image_size=args.image_size, precision=args.precision,
+                                   seed=args.seed)
+        except ValueError as err:
+            fail(PROG, f"{flag}: {err}")
     return args
 
 
@@ -64,9 +72,8 @@ def run(args: argparse.Namespace, written: Written) -> None:
             train, test = load_data(args.data_dir)
         if args.backbones:
             return run_compare(args, train, test, written)
-        result = run_probe(train, test, args.cfg, "none" if args.random_init else "required",
-                           allow_download=args.allow_download, weights_file=args.weights,
-                           progress=not args.no_progress)
+        result = run_probe(train, test, args.cfg, args.weights_mode, allow_download=args.allow_download,
+                           weights_file=args.weights, progress=not args.no_progress)
     except (DataError, WeightsError) as err:
         sys.exit(f"error: {err}")
     fitted = result.fitted
@@ -80,8 +87,7 @@ def run(args: argparse.Namespace, written: Written) -> None:
 
 
 def run_compare(args: argparse.Namespace, train, test, written: Written) -> None:
-    rows = compare(train, test, args.backbones, args.cfg, random_init=args.random_init,
-                   progress=not args.no_progress)
+    rows = compare(train, test, args.backbones, args.cfg, random_init=args.random_init, progress=not args.no_progress)
     print(markdown(rows), end="")
     if args.out is not None:
         write_table(args.out, rows)

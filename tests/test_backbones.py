@@ -124,16 +124,16 @@ def test_weights_are_checked_against_the_hash_prefix_in_their_name(tmp_path):
     torch.save(spec.build().state_dict(), good)
     named = tmp_path / f"resnet18-{sha256_of(good)[:8]}.pth"
     good.rename(named)
-    assert set(load_pretrained("resnet18", weights_file=named)) == set(spec.build().state_dict())
+    assert set(load_pretrained(get_spec("resnet18"), weights_file=named)) == set(spec.build().state_dict())
     wrong = tmp_path / "resnet18-00000000.pth"
     wrong.write_bytes(named.read_bytes())
     with pytest.raises(WeightsError, match="does not start with 00000000"):
-        load_pretrained("resnet18", weights_file=wrong)
+        load_pretrained(get_spec("resnet18"), weights_file=wrong)
 
 
 def test_missing_weights_say_which_file_and_where(tmp_path):
     with pytest.raises(WeightsError) as err:
-        load_pretrained("efficientnet_b0")
+        load_pretrained(get_spec("efficientnet_b0"))
     message = str(err.value)
     assert "efficientnet_b0_rwightman-7f5810bc.pth" in message and "7f5810bc" in message
     assert "--weights" in message and str(Path(torch.hub.get_dir()) / "checkpoints") in message

@@ -58,7 +58,7 @@ def test_missing_image_names_the_image_and_gt_file(tmp_path):
     assert "remove their rows" in msg or "add the files" in msg
 
 
-@pytest.mark.parametrize("bad", ["abc", "1.5", "", "0x1", "two"])
+@pytest.mark.parametrize("bad", ["abc", "1.5", "", "0x1", "two", "nan", "inf", "1e400"])
 def test_non_integer_label_in_gt_csv(tmp_path, bad):
     gt = _layout(tmp_path, f"filename,class_id\na.png,0\nb.png,{bad}\n",
                  {"a.png": _png_bytes(), "b.png": _png_bytes()})
@@ -69,7 +69,7 @@ def test_non_integer_label_in_gt_csv(tmp_path, bad):
     assert "integers 0..K-1" in msg
 
 
-@pytest.mark.parametrize("bad", ["abc", 1.5, True, False, np.bool_(True), None, 2.0])
+@pytest.mark.parametrize("bad", ["abc", 1.5, True, False, np.bool_(True), None, float("nan"), "0.5"])
 def test_non_integer_label_in_mapping(tmp_path, bad):
     img_dir = tmp_path / "images"
     img_dir.mkdir()
@@ -90,6 +90,20 @@ def test_integer_like_labels_are_accepted(tmp_path):
     images = labelled_from_gt({"a.png": " 1 ", "b.png": np.int64(0), "c.png": 1}, img_dir)
     assert images.labels.tolist() == [1, 0, 1]
     assert images.labels.dtype == np.int64 and images.num_classes == 2
+    # a whole number is a label however it is written: '0' and 0.0 alike (a pandas column of floats, say)
+    same = labelled_from_gt({"a.png": 1.0, "b.png": "0.0", "c.png": np.float32(1)}, img_dir)
+    assert same.labels.tolist() == [1, 0, 1]
+
+
+def test_empty_listed_images_are_refused_and_unlisted_ones_noted(tmp_path, capsys):
+    write_grader_layout(tmp_path, "train", make_synthetic(num_classes=2, per_class=3, size=32, seed=0))
+    images = tmp_path / "train" / "images"
+    (images / "stray.jpg").write_bytes(_png_bytes())  # in the folder, not in gt.csv
+    train, _ = load_data(tmp_path)
+    assert "note: 1 file(s)" in capsys.readouterr().out and "stray.jpg" not in train.names
+    (images / train.names[2]).write_bytes(b"")
+    with pytest.raises(DataError, match=f"1 listed image.s. empty .0 bytes. in .*{train.names[2]}"):
+        load_data(tmp_path)
 
 
 @pytest.mark.parametrize(

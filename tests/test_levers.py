@@ -18,6 +18,7 @@ from birds_lpft.recipe import PRESETS
 
 import finetune.cache as finetune_cache
 import finetune.cv as cv
+import finetune.cv_cache as cv_cache
 import finetune.cv_report as cv_report
 import finetune.stage_one as finetune_stage_one
 from finetune.datamodule import TrunkCacheData
@@ -85,7 +86,7 @@ def test_cache_is_built_once_per_trunk_setting(tmp_path, monkeypatch, capsys):
         calls.append((cfg.image_size, tuple(v.name for v in views), len(images)))
         return real(net, images, views, cfg, *args, **kwargs)
 
-    monkeypatch.setattr(cv, "extract_views", counted)
+    monkeypatch.setattr(cv_cache, "extract_views", counted)
     base = f"fast:image_size={SIZE},limit_train_batches=1,batch_size=8"
     rows = cv.main([str(tmp_path), "--random-init", "--folds", "2", "--out", str(tmp_path / "cv.json"),
                     "--candidates", f"{base},views=2", f"{base},views=1,ema_decay=0.9", f"{base},members=2",
@@ -107,7 +108,7 @@ def test_repeated_cv_scores_every_seeds_folds_on_one_cache(tmp_path, monkeypatch
     write_grader_layout(tmp_path, "train", make_synthetic(num_classes=3, per_class=6, size=40, seed=0))
     calls = []
     real = finetune_cache.extract_views
-    monkeypatch.setattr(cv, "extract_views", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(cv_cache, "extract_views", lambda *a, **k: calls.append(1) or real(*a, **k))
     base = f"fast:image_size={SIZE},limit_train_batches=1,batch_size=8"
     argv = [str(tmp_path), "--random-init", "--folds", "2", "--candidates", base, f"{base},lr_tail=1e-2"]
     once = cv.main(argv)
@@ -171,7 +172,7 @@ def test_tta_crops_are_cached_once_and_every_scheme_scores_the_same_tails(tmp_pa
         calls.extend(v.name for v in views)
         return real(net, images, views, cfg, *args, **kwargs)
 
-    monkeypatch.setattr(cv, "extract_views", counted)
+    monkeypatch.setattr(cv_cache, "extract_views", counted)
     base = f"fast:image_size={SIZE},limit_train_batches=1,batch_size=8"
     rows = cv.main([str(tmp_path), "--random-init", "--folds", "2", "--candidates", base,
                     f"{base},tta_crops=(1.0,)", f"{base},tta_crops=(0.75, 1.0),tta_flip=False"])
@@ -188,11 +189,11 @@ def test_tta_crops_are_cached_once_and_every_scheme_scores_the_same_tails(tmp_pa
 
 def test_tta_logits_average_the_chosen_views_and_members():
     g = torch.Generator().manual_seed(0)
-    logits = {key: torch.randn(2, 2, 5, 3, generator=g) for key in (cv.STANDARD, 0.75, 1.0)}  # (flip, top, N, K)
-    got = cv.tta_logits(logits, (1.0,), flip=True)
-    want = (logits[cv.STANDARD][0] + logits[cv.STANDARD][1] + logits[1.0][0] + logits[1.0][1]).mean(0) / 4
+    logits = {key: torch.randn(2, 2, 5, 3, generator=g) for key in (cv_cache.STANDARD, 0.75, 1.0)}  # (flip, top, N, K)
+    got = cv_cache.tta_logits(logits, (1.0,), flip=True)
+    want = (logits[cv_cache.STANDARD][0] + logits[cv_cache.STANDARD][1] + logits[1.0][0] + logits[1.0][1]).mean(0) / 4
     assert torch.allclose(got, want, atol=1e-6)
-    assert torch.equal(cv.tta_logits(logits, (), flip=False, member=1), logits[cv.STANDARD][0][1])
+    assert torch.equal(cv_cache.tta_logits(logits, (), flip=False, member=1), logits[cv_cache.STANDARD][0][1])
 
 
 def test_candidates_parse_with_types_checked():

@@ -15,8 +15,8 @@ import torch
 from birds_lpft.data.sets import labelled_from_gt, read_gt
 from birds_lpft.models.net import NetConfig
 from birds_lpft.models.weights import pretrained_net
-
 from birds_lpft.recipe import ProbeFit
+
 from probe.pipeline import ProbeConfig, run_probe
 
 REAL_TORCH_HOME = Path(torch.hub.get_dir()).parent  # read at import, before conftest swaps $TORCH_HOME

@@ -59,7 +59,7 @@ def trusted(tmp_path, monkeypatch):
 
 
 def test_cache_path_follows_torch_home(torch_home):
-    path = cache_path(NAME)
+    path = cache_path(get_spec(NAME))
     assert path == torch_home / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth"
     assert path.name == get_spec(NAME).url.rsplit("/", 1)[-1]
 
@@ -83,7 +83,7 @@ def test_provision_refuses_wrong_file_and_caches_nothing(wrong_file, torch_home)
         provision(NAME, source=wrong_file)
     assert str(wrong_file) in str(exc.value)
     assert _files(torch_home) == []
-    assert not has_pretrained(NAME)
+    assert not has_pretrained(get_spec(NAME))
     assert wrong_file.read_bytes() == b"not the official weights"  # the source is left alone
 
 
@@ -95,15 +95,16 @@ def test_cli_refuses_wrong_file(wrong_file, torch_home):
 
 
 def test_provision_caches_verified_file(trusted, torch_home, capsys):
-    source = trusted({"w": torch.arange(6.0).reshape(2, 3)})
-    assert not has_pretrained(NAME)
+    official = get_spec(NAME).build().state_dict()
+    source = trusted(official)
+    assert not has_pretrained(get_spec(NAME))
     path = provision(NAME, source=source)
-    assert path == cache_path(NAME) == torch_home / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth"
+    assert path == cache_path(get_spec(NAME)) == torch_home / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth"
     assert path.read_bytes() == source.read_bytes()
     assert _files(torch_home) == [path]  # no .partial left behind
-    assert has_pretrained(NAME)
-    state = load_pretrained(NAME)
-    assert torch.equal(state["w"], torch.arange(6.0).reshape(2, 3))
+    assert has_pretrained(get_spec(NAME))
+    state = load_pretrained(get_spec(NAME))
+    assert all(torch.equal(state[k], v) for k, v in official.items())
     # provisioning again is a no-op that verifies the cached file
     assert provision(NAME, source=None) == path
     main([])  # the CLI's no-op path: nothing to install, the cache already holds the verified file
@@ -114,7 +115,7 @@ def test_provision_via_cli(trusted, torch_home, capsys):
     source = trusted({"w": torch.ones(3)})
     main(["--from-file", str(source)])
     assert "weights ready" in capsys.readouterr().out
-    assert _files(torch_home) == [cache_path(NAME)]
+    assert _files(torch_home) == [cache_path(get_spec(NAME))]
 
 
 def test_pretrained_net_loads_cached_backbone(trusted):
@@ -132,23 +133,23 @@ def test_pretrained_net_loads_cached_backbone(trusted):
 
 def test_corrupted_cache_is_refused(trusted, torch_home):
     provision(NAME, source=trusted({"w": torch.ones(3)}))
-    cache_path(NAME).write_bytes(b"truncated")
-    assert not has_pretrained(NAME)
+    cache_path(get_spec(NAME)).write_bytes(b"truncated")
+    assert not has_pretrained(get_spec(NAME))
     with pytest.raises(WeightsError, match="sha256"):
-        load_pretrained(NAME)
+        load_pretrained(get_spec(NAME))
     with pytest.raises(WeightsError, match="sha256"):
         provision(NAME, source=None)  # a wrong cached file is never trusted nor silently replaced
     with pytest.warns(UserWarning, match="not cached"):
         pretrained_net(NetConfig(NAME, 3, 14), "if-cached")  # random init, never the bad file
-    assert cache_path(NAME).read_bytes() == b"truncated"
+    assert cache_path(get_spec(NAME)).read_bytes() == b"truncated"
 
 
 def test_load_pretrained_without_cache_explains_the_fix(torch_home):
-    assert not has_pretrained(NAME)
+    assert not has_pretrained(get_spec(NAME))
     with pytest.raises(WeightsError) as exc:
-        load_pretrained(NAME, allow_download=False)
+        load_pretrained(get_spec(NAME), allow_download=False)
     msg = str(exc.value)
-    assert "python -m probe.weights" in msg and str(cache_path(NAME)) in msg
+    assert "python -m probe.weights" in msg and str(cache_path(get_spec(NAME))) in msg
     with pytest.raises(WeightsError, match="python -m probe.weights"):
         pretrained_net(NetConfig(NAME, 3, 14), "required")
     assert _files(torch_home) == []
@@ -156,4 +157,4 @@ def test_load_pretrained_without_cache_explains_the_fix(torch_home):
 
 def test_unknown_backbone():
     with pytest.raises(ValueError, match="unknown backbone"):
-        load_pretrained("resnet9000")
+        get_spec("resnet9000")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import operator
 import os
 from pathlib import Path
@@ -109,22 +110,29 @@ def check_name(name: object, where: str) -> str:
 
 
 def parse_label(value: object, where: str) -> int:
-    """A class id 0..MAX_CLASS_ID-1 from an int or an integer-looking string (not a bool), else DataError."""
+    """A class id 0..MAX_CLASS_ID-1 from a whole number (an int, or a float such as 3.0) or a string of one
+    ('3', '3.0'), not a bool; else DataError."""
     if isinstance(value, (bool, np.bool_)):
         raise DataError(f"{where}: label {value!r} is a boolean; labels must be integers 0..K-1.")
     label = None
     if isinstance(value, (int, np.integer)):
         label = int(value)
-    elif isinstance(value, str) and len(value.strip()) <= _MAX_LABEL_CHARS:
-        try:
-            label = int(value.strip())
-        except ValueError:
-            pass
+    elif isinstance(value, (float, np.floating)) or (isinstance(value, str) and len(value) <= _MAX_LABEL_CHARS):
+        label = _whole(value)
     if label is None:
         raise DataError(f"{where}: label {_shown(value)} is not an integer; labels must be integers 0..K-1.")
     if not 0 <= label < MAX_CLASS_ID:
         raise _range_error(label, where)
     return label
+
+
+def _whole(value: float | str) -> int | None:
+    """The int a float or a numeric string stands for when it is a whole finite number ('3', '3.0'), else None."""
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return int(number) if math.isfinite(number) and number.is_integer() else None
 
 
 def _range_error(label: int, where: str) -> DataError:

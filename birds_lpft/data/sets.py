@@ -96,13 +96,19 @@ def labelled_from_gt(gt: Mapping[str, object], img_dir: str | os.PathLike, where
     labels = np.array([parse_label(gt[n], f"{where}: {n}") for n in names], dtype=np.int64)
     k = check_labels(labels, where, num_classes)
     missing = [n for n in names if not (img_dir / n).is_file()]
-    if missing:
-        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise DataError(
-            f"{where}: {len(missing)} listed image(s) missing from {img_dir}: {shown}; "
-            "add the files or remove their rows from gt.csv."
-        )
+    empty = [] if missing else [n for n in names if (img_dir / n).stat().st_size == 0]
+    for problem, bad in (("missing from", missing), ("empty (0 bytes) in", empty)):
+        if bad:
+            shown = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
+            raise DataError(f"{where}: {len(bad)} listed image(s) {problem} {img_dir}: {shown}; "
+                            "add the files or remove their rows from gt.csv.")
     return LabelledImages(tuple(names), tuple(img_dir / n for n in names), labels, k)
+
+
+def unlisted(images: LabelledImages, img_dir: str | os.PathLike) -> list[str]:
+    """The files of ``img_dir`` that the labels do not list (and so are not used), sorted."""
+    listed = set(images.names)
+    return [p.name for p in list_image_files(img_dir) if p.name not in listed]
 
 
 def _checked_names(gt: object, where: str) -> list[str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from birds_lpft.data.sets import LabelledImages, load_split_dir
+from birds_lpft.data.sets import LabelledImages, load_split_dir, unlisted
 from birds_lpft.utils.outputs import write_bytes, write_text
 
 _SHAPES = ("ellipse", "rectangle", "triangle", "cross")
@@ -75,6 +75,10 @@ def load_data(data_dir: Path | None) -> tuple[LabelledImages, LabelledImages | N
         images = make_synthetic(num_classes=4, per_class=24, seed=0)
         return images.subset(range(0, 64)), images.subset(range(64, 96))
     train = load_split_dir(data_dir, "train")
+    extra = unlisted(train, data_dir / "train" / "images")
+    if extra:
+        print(f"note: {len(extra)} file(s) in {data_dir / 'train' / 'images'} are not in gt.csv and are not used "
+              f"(first: {extra[0]})")
     if not (data_dir / "test" / "gt.csv").is_file():
         return train, None
     test = load_split_dir(data_dir, "test", num_classes=train.num_classes)

@@ -1,9 +1,11 @@
 """Pretrained weights, offline first, and the pretrained network (``birds_lpft.models.net.BirdNet``) every stage
 starts from.
 
-Lookup order: the torch hub cache (``$TORCH_HOME/hub/checkpoints/<file>``, where torchvision itself looks),
-hash-checked; then torchvision's own download, only when the caller allows it. Grading never downloads.
-``python -m probe.weights`` (``probe/weights/__main__.py``) provisions the file offline.
+Lookup order: a file the user names (``--weights``), else the cache where torchvision (torch hub's
+``checkpoints``, under ``$TORCH_HOME``) or timm (the Hugging Face hub's) look, hash-checked; then a download,
+only when the caller allows it. Grading never downloads; ``python -m probe.weights`` provisions MobileNetV2's
+file offline. Every weights file goes through :func:`read_weights`, the one loader: each way a file can be
+wrong is one :class:`WeightsError` line naming it, raised before any image is decoded.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from torch import nn
 
 from birds_lpft.models.net import BirdNet, NetConfig, build_net
-from birds_lpft.models.zoo import get_spec, source_head_of
+from birds_lpft.models.zoo import BackboneSpec, source_head_of
 
 KNOWN_OFFLINE = ("mobilenet_v2",)  # the weights python -m probe.weights provisions without a download
 
@@ -41,18 +43,14 @@ def verify_sha256(path: Path, expected: str) -> Path:
         raise WeightsError(f"{path}: no such file; pass the official weights file.")
     actual = sha256_of(path)
     if actual != expected:
-        raise WeightsError(
-            f"{path}: sha256 {actual} is not the expected {expected}; delete the file and run "
-            "`python -m probe.weights` to provision the official one."
-        )
+        raise WeightsError(f"{path}: sha256 {actual} is not the expected {expected}; delete the file and run "
+                           "`python -m probe.weights` to provision the official one.")
     return path
 
 
-def cache_path(backbone: str) -> Path:
-    """Where ``backbone``'s weights file is looked for: timm's own (Hugging Face hub) cache for a timm model
-    whose file is there, else torch hub's ``checkpoints`` folder, where torchvision looks (honours
-    $TORCH_HOME)."""
-    spec = get_spec(backbone)
+def cache_path(spec: BackboneSpec) -> Path:
+    """Where the backbone's weights file is looked for: timm's own (Hugging Face hub) cache for a timm model
+    whose file is there, else torch hub's ``checkpoints`` folder, where torchvision looks."""
     found = _hub_cached(spec.hub_id) if spec.hub_id else None
     return found or Path(torch.hub.get_dir()) / "checkpoints" / spec.weights_file
 
@@ -70,10 +68,9 @@ def _hub_cached(hub_id: str) -> Path | None:
     return None
 
 
-def verify(path: Path, backbone: str) -> Path:
-    """Check a weights file: against the full sha256 the project knows for it, else against the sha256 prefix
+def verify(path: Path, spec: BackboneSpec) -> Path:
+    """Check a weights file against the full sha256 the project knows for it, else against the sha256 prefix
     that torchvision's file names carry (``name-7f5810bc.pth``); a name with neither is taken as it is."""
-    spec = get_spec(backbone)
     if spec.sha256 is not None and path.name == spec.weights_file:
         return verify_sha256(path, spec.sha256)
     prefix = re.search(r"-([0-9a-f]{6,})\.", path.name)
@@ -83,38 +80,89 @@ def verify(path: Path, backbone: str) -> Path:
     return path
 
 
-def missing(backbone: str, path: Path) -> WeightsError:
+def missing(spec: BackboneSpec, path: Path) -> WeightsError:
     """The error for absent weights: where to put which file (and its hash), or the flag that names one."""
-    spec = get_spec(backbone)
     expected = spec.sha256 or (f"sha256 starting {spec.sha256_prefix}" if spec.sha256_prefix else None)
     source = spec.url or (f"the Hugging Face hub's {spec.hub_id}" if spec.hub_id else "its publisher")
-    provision = " (`python -m probe.weights` provisions it offline)" if backbone in KNOWN_OFFLINE else ""
+    provision = " (`python -m probe.weights` provisions it offline)" if spec.name in KNOWN_OFFLINE else ""
     return WeightsError(
-        f"{path}: pretrained {backbone} weights are not there{provision}. Put the file {spec.weights_file} from "
+        f"{path}: pretrained {spec.name} weights are not there{provision}. Put the file {spec.weights_file} from "
         f"{source}{f' ({expected})' if expected else ''} there, pass it with --weights FILE, or, where the "
         "network allows, let it be downloaded (--allow-download).")
 
 
-def load_pretrained(backbone: str, *, allow_download: bool = False,
+def read_weights(path: Path, spec: BackboneSpec) -> dict[str, torch.Tensor]:
+    """The backbone's state dict from a weights file (``.safetensors``, or a torch file read with
+    ``weights_only=True``: no code from it runs), checked against the backbone's own entries and for finite
+    values. Each way the file can be wrong is one :class:`WeightsError` line: empty, not a weights file,
+    refused as unsafe, a training checkpoint around the state dict, another model's weights, NaN or inf."""
+    fix = f"pass the {spec.name} weights file ({spec.weights_file})"
+    if path.stat().st_size == 0:
+        raise WeightsError(f"{path}: the file is empty; {fix}.")
+    try:
+        state = _read(path)
+    except Exception as err:  # noqa: BLE001 - torch and safetensors raise many types for a file that is not theirs
+        text = " ".join(str(err).split())
+        if "Unsupported global" in text:  # torch's refusal to build the file's objects
+            raise WeightsError(f"{path}: refused as unsafe: it holds Python objects that weights_only loading "
+                               f"will not build; {fix}.") from None
+        raise WeightsError(f"{path}: not a weights file ({type(err).__name__}: {text[:120]}); {fix}.") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        raise WeightsError(f"{path}: a training checkpoint, with the weights under 'state_dict'; save that entry "
+                           f"alone (torch.save(ckpt['state_dict'], FILE)) and pass it, or {fix}.")
+    if not (isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise WeightsError(f"{path}: not a state dict (names -> tensors); {fix}.")
+    _check_fits(state, spec, path, fix)
+    return state
+
+
+def _read(path: Path):
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    with warnings.catch_warnings():  # torch's notes on an odd pickle: the refusal, if any, says it all
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _check_fits(state: dict, spec: BackboneSpec, path: Path, fix: str) -> None:
+    """Refuse another model's weights (with the counts) or non-finite ones, in one line each."""
+    with torch.device("meta"):  # the backbone's own entries and shapes, built for nothing
+        own = {k: tuple(v.shape) for k, v in spec.build().state_dict().items()}
+    missing_keys = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [k for k in own if k in state and tuple(state[k].shape) != own[k]]
+    if missing_keys or unexpected or reshaped:
+        first = (missing_keys or unexpected or reshaped)[0]
+        raise WeightsError(f"{path}: not {spec.name}'s weights: {len(missing_keys)} of its {len(own)} entries "
+                           f"missing, {len(unexpected)} unexpected, {len(reshaped)} of another shape (first: "
+                           f"{first}); {fix}.")
+    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise WeightsError(f"{path}: {len(broken)} tensors hold NaN or infinite values (first: {broken[0]}); "
+                           f"the file is damaged: {fix}.")
+
+
+def load_pretrained(spec: BackboneSpec, *, allow_download: bool = False,
                     weights_file: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
     """The backbone's pretrained state dict, from ``weights_file`` or the cache (checked), or, if allowed,
     downloaded.
 
     Raises:
-        WeightsError: absent and not downloadable, or the file fails its hash check.
+        WeightsError: absent and not downloadable, or not the backbone's weights (:func:`read_weights`).
     """
-    spec = get_spec(backbone)
-    path = Path(weights_file) if weights_file is not None else cache_path(backbone)
+    path = Path(weights_file) if weights_file is not None else cache_path(spec)
     if not path.is_file():
         if weights_file is not None:
-            raise WeightsError(f"{path}: no such file; pass the {backbone} weights file (e.g. {spec.weights_file}).")
+            raise WeightsError(f"{path}: no such file; pass the {spec.name} weights file (e.g. {spec.weights_file}).")
         if not allow_download:
-            raise missing(backbone, path)
+            raise missing(spec, path)
         path = _download(spec)
-    return read_state_dict(verify(path, backbone))
+    return read_weights(verify(path, spec), spec)
 
 
-def _download(spec) -> Path:
+def _download(spec: BackboneSpec) -> Path:
     if spec.url is not None:
         torch.hub.load_state_dict_from_url(spec.url, progress=True, check_hash=True)
         return Path(torch.hub.get_dir()) / "checkpoints" / spec.weights_file
@@ -123,60 +171,43 @@ def _download(spec) -> Path:
     return Path(hf_hub_download(spec.hub_id, "model.safetensors"))
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from a ``.safetensors`` file (timm's hub) or a torch file, never running code from it."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def has_pretrained(backbone: str) -> bool:
+def has_pretrained(spec: BackboneSpec) -> bool:
     """Whether the checked weights file is in the cache (no download, no exception)."""
-    path = cache_path(backbone)
+    path = cache_path(spec)
     try:
-        return path.is_file() and verify(path, backbone) is not None
+        return path.is_file() and verify(path, spec) is not None
     except WeightsError:
         return False
 
 
-def pretrained_net(cfg: NetConfig, weights: str = "required", *, allow_download: bool = False,
-                   weights_file: str | os.PathLike | None = None) -> BirdNet:
-    """A :class:`BirdNet` with pretrained backbone weights, in eval mode.
-
-    Args:
-        weights: 'required' (raise if missing), 'if-cached' (random init with a warning when the verified
-            file is not in the cache; never downloads) or 'none' (random init, for tests and demos).
-        weights_file: a local weights file instead of the cache (an air-gapped machine's copy).
-    """
-    state = _pretrained_state(cfg.backbone, weights, allow_download, weights_file)
-    return build_net(cfg, state).eval()
-
-
-def pretrained_source_head(backbone: str, weights: str = "required", *, allow_download: bool = False,
-                           weights_file: str | os.PathLike | None = None) -> nn.Module:
-    """The pretrained network's own ImageNet classifier (pooling and head, ``zoo.source_head_of``), from the
-    same weights as :func:`pretrained_net`, in eval mode. Built on a forked generator: asking for it
-    leaves a seeded run's random streams as they were."""
-    state = _pretrained_state(backbone, weights, allow_download, weights_file)
-    with torch.random.fork_rng(devices=[]):
-        model = get_spec(backbone).build()
-    if state is not None:
-        model.load_state_dict(state)
-    return source_head_of(backbone, model).eval()
-
-
-def _pretrained_state(backbone: str, weights: str, allow_download: bool,
-                      weights_file: str | os.PathLike | None) -> dict[str, torch.Tensor] | None:
-    """The pretrained state dict as ``weights`` asks (see :func:`pretrained_net`), None for random init."""
+def pretrained_state(spec: BackboneSpec, weights: str = "required", *, allow_download: bool = False,
+                     weights_file: str | os.PathLike | None = None) -> dict[str, torch.Tensor] | None:
+    """The pretrained state dict as ``weights`` asks: 'required' (raise if missing), 'if-cached' (None, with a
+    warning, when the checked file is not in the cache; never downloads) or 'none' (None: random init)."""
     if weights not in ("required", "if-cached", "none"):
         raise ValueError(f"weights must be 'required', 'if-cached' or 'none', got {weights!r}")
     if weights == "required":
-        return load_pretrained(backbone, allow_download=allow_download, weights_file=weights_file)
+        return load_pretrained(spec, allow_download=allow_download, weights_file=weights_file)
     if weights == "if-cached":
         try:
-            return load_pretrained(backbone, weights_file=weights_file)  # never downloads
+            return load_pretrained(spec, weights_file=weights_file)  # never downloads
         except WeightsError:
-            warnings.warn(f"pretrained {backbone} weights not cached: training from random init", stacklevel=3)
+            warnings.warn(f"pretrained {spec.name} weights not cached: training from random init", stacklevel=3)
     return None
+
+
+def pretrained_net(cfg: NetConfig, weights: str = "required", **weights_kwargs) -> BirdNet:
+    """A :class:`BirdNet` with pretrained backbone weights (see :func:`pretrained_state`), in eval mode."""
+    return build_net(cfg, pretrained_state(cfg.spec, weights, **weights_kwargs)).eval()
+
+
+def pretrained_source_head(spec: BackboneSpec, weights: str = "required", **weights_kwargs) -> nn.Module:
+    """The pretrained network's own ImageNet classifier (pooling and head, ``zoo.source_head_of``), from the
+    same weights as :func:`pretrained_net`, in eval mode. Built on a forked generator: asking for it leaves a
+    seeded run's random streams as they were."""
+    state = pretrained_state(spec, weights, **weights_kwargs)
+    with torch.random.fork_rng(devices=[]):
+        model = spec.build()
+    if state is not None:
+        model.load_state_dict(state)
+    return source_head_of(spec.name, model).eval()

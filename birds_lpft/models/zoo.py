@@ -12,6 +12,7 @@ the tail is the last stage or two. Preprocessing comes from the weights (torchvi
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -147,11 +148,11 @@ BACKBONES: dict[str, BackboneSpec] = {}
 
 
 def get_spec(name: str) -> BackboneSpec:
-    """The spec of backbone ``name``, derived once per process (a random-init model and one small forward
-    pass, with torch's random state restored afterwards, so asking never changes a seeded run).
+    """The spec of backbone ``name``, derived once per process from the model on the meta device (its blocks
+    and one small forward pass: shapes only, so asking costs no memory and never changes a seeded run).
 
     Raises:
-        ValueError: an unknown name, or a model whose structure this project cannot split.
+        ValueError: an unknown name, a model this project cannot split, or timm missing for a timm/ name.
     """
     if name not in BACKBONES:
         BACKBONES[name] = _derive(name)
@@ -161,33 +162,70 @@ def get_spec(name: str) -> BackboneSpec:
 def _derive(name: str) -> BackboneSpec:
     if not isinstance(name, str) or not name:
         raise ValueError(f"a backbone is a torchvision model name or timm/NAME, got {name!r}")
-    if not name.startswith(TIMM) and name not in models.list_models(module=models):
-        raise ValueError(f"unknown backbone {name!r}: not a torchvision classification model "
-                         f"(torchvision.models.list_models()); for timm write timm/NAME")
-    with torch.random.fork_rng(devices=[]):
-        model = build_model(name)
-        blocks = blocks_of(name, model).eval()
-        sides, width = _dry_run(blocks)
+    if not name.startswith(TIMM):
+        if name not in models.list_models(module=models):
+            raise ValueError(f"unknown backbone {name!r}: not a torchvision classification model "
+                             f"(torchvision.models.list_models()); for timm write timm/NAME")
+        _family(name)  # an unsupported family is refused by its name, before anything is built
+    timm_module = _timm() if name.startswith(TIMM) else None  # a missing timm: its own message
+    try:
+        model, (sides, width) = _shapes(name, PROBE_SIDE)
+    except Exception as err:  # noqa: BLE001 - timm's unknown names and models that are no CNN fail many ways
+        raise ValueError(f"backbone {name!r} cannot be used here ({type(err).__name__}: {_line(err)}); use a "
+                         f"torchvision {FAMILIES} model, or a timm CNN as timm/NAME") from None
     final = sides[-1]
     default_split = next(i for i, side in enumerate(sides) if side == final)
-    weights = _weights_info(name, model)
-    return BackboneSpec(name, width, len(blocks), default_split, PROBE_SIDE // final, **weights)
+    weights = _timm_weights(timm_module, model) if timm_module is not None else _weights_info(name)
+    return BackboneSpec(name, width, len(sides), default_split, PROBE_SIDE // final, **weights)
+
+
+def _line(err: Exception) -> str:
+    """An exception's message as one short line."""
+    return " ".join(str(err).split())[:200]
+
+
+@functools.lru_cache(maxsize=256)
+def input_problem(name: str, image_size: int) -> str | None:
+    """Why ``name``'s blocks cannot run on an ``image_size`` input (a model fixed to its own size, say), else
+    None: a dry forward pass on the meta device, so any size of model costs nothing."""
+    try:
+        _shapes(name, image_size)
+    except Exception as err:  # noqa: BLE001 - whatever the model raises for an input it cannot take
+        return f"{name} cannot run at {image_size} px ({type(err).__name__}: {_line(err)})"
+    return None
+
+
+def _shapes(name: str, side: int) -> tuple[nn.Module, tuple[list[int], int]]:
+    """The model and :func:`_dry_run` of its blocks, built on the meta device: shapes only, no memory and no
+    random draws whatever the model's size. A model whose constructor computes with tensors (torchvision's
+    RegNet) cannot be built there, and is built for real, its random draws undone."""
+    try:
+        with torch.device("meta"):
+            model = build_model(name)
+            return model, _dry_run(blocks_of(name, model).eval(), side)
+    except NotImplementedError as err:
+        if "meta" not in str(err):
+            raise
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(name)
+        return model, _dry_run(blocks_of(name, model).eval(), side)
 
 
 @torch.no_grad()
-def _dry_run(blocks: nn.Sequential) -> tuple[list[int], int]:
-    """(spatial side after each block, channels of the last) for a PROBE_SIDE input."""
-    x = torch.zeros(1, 3, PROBE_SIDE, PROBE_SIDE)
+def _dry_run(blocks: nn.Sequential, side: int) -> tuple[list[int], int]:
+    """(spatial side after each block, channels of the last) for a ``side`` input; every block must give
+    image maps (B, C, H, W), which the trunk cache holds and the pooling reads."""
+    x = torch.zeros(1, 3, side, side)
     sides = []
     for block in blocks:
         x = block(x)
+        if x.ndim != 4:
+            raise ValueError(f"a block gives {tuple(x.shape)}, not image maps (B, C, H, W)")
         sides.append(int(x.shape[-1]))
     return sides, int(x.shape[1])
 
 
-def _weights_info(name: str, model: nn.Module) -> dict:
-    if name.startswith(TIMM):
-        return _timm_weights(model)
+def _weights_info(name: str) -> dict:
     entry = weights_entry(name)
     t = entry.transforms()
     data = {"image_size": int(t.crop_size[0]), "resize_size": int(t.resize_size[0]),
@@ -208,8 +246,8 @@ def weights_entry(name: str, filename: str | None = None) -> models.WeightsEnum:
     return enum[PINNED[name]] if name in PINNED else enum.DEFAULT
 
 
-def _timm_weights(model: nn.Module) -> dict:
-    cfg = _timm().data.resolve_model_data_config(model)
+def _timm_weights(timm, model: nn.Module) -> dict:
+    cfg = timm.data.resolve_model_data_config(model)
     size = int(cfg["input_size"][-1])
     data = {"image_size": size, "resize_size": int(round(size / cfg["crop_pct"])),
             "mean": tuple(float(v) for v in cfg["mean"]), "std": tuple(float(v) for v in cfg["std"]),

@@ -7,6 +7,7 @@ so a typo never costs an hour of training; what it writes goes through ``birds_l
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Callable, Iterable
@@ -27,10 +28,12 @@ def fail(prog: str, message: str) -> NoReturn:
     sys.exit(USAGE_ERROR)
 
 
-def check_output_file(prog: str, flag: str, path: os.PathLike | None, inputs: Iterable = ()) -> None:
-    """Refuse ``flag``'s file destination now (exit 2) if it could not be written at the end."""
+def check_output_file(prog: str, flag: str, path: os.PathLike | None, inputs: Iterable = (),
+                      example: str = "birds_model.pt") -> None:
+    """Refuse ``flag``'s file destination now (exit 2) if it could not be written at the end (``example``: the
+    kind of file name the flag takes, for the hint when a folder is given)."""
     if path is not None:
-        problem = output_file_problem(path, inputs)
+        problem = output_file_problem(path, inputs, example)
         if problem:
             fail(prog, f"{flag} {path}: {problem}")
 
@@ -41,6 +44,25 @@ def check_output_dir(prog: str, flag: str, path: os.PathLike | None) -> None:
         problem = output_dir_problem(path)
         if problem:
             fail(prog, f"{flag} {path}: {problem}")
+
+
+def add_weights_args(parser: argparse.ArgumentParser) -> None:
+    """The flags that say where pretrained weights come from, the same for every command that loads them."""
+    parser.add_argument("--weights", type=Path, help="a local pretrained weights file (air-gapped machines), "
+                                                     "checked against its published hash, used instead of the cache")
+    parser.add_argument("--allow-download", action="store_true", help="let a missing weights file be downloaded")
+    parser.add_argument("--random-init", action="store_true", help="no pretrained weights (a smoke run)")
+
+
+def weights_mode(prog: str, args: argparse.Namespace) -> str:
+    """'none' (random init) or 'required', once the weights flags are checked together (exit 2): a flag that
+    would be ignored is refused, never silently dropped."""
+    if args.random_init and (args.weights is not None or args.allow_download):
+        flag = "--weights" if args.weights is not None else "--allow-download"
+        fail(prog, f"{flag} with --random-init: a random-init run loads no weights; drop one of the two")
+    if args.weights is not None and not args.weights.is_file():
+        fail(prog, f"--weights {args.weights}: no such file")
+    return "none" if args.random_init else "required"
 
 
 def layout_inputs(data_dir: os.PathLike | None) -> list[Path]:

@@ -88,16 +88,18 @@ def copy_file(source: str | os.PathLike, target: str | os.PathLike) -> None:
         shutil.copyfileobj(src, dst)
 
 
-def output_file_problem(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = ()) -> str | None:
+def output_file_problem(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (),
+                        example: str = "birds_model.pt") -> str | None:
     """Why ``path`` could not be written as a file, or None when it can.
 
     Args:
         inputs: files and folders the same command reads; writing over one of those files, or into one of
             those folders, is refused.
+        example: a file name of the kind expected, for the hint when ``path`` is a folder.
     """
     target = Path(path)
     if target.is_dir():
-        return f"{target} is a folder; give a file name inside it, e.g. {target / 'birds_model.pt'}"
+        return f"{target} is a folder; give a file name inside it, e.g. {target / example}"
     if target.exists() and not target.is_file():
         return f"{target} exists and is not a regular file"
     for source in map(Path, inputs):
