@@ -88,6 +88,8 @@ class FinetuneConfig:
         probe: how stage one chooses C and fits the probe that initialises the head.
         tta_flip, tta_crops: average the logits of each image's mirror too, and of more centre crops, each the
             share of the shorter side it covers.
+        test_size: predict at this input side instead, the head recalibrated to it (``finetune.levers.test_size``;
+            None: ``image_size``).
         precision, train_precision: extraction and prediction, and the tail's training: 'auto' (bf16 where the
             hardware runs it natively), 'bf16' or 'fp32'.
         cache_dtype: of the cached trunk activations.
@@ -125,6 +127,7 @@ class FinetuneConfig:
     probe: ProbeFit = field(default_factory=ProbeFit)
     tta_flip: bool = True
     tta_crops: tuple[float, ...] = ()
+    test_size: int | None = None
     precision: str = "auto"
     train_precision: str = "auto"
     cache_dtype: str = "float16"
@@ -196,6 +199,12 @@ class FinetuneConfig:
                 f"must be a tuple of at most {MAX_TTA_CROPS} shares of the shorter side; got {crops!r}")
         for crop in crops:
             check_number("tta_crops", crop, 0, 1, low_open=True)
+        if self.test_size is not None:
+            check_int("test_size", self.test_size, self.spec.min_image_size, MAX_IMAGE_SIZE)
+            problem = input_problem(self.backbone, self.test_size)
+            require(problem is None, "test_size", f"{problem}; choose a size the backbone takes")
+            require(self.shipped_members == 1, "test_size", "recalibrates one network's head; use members=1, or "
+                    "distill or average the members into one")
 
     @cached_property
     def spec(self) -> BackboneSpec:
@@ -226,8 +235,12 @@ class FinetuneConfig:
         return replace(self.members_config(num_classes), members=self.shipped_members)
 
     def data_config(self) -> DataConfig:
-        """This recipe's preprocessing: the backbone weights' own, at ``image_size``."""
+        """This recipe's preprocessing in training: the backbone weights' own, at ``image_size``."""
         return data_config(self.spec, self.image_size)
+
+    def predict_data_config(self) -> DataConfig:
+        """Its preprocessing at prediction: at ``test_size`` where one is given."""
+        return data_config(self.spec, self.test_size or self.image_size)
 
     def to_dict(self) -> dict:
         """Plain values (tuples as lists): what a checkpoint stores."""

@@ -85,6 +85,10 @@ def run_fold(cache: TrunkCache, images: LabelledImages, cfg: FinetuneConfig, tra
     data = TrunkCacheData.from_stacks(labels, cache.centre, cache.views[:cfg.views], train_idx, cfg, pooled=pooled)
     run = train_tops(candidate_net(cache.net, cfg), data, cfg, inputs=inputs, progress=progress,
                      accelerator="cpu", devices=1)
+    if cfg.test_size is not None:
+        from finetune.levers.test_size import recalibrate_cached
+
+        recalibrate_cached(run.net, cache.centre, cache.sizes[cfg.test_size][0], train_idx, cfg.precision)
     logits = held_out_logits(run.net, cache, val_idx, cfg)
 
     def accuracy(crops, flip, member=None, of=logits) -> float:
@@ -94,7 +98,7 @@ def run_fold(cache: TrunkCache, images: LabelledImages, cfg: FinetuneConfig, tra
         return accuracy(cfg.tta_crops, cfg.tta_flip, member, held_out_logits(net, cache, val_idx, cfg))
 
     readouts = member_readouts(run, cfg, score)
-    if cache.sizes and len(run.net.tops()) == 1:  # an ensemble's sizes would read its first member alone
+    if cache.sizes and len(run.net.tops()) == 1 and cfg.test_size is None:  # an ensemble's: its first member's
         readouts.update(SizeReadouts(run.net, cfg, (cache.centre, cache.mirror), cache.sizes)(train_idx, val_idx,
                                                                                                  labels))
     return {"acc": accuracy(cfg.tta_crops, cfg.tta_flip), "other": accuracy(cfg.tta_crops, not cfg.tta_flip),
@@ -165,8 +169,10 @@ def cross_validate(images: LabelledImages, candidates: list[tuple[str, FinetuneC
     for members in groups.values():
         first = candidates[members[0]][1]
         crops = tuple(sorted({c for i in members for c in candidates[i][1].tta_crops}))
+        wanted = {candidates[i][1].test_size for i in members} - {None}
+        sizes_here = tuple(sorted(set(sizes) | wanted))
         cache = build_cache(images, first, max(candidates[i][1].views for i in members), weights, progress, crops,
-                            sizes, weights_kwargs or {})
+                            sizes_here, weights_kwargs or {})
         print(f"trunk cache for {[candidates[i][0] for i in members]}: {cache.seconds:.0f}s", flush=True)
         for i in members:
             rows[i] = score_candidate(*candidates[i], cache, images, folds, progress, weights, weights_kwargs or {})

@@ -47,7 +47,7 @@ def build_cache(images: LabelledImages, cfg: FinetuneConfig, views: int, weights
     centre, *augmented = cache_views(data_cfg, replace(cfg, views=views))
     plan = [centre, View("mirrored centre", Mirrored(centre.transform)), *augmented]
     extra_views = [(f"crop {f}", EvalTransform(with_crop_fraction(data_cfg, f))) for f in crops]
-    extra_views += [(f"size {s}", EvalTransform(data_config(cfg.backbone, s))) for s in sizes]
+    extra_views += [(f"size {s}", EvalTransform(data_config(cfg.spec, s))) for s in sizes]
     for name, transform in extra_views:
         plan += [View(name, transform), View(f"{name} mirrored", Mirrored(transform))]
     stacks = dict(zip((v.name for v in plan), extract_views(net, images, plan, cfg, progress=progress)))
@@ -67,6 +67,8 @@ def held_out_logits(net: BirdNet, cache: TrunkCache, rows: np.ndarray,
     ``classify``'s precision, for the standard centre view (key ``STANDARD``) and every cached TTA crop."""
     net.eval()
     stacks = {STANDARD: (cache.centre, cache.mirror), **cache.crops}
+    if cfg.test_size is not None:  # the recipe predicts at another size: its centre view there, and its mirror
+        stacks = {STANDARD: cache.sizes[cfg.test_size]}
     out = {key: ([], []) for key in stacks}
     for i in range(0, len(rows), 64):
         batch = torch.as_tensor(rows[i:i + 64])

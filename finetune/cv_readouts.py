@@ -18,26 +18,13 @@ from itertools import combinations
 import numpy as np
 import torch
 
-from birds_lpft.extract import autocast
 from birds_lpft.models.net import BirdNet
 from birds_lpft.recipe import FinetuneConfig
 
 from probe.linear import fit_probe
 
+from finetune.stage_one import pooled_from_trunk
 from finetune.train import Training, one_network
-
-
-@torch.inference_mode()
-def pooled(net: BirdNet, stack: torch.Tensor, rows: np.ndarray, precision: str, batch: int = 64) -> torch.Tensor:
-    """(N, F) pooled features of cached trunk activations ``stack[rows]`` through the net's one top, in fp32
-    from ``precision``'s autocast (``classify``'s)."""
-    top = net.top()
-    out = []
-    for i in range(0, len(rows), batch):
-        with autocast(precision):
-            maps = top.forward_tail(stack[torch.as_tensor(rows[i:i + batch])])
-            out.append(top.forward_head(maps, pre_logits=True).float())
-    return torch.cat(out)
 
 
 def tta_schemes(crops: tuple[float, ...]) -> list[tuple[tuple[float, ...], bool]]:
@@ -88,10 +75,10 @@ class SizeReadouts:
 
     @torch.inference_mode()
     def __call__(self, train_idx: np.ndarray, val_idx: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-        base = pooled(self.net, self.train_size[0], train_idx, self.cfg.precision)
+        base = pooled_from_trunk(self.net, self.train_size[0], train_idx, self.cfg.precision)
         scores = {"refit at the training size": self._refit(base, self.train_size, train_idx, val_idx, labels)}
         for size, pair in sorted(self.sizes.items()):
-            fit = pooled(self.net, pair[0], train_idx, self.cfg.precision)
+            fit = pooled_from_trunk(self.net, pair[0], train_idx, self.cfg.precision)
             held = self._held(pair, val_idx)
             aligned = [(f - fit.mean(0)) / (fit.std(0) + 1e-6) * base.std(0) + base.mean(0) for f in held]
             scores[f"size {size} as trained"] = _accuracy(self._logits(held), labels[val_idx])
@@ -102,7 +89,7 @@ class SizeReadouts:
     def _held(self, pair: tuple, val_idx: np.ndarray) -> list[torch.Tensor]:
         """The held-out images' features at one size: the centre view, and its mirror with flip TTA."""
         views = pair if self.cfg.tta_flip else pair[:1]
-        return [pooled(self.net, stack, val_idx, self.cfg.precision) for stack in views]
+        return [pooled_from_trunk(self.net, stack, val_idx, self.cfg.precision) for stack in views]
 
     def _logits(self, features: list[torch.Tensor]) -> torch.Tensor:
         head = self.net.head

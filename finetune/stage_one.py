@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from birds_lpft.extract import autocast
 from birds_lpft.models.net import BirdNet
 from birds_lpft.recipe import FinetuneConfig
 
@@ -25,11 +26,17 @@ from finetune.distributed import gather_rows
 
 
 @torch.inference_mode()
-def pooled_from_trunk(net: BirdNet, acts: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
-    """(N, F) pooled features from cached trunk activations (N, C, h, w), in fp32 like training."""
+def pooled_from_trunk(net: BirdNet, acts: torch.Tensor, rows: np.ndarray | None = None, precision: str = "fp32",
+                      batch_size: int = 16) -> torch.Tensor:
+    """(N, F) fp32 pooled features of cached trunk activations (N, C, h, w), or of their ``rows``, through the
+    net's first top in eval mode, under ``precision``'s autocast (fp32: stage one's; the recipe's: prediction's)."""
     net.eval()
-    return torch.cat([net.forward_head(net.forward_tail(acts[i:i + batch_size]), pre_logits=True)
-                      for i in range(0, len(acts), batch_size)])
+    out = []
+    for i in range(0, len(acts) if rows is None else len(rows), batch_size):
+        batch = acts[i:i + batch_size] if rows is None else acts[torch.as_tensor(rows[i:i + batch_size])]
+        with autocast(precision):
+            out.append(net.forward_head(net.forward_tail(batch), pre_logits=True).float())
+    return torch.cat(out)
 
 
 def stage_one(net: BirdNet, fit_centre: torch.Tensor | None, fit_index: np.ndarray, labels: np.ndarray,

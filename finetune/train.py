@@ -249,6 +249,11 @@ def fine_tune(train: LabelledImages, cfg: FinetuneConfig, weights: str = "requir
         data = TrunkCacheData(train, net, cfg, stopwatch=sw, cache_budget=cache_budget, progress=progress)
         run = train_tops(net, data, cfg, inputs=inputs, progress=progress, verbose=verbose, log_dir=log_dir,
                          **trainer_kwargs)
+        if cfg.test_size is not None:
+            from finetune.levers.test_size import recalibrate  # a lever: loaded only by the recipes that use it
+
+            with sw("test size"):
+                recalibrate(run.net, train.subset(data.fit_index), data.fit_centre, cfg, progress)
         sw.seconds["probe"] = run.stage_one_seconds
         sw.seconds["fine-tune"] = run.seconds
     return _result(train, cfg, data, run, sw)

@@ -60,6 +60,7 @@ OPTIONAL = {
     "finetune.levers.contrastive": lambda cfg: cfg.supcon > 0,
     "finetune.levers.distill": lambda cfg: cfg.distill > 0,
     "finetune.levers.l2sp": lambda cfg: cfg.l2sp > 0,
+    "finetune.levers.test_size": lambda cfg: cfg.test_size is not None,
 }
 TRAINING_ONLY = {"lightning", "pytorch_lightning", "sklearn"}  # never imported by `import classification`
 

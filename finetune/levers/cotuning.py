@@ -30,7 +30,7 @@ def relationship(top: TailHead, source_head: nn.Module, centre: torch.Tensor, ro
         trainer: under DDP the ranks' sums and counts are added up, so every rank gets the same matrix.
     A species without images (never in a training set, which has every class) gets the uniform row.
     """
-    was_training = top.training
+    modes = [(m, m.training) for m in top.modules()]  # each module's own: a TailHead is a fresh wrapper
     top.eval()
     device = next(top.parameters()).device
     sums = None
@@ -42,7 +42,8 @@ def relationship(top: TailHead, source_head: nn.Module, centre: torch.Tensor, ro
         sums = torch.zeros(num_classes, p.shape[1], dtype=torch.float64, device=device) if sums is None else sums
         sums.index_add_(0, y, p)
         counts.index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
-    top.train(was_training)
+    for module, mode in modes:
+        module.training = mode
     if trainer is not None and trainer.world_size > 1:
         sums = trainer.strategy.reduce(sums, reduce_op="sum")
         counts = trainer.strategy.reduce(counts, reduce_op="sum")
