@@ -1,11 +1,8 @@
 """The grader interface (see GRADER.md): ``train_classifier`` and ``classify``; it only wires the stages.
 
-``python tools/build_submission.py`` turns this module and the project modules it uses into the single
-self-contained ``classification.py`` that is uploaded next to ``birds_model.pt``.
-
-``classify`` needs neither Lightning nor scikit-learn, so they are imported only when ``train_classifier``
-runs (the function-level import below, made without the temp-dir probe file that importing Lightning
-would otherwise create; see ``birds_lpft.utils.sandbox``).
+``python tools/build_submission.py`` turns it and the project modules it uses into the self-contained
+``classification.py`` uploaded next to ``birds_model.pt``. ``classify`` needs neither Lightning nor scikit-learn, so
+they are imported only inside ``train_classifier``, without the temp-dir probe file importing Lightning would create.
 """
 
 from __future__ import annotations
@@ -27,14 +24,10 @@ SHIPPED_RECIPE: dict | None = None
 def train_classifier(train_gt: dict, train_img_dir: str, fast_train: bool = True) -> Classifier:
     """Train the bird classifier on ``train_gt`` ({filename: class_id}) and the images in ``train_img_dir``.
 
-    Args:
-        fast_train: True runs the same pipeline on the small 'fast' preset (on the shipped recipe's backbone),
-            on the CPU, writing nothing and never downloading (pretrained weights from the local cache, else
-            random init with a warning). False runs the shipped recipe (``SHIPPED_RECIPE``), which reproduces
-            ``birds_model.pt``; it needs the pretrained weights (cached, or downloaded where the network allows).
-
-    Returns:
-        The trained :class:`Classifier`; ``model.save("birds_model.pt")`` writes the checkpoint.
+    ``fast_train`` runs the small 'fast' preset (on the shipped recipe's backbone) on the CPU, writing nothing and
+    never downloading (cached pretrained weights, else random init with a warning). Otherwise the shipped recipe
+    (``SHIPPED_RECIPE``) reproduces ``birds_model.pt``; it needs the pretrained weights (cached or downloadable).
+    ``model.save("birds_model.pt")`` writes the returned model's checkpoint.
     """
     with no_tempdir_probe():  # training only: see the module docstring
         from finetune.train import fine_tune
@@ -50,20 +43,16 @@ def train_classifier(train_gt: dict, train_img_dir: str, fast_train: bool = True
 
 
 def classify(model_path: str, test_img_dir: str) -> dict[str, int]:
-    """Predict a class id for every file in ``test_img_dir`` with the model at ``model_path``.
+    """Predict a class id for every file in ``test_img_dir`` with the model at ``model_path``: {filename: class id}.
 
-    Runs on the CPU in-process (no workers), in batches; an unreadable file still gets a label, with a
-    warning naming it, and so does every file of a model whose weights are not finite (with a warning saying
-    so): a missing key scores zero, a wrong label does not.
-
-    Returns:
-        {filename: int class id}, one entry per file.
+    Runs on the CPU in-process (no workers), in batches. An unreadable file, or any file under a model whose weights
+    are not finite, still gets a label with a warning: a missing key scores zero, a wrong label does not.
     """
     model = Classifier.load(model_path, allow_nonfinite=True)
     files = list_image_files(test_img_dir)
     if not files:
         return {}
-    return {p.name: int(k) for p, k in zip(files, model.predict(files, [p.name for p in files]))}
+    return {p.name: int(k) for p, k in zip(files, model.predict(files, [p.name for p in files]), strict=True)}
 
 
 if __name__ == "__main__":  # pragma: no cover - a manual smoke run: python solution.py DATA_DIR MODEL

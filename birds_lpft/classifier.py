@@ -1,10 +1,8 @@
 """The trained model: a :class:`Classifier` (network, the recipe that made it, species names) and its checkpoint.
 
-A checkpoint is a plain dict: the recipe, the species names, a digest of the network's architecture and the
-state dict. The network, its preprocessing and its prediction views all derive from the recipe, so loading
-has nothing to reconcile. Loading never downloads (the backbone is built with random weights, then the state
-dict overwrites them) and uses ``torch.load(..., weights_only=True)``, so an untrusted file cannot run code;
-every field is checked before the network is built, so a crafted file fails with one ``ValueError`` naming it.
+A checkpoint is a plain dict: recipe, species names, architecture digest and state dict; everything else derives
+from the recipe. Loading never downloads and reads with ``weights_only=True``, so an untrusted file cannot run
+code; every field is checked before the network is built, so a crafted file fails with one ``ValueError``.
 """
 
 from __future__ import annotations
@@ -19,15 +17,14 @@ import torch
 from torch import nn
 
 from birds_lpft.data.sets import LabelledImages, Source
-from birds_lpft.models.net import BirdNet, NetConfig, build_net
+from birds_lpft.models.net import BirdNet, NetConfig, build_net, nonfinite
 from birds_lpft.models.preprocess import DataConfig
 from birds_lpft.predict import Predictions, predict_logits
 from birds_lpft.recipe import PRESETS, FinetuneConfig
 from birds_lpft.utils.outputs import atomic_write
 
 FORMAT = "birds-lpft/3"
-# Read too: 2 stored the network's and the preprocessing's configs beside the recipe (or without one, before
-# recipes were stored), 1 also before pooling and class names were.
+# Still read: they stored the network's and preprocessing's configs, with or without a recipe (_legacy_recipe).
 LEGACY_FORMATS = ("birds-lpft/1", "birds-lpft/2")
 MAX_CLASSES = 100_000
 
@@ -36,9 +33,8 @@ class Classifier(nn.Module):
     """A trained :class:`BirdNet` with everything needed to predict.
 
     Args:
-        net: the network (trunk, tail, head).
-        recipe: the recipe that trained it: its network, preprocessing and prediction views derive from it,
-            and a grader file built for this model trains the same recipe.
+        recipe: the recipe that trained it: the network, preprocessing and prediction views derive from it, and
+            a grader file built for this model trains the same recipe.
         class_names: one name per class id (None: the ids themselves).
     """
 
@@ -75,8 +71,7 @@ class Classifier(nn.Module):
         return self.predict_logits(sources, names, precision=precision, progress=progress).logits.argmax(1).numpy()
 
     def evaluate(self, images: LabelledImages, *, precision: str = "auto", progress: bool = False) -> dict:
-        """Probabilities (N, K), predictions (N,) and accuracy on a labelled set: the one evaluation the CLIs,
-        tools and benchmark share."""
+        """Probabilities (N, K), predictions (N,) and accuracy on a labelled set (the one evaluation CLIs share)."""
         probs = torch.softmax(self.predict_logits(images.sources, images.names, precision=precision,
                                                   progress=progress).logits, dim=1).numpy()
         predicted = probs.argmax(1)
@@ -108,12 +103,12 @@ class Classifier(nn.Module):
         """Rebuild a classifier (eval mode, CPU) from a checkpoint file.
 
         Args:
-            allow_nonfinite: a model with NaN or infinite weights (a run that diverged, a damaged file) is
-                loaded with a warning instead of refused (``classify``: every file still gets a label).
+            allow_nonfinite: load NaN or infinite weights with a warning instead of refusing them (``classify``:
+                every file still gets a label).
 
         Raises:
-            ValueError: the file is unreadable, not a checkpoint of this project, inconsistent, or its weights
-                are not finite; the message names the file, what is wrong and how to get a good one.
+            ValueError: the file is unreadable, not this project's checkpoint, inconsistent, or not finite; the
+                message names the file, what is wrong and how to get a good one.
         """
         ckpt = _read(path)
         recipe = _recipe(ckpt, path)
@@ -131,10 +126,9 @@ class Classifier(nn.Module):
 
 
 def architecture(net: nn.Module) -> str:
-    """16 hex digits that tell one architecture from another beyond its name: every module's type and, for a
-    convolution or a normalisation, what it computes (stride, padding, dilation, groups; eps), with every
-    state-dict entry's name, shape and dtype. Two timm models can share every key and shape and still
-    compute differently ('same' padding, another eps): this tells them apart."""
+    """A short digest of the architecture: every module's type and geometry, and every state-dict entry's name,
+    shape and dtype. Two timm models can share every key and shape and still compute differently ('same'
+    padding, another eps): this tells them apart."""
     parts = []
     for name, module in net.named_modules():
         geometry = [getattr(module, a, None) for a in ("stride", "padding", "dilation", "groups", "eps")]
@@ -185,6 +179,7 @@ def _recipe(ckpt: dict, path) -> FinetuneConfig:
     fields = ckpt.get("recipe") if ckpt["format"] == FORMAT else _legacy_recipe(ckpt, path)
     _require(isinstance(fields, dict) and _small_plain(fields) and isinstance(fields.get("probe", {}), dict), path,
              "'recipe' must be a dict of plain values")
+    assert isinstance(fields, dict)  # _require refused anything else
     try:
         return FinetuneConfig.from_dict(fields)
     except ValueError as err:
@@ -199,13 +194,14 @@ def _legacy_recipe(ckpt: dict, path) -> dict:
     net = ckpt.get("net")
     data = ckpt.get("data")
     _require(isinstance(net, dict) and isinstance(data, dict), path, "'net' and 'data' must be dicts")
+    assert isinstance(net, dict) and isinstance(data, dict)  # _require refused anything else
     fields = {k: net[k] for k in ("backbone", "split", "dropout", "pooling", "members") if k in net}
     return {**PRESETS["full"].to_dict(), "pooling": "avg", **fields, "image_size": data.get("image_size"),
             "tta_flip": ckpt.get("tta_flip"), "tta_crops": ckpt.get("tta_crops", [])}
 
 
 def _check_finite(state: dict, path, warn_only: bool) -> None:
-    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    broken = nonfinite(state)
     if not broken:
         return
     problem = (f"{path}: {len(broken)} of its tensors hold NaN or infinite values (first: {broken[0]}): a run "

@@ -17,8 +17,8 @@ from birds_lpft.memory import release_freed_memory, reusing_freed_memory
 
 
 def bf16_supported(device: torch.device | str = "cpu") -> bool:
-    """Whether ``device`` runs bfloat16 natively: a CPU with AVX512-BF16 / AMX (~2x faster convolutions there),
-    or a CUDA GPU of compute capability 8.0 or newer."""
+    """Whether ``device`` runs bfloat16 natively: a CPU with AVX512-BF16 / AMX, or a CUDA GPU of compute capability
+    8.0 or newer."""
     if torch.device(device).type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     try:
@@ -46,7 +46,7 @@ def autocast(precision: str, device: torch.device | str = "cpu"):
 class _NoBar:
     """What a hidden progress bar needs to be: a context manager with ``update``."""
 
-    def __enter__(self) -> "_NoBar":
+    def __enter__(self) -> _NoBar:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -84,10 +84,9 @@ def make_loader(dataset: Dataset, batch_size: int, num_workers: int = 0) -> Data
 
 
 class prefetched:
-    """Iterate ``iterable`` in a background thread, at most ``depth`` items ahead: decoding and preprocessing
-    (Pillow and torch release the GIL) overlap the network's forward pass on the caller's thread. Errors in
-    the thread are raised in the caller; leaving the loop early (an error, Ctrl-C) stops the thread. When the
-    loop ends, the memory its batches held goes back to the OS (:func:`release_freed_memory`)."""
+    """Iterate ``iterable`` in a background thread, at most ``depth`` items ahead, so decoding (Pillow and torch
+    release the GIL) overlaps the forward pass. The thread's errors are raised in the caller; leaving the loop early
+    stops it; at the end its batches' memory goes back to the OS (:func:`release_freed_memory`)."""
 
     _END = object()
 
@@ -147,21 +146,21 @@ def extract(fn: Callable[[torch.Tensor], torch.Tensor], loader, *,
             prefetch: bool = False):
     """Run ``fn`` over every batch of ``loader`` and stack the outputs in RAM, in dataset order.
 
-    4-D inputs go in channels-last (~1.7x faster for MobileNet-style convolutions on a CPU). Args:
-        loader: a DataLoader of ``(x, index)`` batches; or of ``(x, index, k)``, view k's inputs of those
-            images (``finetune.cache.ViewBatches``: views 0, 1, ... of each batch of images in turn), whose
-            outputs are stacked view by view. Either way ``len(loader.dataset)`` is the number of images.
-        device: where ``fn`` runs (its module must be there already); batches are moved to it.
-        out_device: where the stacked outputs are kept (an accelerator's memory, or the CPU's).
-        echo: print one line with the count, time and throughput at the end (default: with the bar).
+    4-D inputs go in channels-last, faster for MobileNet-style convolutions on a CPU. Args:
+        loader: ``(x, index)`` batches, or ``(x, index, k)`` for view k of those images (views 0, 1, ... of each
+            batch in turn, as ``finetune.cache.ViewBatches`` gives), stacked view by view; either way
+            ``len(loader.dataset)`` is the number of images.
+        device: where ``fn``'s module already is; batches are moved there. ``out_device`` keeps the outputs.
+        echo: print a count, time and throughput line at the end (default: with the bar).
         first_batch: called with (network inputs, seconds) once the first batch is done.
         prefetch: load the next batch in a background thread (:class:`prefetched`) while this one runs.
 
     Returns (outputs of shape (N, ...) in ``out_dtype``, or a list of them, one per view, and throughput stats).
     """
-    n, outs, many, done, start = len(loader.dataset), [], False, 0, time.perf_counter()
+    outs: list[torch.Tensor] = []
+    n, many, done, start = len(loader.dataset), False, 0, time.perf_counter()
     with progress_bar(progress, total=n, desc=desc, unit="img", leave=False) as bar:
-        for batch in (prefetched(loader, depth=1) if prefetch else loader):  # 1 ahead: one batch (20 MB at 16 x 320 px)
+        for batch in (prefetched(loader, depth=1) if prefetch else loader):  # depth 1: at most one extra batch held
             many = len(batch) == 3
             x, index, view = batch if many else (*batch, 0)
             _store(outs, view, _forward(fn, x, device, precision), index, n, out_dtype, out_device)

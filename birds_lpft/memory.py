@@ -1,11 +1,8 @@
 """A workaround for glibc's malloc (Linux): each batch's large activations would otherwise come back as fresh pages.
 
-glibc hands every freed block of 32 MiB or more back to the OS at once (its dynamic mmap threshold stops
-there) and trims the free top of its heap, so each batch's largest activations are faulted in and zero-filled
-again by the kernel. :func:`reusing_freed_memory` keeps freed memory in the process for the next batch, and
-:func:`release_freed_memory` hands what a finished loop kept back to the OS. Where malloc is not glibc's (macOS,
-musl, Windows) both do nothing. This module can go once the allocator keeps large blocks itself: run
-``python -m tools.bench speed`` with it as a no-op, and compare.
+:func:`reusing_freed_memory` keeps freed memory in the process for the next batch; :func:`release_freed_memory` hands
+it back once a loop ends. Where malloc is not glibc's (macOS, musl, Windows) both do nothing. The module can go once
+the allocator keeps large blocks itself: compare ``python -m tools.bench speed`` with it as a no-op.
 """
 
 from __future__ import annotations
@@ -32,11 +29,11 @@ def release_freed_memory() -> None:
     _glibc("malloc_trim", 0)
 
 
-# glibc's mallopt parameters, and the values its own dynamic threshold reaches once a block of 32 MiB or more
-# has been freed, which glibc cannot be asked for or told to resume
+# glibc's mallopt parameters, and the values its dynamic thresholds settle at once a large block is freed: setting
+# them ends glibc's own adjustment, which cannot be resumed, so leaving restores these instead
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 GLIBC_SETTLED = {M_MMAP_THRESHOLD: 32 << 20, M_TRIM_THRESHOLD: 64 << 20}
-KEPT_FOR_REUSE = 1 << 30  # above any one activation tensor of a batch (157 MB: 16 x 96 x 160 x 160 fp32)
+KEPT_FOR_REUSE = 1 << 30  # above any one activation tensor of a batch
 _reuse_depth = 0
 
 
@@ -44,11 +41,10 @@ _reuse_depth = 0
 def reusing_freed_memory():
     """Inside, memory that one batch frees stays in the process for the next batch (entered on the main thread).
 
-    glibc hands every freed block of 32 MiB or more back to the OS at once (its dynamic threshold stops
-    there) and trims the free top of its heap, so each batch's largest activations come back as fresh pages
-    that the kernel faults in and zero-fills: half of the trunk's time at 320 px (docs/speed.md). Inside, both
-    thresholds are 1 GiB; on leaving the outermost one, what was kept goes back (:func:`release_freed_memory`)
-    and they take ``GLIBC_SETTLED``. Where malloc is not glibc's, nothing changes.
+    glibc otherwise hands large freed blocks straight back to the OS and trims its heap's free top, so the kernel
+    faults in and zero-fills each batch's largest activations again, a large share of the trunk's time. Inside,
+    both thresholds are ``KEPT_FOR_REUSE``; leaving the outermost one releases what was kept and sets
+    ``GLIBC_SETTLED``.
     """
     global _reuse_depth
     if _reuse_depth == 0:

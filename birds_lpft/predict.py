@@ -1,9 +1,8 @@
 """Prediction with the shipped preprocessing: batched, bounded memory, in-process loading, CPU by default.
 
-The one prediction path: ``classify``, ``python -m finetune.predict``, the CLIs' test evaluation and the
-tools go through :func:`predict_logits`; cross-validation, which holds every view's trunk activations already,
-enters it after the trunk. Both run the network's tops with :func:`top_logits` on views mirrored by
-``birds_lpft.models.preprocess.mirror`` and average them with :func:`tta_mean`, so they always agree.
+The one prediction path: ``classify``, ``finetune.predict``, test evaluation and the tools call :func:`predict_logits`;
+cross-validation, which already holds the trunk activations, enters after the trunk. Both use :func:`top_logits`,
+``birds_lpft.models.preprocess.mirror`` and :func:`tta_mean`, so they always agree.
 """
 
 from __future__ import annotations
@@ -21,8 +20,8 @@ from birds_lpft.models.preprocess import DataConfig, EvalTransform, TTATransform
 
 
 def tta_mean(logits: torch.Tensor) -> torch.Tensor:
-    """(F, B, V, K) logits of F mirrorings (1, or 2 with flip TTA) of V crops of B images -> (B, K), averaged
-    over mirrorings and crops: the one TTA average of ``classify`` and cross-validation."""
+    """(F, B, V, K) logits of F mirrorings (1, or 2 with flip TTA) of V crops of B images -> (B, K): the one TTA
+    average of ``classify`` and cross-validation."""
     return logits.mean(dim=(0, 2))
 
 
@@ -69,6 +68,6 @@ def predict_logits(net: BirdNet, sources: Sequence[Source], names: Sequence[str]
     transform = TTATransform(data_cfg, tta_crops) if tta_crops else EvalTransform(data_cfg)
     dataset = ImageDataset(sources, names, transform, on_error="blank")
     loader = make_loader(dataset, max(1, batch_size // ((1 + len(tta_crops)) * (2 if tta_flip else 1))))
-    # No prefetching thread here: under the grader's versions it did not make classify faster (docs/speed.md).
+    # No prefetching thread: under the grader's versions it did not make classify faster.
     logits, _ = extract(tta_averaged(net, tta_flip), loader, precision=precision, desc="classify", progress=progress)
     return Predictions(logits, dict(dataset.failures))

@@ -1,9 +1,7 @@
 """The recipe that defines a model: how both stages train it and how it predicts (:class:`FinetuneConfig`), its
 named presets, and the one way to change one: ``PRESET`` plus ``field=value`` overrides (:func:`recipe`), the
-same text on a command line and as a cross-validation candidate (``full:lr_tail=6e-4,views=6``).
-
-A checkpoint stores its recipe, and the network and the preprocessing are derived from it (``net_config``,
-``data_config``), so there is nothing to reconcile when a model is loaded.
+same text on a command line and as a cross-validation candidate (``full:lr_tail=6e-4,views=6``). A checkpoint
+stores its recipe alone: the network and preprocessing derive from it.
 """
 
 from __future__ import annotations
@@ -38,16 +36,10 @@ TRAIN_IMAGE_SIZE = 320
 
 @dataclass(frozen=True)
 class ProbeFit:
-    """How stage one's probe is fitted (``python -m probe`` and the fine-tune's LP init alike).
+    """How stage one's probe is fitted (``python -m probe`` and the fine-tune's LP init alike)."""
 
-    Attributes:
-        val_fraction: share of each class held out to choose C by the one-standard-error rule
-            (``probe.linear.select_C``); the probe is then refitted on every image it was given.
-        Cs: the LogisticRegression C values tried.
-    """
-
-    val_fraction: float = 0.2
-    Cs: tuple[float, ...] = (0.002, 0.005, 0.01, 0.02, 0.05)
+    val_fraction: float = 0.2  # each class's share held out to choose C (then refitted on every image)
+    Cs: tuple[float, ...] = (0.002, 0.005, 0.01, 0.02, 0.05)  # the LogisticRegression C values tried
 
     def __post_init__(self):
         check_number("probe.val_fraction", self.val_fraction, 0, 1, low_open=True, high_open=True)
@@ -57,92 +49,66 @@ class ProbeFit:
             check_number("probe.Cs", C, 0, 1e6, low_open=True)
 
 
+def checked_spec(cfg) -> BackboneSpec:
+    """``cfg.spec``, or a ConfigError naming the backbone setting."""
+    try:
+        return cfg.spec
+    except ValueError as err:
+        raise ConfigError("backbone", str(err)) from None
+
+
+def check_size(field: str, spec: BackboneSpec, size) -> None:
+    """An input side the backbone takes: a whole number from its smallest to MAX_IMAGE_SIZE, on which its
+    blocks run (a dry forward pass on the meta device)."""
+    check_int(field, size, spec.min_image_size, MAX_IMAGE_SIZE)
+    problem = input_problem(spec.name, size)
+    require(problem is None, field, f"{problem}; choose a size the backbone takes")
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """Everything that defines a model; the shipped one is ``PRESETS["full"]``. Every field is checked here.
+    """Everything that defines a model, each field checked here; the shipped one is ``PRESETS["full"]``."""
 
-    Attributes:
-        backbone: a torchvision classification model's name or ``timm/NAME`` (``birds_lpft.models.zoo``).
-        image_size: network input side for training views, validation and ``classify``.
-        split: the first trainable block (the blocks before it are the frozen trunk); None: the backbone's default.
-        pooling: 'avg' or 'gem' (generalised mean, p learnt).
-        dropout: before the head.
-        views: augmented views per training image whose trunk activations are cached (the centre view is
-            always cached too, and is one more training view).
-        crop_scale, jitter: RandomResizedCrop's area range and the colour jitter of the augmented views.
-        epochs, batch_size: passes over every cached view, and views per optimisation step.
-        lr_head, lr_tail: AdamW's peak learning rates of the head (and pooling) and of the trainable blocks.
-        weight_decay: AdamW's (not on biases, BatchNorm or pooling parameters).
-        warmup_fraction: share of the steps with a linear warm-up before the cosine decay.
-        label_smoothing: of the cross-entropy.
-        mix, mix_alpha: 'none', 'mixup' or 'cutmix' of cached activations, Beta(alpha, alpha) share.
-        ema_decay, swa: an exponential moving average of the weights, or the uniform average over the last
-            ``swa`` share of the steps, replaces them at the end (0 = off).
-        members: tails + heads trained one after the other on one cache (each its own data order).
-        average: how the members become the shipped network: 'logits' (an ensemble) or 'weights' (their
-            uniform weight soup: one network).
-        cotuning, supcon, distill: weights of Co-Tuning's ImageNet-head loss, a supervised contrastive loss,
-            and the distillation of the trained members into one fresh student, the shipped network (0 = off).
-        l2sp: strength of the tail's decay towards its pretrained weights, instead of its weight decay.
-        val_fraction: held-out share per class for stage two's validation; 0 trains on every image.
-        probe: how stage one chooses C and fits the probe that initialises the head.
-        tta_flip, tta_crops: average the logits of each image's mirror too, and of more centre crops, each the
-            share of the shorter side it covers.
-        test_size: predict at this input side instead, the head recalibrated to it (``finetune.levers.test_size``;
-            None: ``image_size``).
-        precision, train_precision: extraction and prediction, and the tail's training: 'auto' (bf16 where the
-            hardware runs it natively), 'bf16' or 'fp32'.
-        cache_dtype: of the cached trunk activations.
-        limit_train_batches: Lightning's cap on steps per epoch (1.0 = all).
-        extract_batch_size: images per trunk forward pass.
-        seed: everything random derives from it.
-    """
-
-    backbone: str = "mobilenet_v2"
-    image_size: int = TRAIN_IMAGE_SIZE
-    split: int | None = None
-    pooling: str = "avg"
-    dropout: float = 0.0
-    views: int = 4
-    crop_scale: tuple[float, float] = (0.3, 1.0)
-    jitter: float = 0.2
-    epochs: int = 3
-    batch_size: int = 32
-    lr_head: float = 1e-3
-    lr_tail: float = 3e-4
-    weight_decay: float = 0.05
-    warmup_fraction: float = 0.05
+    backbone: str = "mobilenet_v2"  # a torchvision classification model's name, or timm/NAME
+    image_size: int = TRAIN_IMAGE_SIZE  # the input side of training views, validation and classify
+    split: int | None = None  # the first trainable block (before it: the frozen trunk); None: the backbone's own
+    pooling: str = "avg"  # or 'gem': generalised mean, p learnt
+    dropout: float = 0.0  # before the head
+    views: int = 4  # augmented views cached per training image, beside its centre view (one more training view)
+    crop_scale: tuple[float, float] = (0.3, 1.0)  # RandomResizedCrop's area range of the augmented views
+    jitter: float = 0.2  # their brightness / contrast / saturation jitter
+    epochs: int = 3  # passes over every cached view
+    batch_size: int = 32  # cached views per optimisation step
+    lr_head: float = 1e-3  # AdamW's peak learning rate of the head and pooling
+    lr_tail: float = 3e-4  # and of the trainable blocks
+    weight_decay: float = 0.05  # AdamW's, on conv and linear weights only
+    warmup_fraction: float = 0.05  # share of the steps warming up linearly before the cosine decay
     label_smoothing: float = 0.1
-    mix: str = "none"
-    mix_alpha: float = 1.0
-    ema_decay: float = 0.0
-    swa: float = 0.0
-    members: int = 1
-    average: str = "logits"
-    cotuning: float = 0.0
-    supcon: float = 0.0
-    distill: float = 0.0
-    l2sp: float = 0.0
-    val_fraction: float = 0.0
-    probe: ProbeFit = field(default_factory=ProbeFit)
-    tta_flip: bool = True
-    tta_crops: tuple[float, ...] = ()
-    test_size: int | None = None
-    precision: str = "auto"
-    train_precision: str = "auto"
-    cache_dtype: str = "float16"
-    limit_train_batches: float | int = 1.0
-    extract_batch_size: int = 16
-    seed: int = 0
+    mix: str = "none"  # 'mixup' or 'cutmix' of cached activations within a batch
+    mix_alpha: float = 1.0  # Beta(alpha, alpha) of the mixing share
+    ema_decay: float = 0.0  # an exponential moving average of the weights replaces them at the end (0: off)
+    swa: float = 0.0  # the uniform average over this last share of the steps does (0: off)
+    members: int = 1  # tails + heads trained one after the other on one cache, each its own data order
+    average: str = "logits"  # the members ship as an ensemble ('logits') or as their uniform soup ('weights')
+    cotuning: float = 0.0  # weight of Co-Tuning's loss on the pretrained ImageNet head (0: off)
+    supcon: float = 0.0  # weight of a supervised contrastive loss on the pooled features (0: off)
+    distill: float = 0.0  # weight of distilling the trained members into one fresh student, shipped (0: off)
+    l2sp: float = 0.0  # the tail's weights decay towards the pretrained ones at this strength (0: towards 0)
+    val_fraction: float = 0.0  # held-out share per class for stage two's validation (0: trains on every image)
+    probe: ProbeFit = field(default_factory=ProbeFit)  # how stage one fits the probe that initialises the head
+    tta_flip: bool = True  # predict with each image's mirror too
+    tta_crops: tuple[float, ...] = ()  # and with more centre crops, each the share of the shorter side it covers
+    test_size: int | None = None  # predict at this input side, the head recalibrated to it (None: image_size)
+    precision: str = "auto"  # of extraction and prediction: bf16 where the hardware runs it natively, else fp32
+    train_precision: str = "auto"  # of the tail's training: bf16-mixed where native, else fp32
+    cache_dtype: str = "float16"  # of the cached trunk activations
+    limit_train_batches: float | int = 1.0  # Lightning's cap on steps per epoch
+    extract_batch_size: int = 16  # images per trunk forward pass
+    seed: int = 0  # everything random derives from it
 
     def __post_init__(self):
-        try:
-            spec = self.spec
-        except ValueError as err:
-            raise ConfigError("backbone", str(err)) from None
-        check_int("image_size", self.image_size, spec.min_image_size, MAX_IMAGE_SIZE)
-        problem = input_problem(self.backbone, self.image_size)
-        require(problem is None, "image_size", f"{problem}; choose a size the backbone takes")
+        spec = checked_spec(self)
+        check_size("image_size", spec, self.image_size)
         if self.split is not None:
             check_int("split", self.split, 0, spec.num_blocks)
         self._check_training()
@@ -200,9 +166,7 @@ class FinetuneConfig:
         for crop in crops:
             check_number("tta_crops", crop, 0, 1, low_open=True)
         if self.test_size is not None:
-            check_int("test_size", self.test_size, self.spec.min_image_size, MAX_IMAGE_SIZE)
-            problem = input_problem(self.backbone, self.test_size)
-            require(problem is None, "test_size", f"{problem}; choose a size the backbone takes")
+            check_size("test_size", self.spec, self.test_size)
             require(self.shipped_members == 1, "test_size", "recalibrates one network's head; use members=1, or "
                     "distill or average the members into one")
 
@@ -255,11 +219,10 @@ class FinetuneConfig:
 
 
 PRESETS: dict[str, FinetuneConfig] = {
-    # The recipe before recipes were chosen by cross-validation, kept to measure against.
+    # The recipe before cross-validation chose one, kept as a baseline.
     "v1": FinetuneConfig(train_precision="fp32"),
-    # The shipped recipe, chosen by k-fold CV on the training images (docs/results/): GeM pooling, because
-    # the species differ in small parts that an average washes out; the tail from block 11, the whole
-    # 96-channel stage.
+    # The shipped recipe, chosen by k-fold CV on the training images (docs/results/): GeM pooling, as the species
+    # differ in small parts that an average washes out; the tail from block 11, the whole 96-channel stage.
     "full": FinetuneConfig(pooling="gem", split=11, lr_tail=6e-4),
     # The grader's smoke run: the same pipeline, small input, one view, one short epoch, the default tail.
     "fast": FinetuneConfig(image_size=160, views=1, epochs=1, limit_train_batches=8, probe=ProbeFit(Cs=(0.01,)),
@@ -282,14 +245,16 @@ def recipe(spec: str, overrides: Iterable[str] = ()) -> FinetuneConfig:
     items = [item for item in re.split(r",(?=\s*[\w.]+\s*=)", rest) if item.strip()]
     changes = split_overrides([*items, *overrides])
     base = PRESETS[name]
-    if isinstance(changes.get("backbone"), str) and "split" not in changes:
-        base = base.on_backbone(changes.pop("backbone"))
+    backbone = changes.get("backbone")
+    if isinstance(backbone, str) and "split" not in changes:
+        del changes["backbone"]
+        base = base.on_backbone(backbone)
     return overridden(base, changes)
 
 
 def grader_recipe(fast_train: bool, shipped: dict | None = None) -> FinetuneConfig:
-    """What the grader interface trains: the shipped model's recipe (written into the grader file by the
-    build), else the 'full' preset; with ``fast_train`` the 'fast' smoke run on the same backbone."""
+    """What the grader interface trains: the shipped model's recipe (the build writes it into the grader file),
+    else the 'full' preset; with ``fast_train`` the 'fast' smoke run on the same backbone."""
     full = FinetuneConfig.from_dict(shipped) if shipped is not None else PRESETS["full"]
     return PRESETS["fast"].on_backbone(full.backbone) if fast_train else full
 

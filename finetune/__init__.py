@@ -1,2 +1,1 @@
-"""Stage two of LP-FT: fine-tune the last backbone blocks and the probe-initialised head in Lightning,
-training on trunk activations cached in RAM."""
+"""Stage two of LP-FT: fine-tune the tail and the probe-initialised head in Lightning on trunk activations in RAM."""

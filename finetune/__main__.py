@@ -1,15 +1,10 @@
-"""``python -m finetune [DATA_DIR] [field=value ...] [--preset full] [--out birds_model.pt]``: both LP-FT
-stages, then test accuracy.
+"""``python -m finetune [DATA_DIR] [field=value ...] [--preset full] [--out birds_model.pt]``: both LP-FT stages.
 
-DATA_DIR is the grader layout (train/gt.csv + train/images, optionally test/... and classes.txt). Without it,
-a small generated set is used. Any FinetuneConfig field can be overridden (``lr_tail=6e-4 views=6``); every
-setting and destination is checked before any image is decoded. Prints one line per stage with its time, the
-validation and test accuracy
-and the peak memory. Writes nothing but ``--out`` (and ``--log-dir`` when given).
-
-Scale out with Lightning's own flags: ``--accelerator gpu --devices 4`` (one machine), ``--strategy ddp
---devices 2`` on CPU processes, ``--num-nodes N`` under a cluster launcher. Each rank extracts and trains on
-its shard of the images; only rank 0 reports and writes.
+DATA_DIR is the grader layout (train/gt.csv, train/images, optionally test/ and classes.txt; default: a small generated
+set). Any FinetuneConfig field can be overridden (``lr_tail=6e-4 views=6``); all is checked before any image is decoded.
+Prints each stage's time and accuracy, and test accuracy where test/ exists; writes nothing but --out and --log-dir.
+Scale out with Lightning's flags (--accelerator, --devices, --strategy ddp, --num-nodes): each rank extracts and trains
+on its own shard of the images; only rank 0 reports and writes.
 """
 
 from __future__ import annotations
@@ -18,6 +13,7 @@ import argparse
 import hashlib
 import sys
 from pathlib import Path
+from typing import cast
 
 import lightning as L
 import torch
@@ -130,16 +126,15 @@ def report_shards(shards: list[list[int]], images: int, verbose: bool) -> None:
 
 
 class HeadDigests(Callback):
-    """The run's self-check under DDP: a short hash of each rank's probe-initialised head, gathered once the
-    heads are set (every rank must start from the same probe, so all are equal)."""
+    """The DDP self-check: a hash of each rank's probe-initialised head, gathered at fit start; all must be equal."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self.digests: list[str] = []
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.digests:  # an ensemble's later fits start from the same heads
-            mine = torch.tensor([int(head_digest(pl_module.net), 16)])
+            mine = torch.tensor([int(head_digest(cast(BirdNet, pl_module.net)), 16)])  # LPFTModule's net
             self.digests = [f"{v:015x}" for v in gather_rows(trainer, mine).tolist()]
 
 

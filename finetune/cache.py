@@ -1,10 +1,8 @@
 """The trunk cache: frozen-trunk activations of several augmented views per image, computed once, in RAM.
 
-The trunk is frozen, so its output for a given augmented image never changes: computing it once per view
-and training only the tail on the cached activations makes every epoch cost a tail pass instead of a
-whole-network pass. Activations are kept in fp16 (half the RAM; the tail upcasts). Before anything is
-extracted, :func:`check_budget` compares the cache's size with the memory it may use, so a run that
-cannot fit stops at once with the figure and the ways out instead of being killed half-way.
+The frozen trunk's output for a given augmented image never changes, so caching it makes every epoch a tail pass
+instead of a whole-network pass. :func:`check_budget` runs before any extraction, so that a cache that cannot fit stops
+the run at once with the ways out, instead of it being killed half-way.
 """
 
 from __future__ import annotations
@@ -25,8 +23,8 @@ from birds_lpft.models.net import BirdNet, trunk_bytes
 from birds_lpft.models.preprocess import DataConfig, EvalTransform, TrainTransform
 from birds_lpft.recipe import FinetuneConfig
 
-# Default budget: this share of the memory available when the run starts (MemAvailable). The rest is
-# for the libraries (~0.8 GiB), the network, the optimiser and the batches in flight.
+# Default budget: this share of MemAvailable at the start; the rest is for the libraries, the network, the optimiser
+# and the batches in flight.
 DEFAULT_BUDGET_SHARE = 0.6
 
 
@@ -36,8 +34,7 @@ class CacheBudgetError(RuntimeError):
 
 @dataclass(frozen=True)
 class View:
-    """One cached view of every image: a preset of ``birds_lpft.models.preprocess`` (``Mirrored`` too) and, for a
-    random one, the seed of its own random stream (None: deterministic)."""
+    """One cached view of every image: its transform and, for a random one, its stream's seed (None: deterministic)."""
 
     name: str
     transform: Callable
@@ -53,9 +50,8 @@ def cache_views(data_cfg: DataConfig, cfg: FinetuneConfig, rank: int = 0) -> lis
 
 
 def _stream(seed: int) -> torch.Tensor:
-    """The state a random view's stream starts from: ``torch.manual_seed(seed)`` and then the one int64 a
-    DataLoader iterator draws for its base seed, as each view's own pass over the images drew it before the
-    views were extracted together (so the cache, and the model, are bit-identical to those passes')."""
+    """The state a random view's stream starts from: ``torch.manual_seed(seed)``, then the int64 a DataLoader
+    iterator draws for its base seed, so the cache is bit-identical to one DataLoader pass per view."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         torch.empty((), dtype=torch.int64).random_()
@@ -63,15 +59,13 @@ def _stream(seed: int) -> torch.Tensor:
 
 
 class ViewBatches:
-    """One pass over the images for every view, as ``(x, index, k)``: x the (B, 3, S, S) inputs of view k
-    for the images ``index``. Each batch of images is decoded once (``birds_lpft.data.images.open_rgb_many``: once for
-    every view that decodes alike), then its views are made and handed out one at a time, so that only one
-    view's batch of floats is held (20 MB at 16 x 320 px) instead of all of them (100 MB at 5 views).
+    """One pass over the images for every view, as ``(x, index, k)``: x the (B, 3, S, S) inputs of view k for the
+    images ``index``. Each batch is decoded once for all views, whose batches are then made one at a time, so only
+    one view's floats are held at once.
 
-    torchvision's random transforms draw from torch's global generator and take no generator of their own,
-    so each random view keeps its own stream: its state is swapped in for that view's draws and saved after,
-    and the global generator is left as it was. Each stream starts afresh with every pass, so two passes
-    give the same batches.
+    torchvision's random transforms draw from torch's global generator and take none of their own, so each random
+    view's stream state is swapped in for its draws and saved after; the global generator is left as it was. Each
+    stream restarts with every pass, so two passes give the same batches.
     """
 
     def __init__(self, images: LabelledImages, views: Sequence[View], batch_size: int):
@@ -116,10 +110,9 @@ def extract_views(net: BirdNet, images: LabelledImages, views: Sequence[View], c
                   desc: str = "trunk cache", progress: bool = True, device: torch.device | str = "cpu",
                   out_device: torch.device | str = "cpu", echo: bool | None = None,
                   first_batch=None, prefetch: bool = True) -> list[torch.Tensor]:
-    """One (N, C, h, w) stack of trunk activations per view, in ``cfg.cache_dtype``, from one pass over the
-    images (:class:`ViewBatches`, in batches of ``cfg.extract_batch_size``: the batches each view's own pass
-    would make), the next view's batch made in a thread meanwhile (``prefetch``: +12% on 2 cores, the same
-    numbers). ``first_batch`` is ``birds_lpft.extract.extract``'s."""
+    """One (N, C, h, w) stack of trunk activations per view, in ``cfg.cache_dtype``, from one pass over the images
+    (:class:`ViewBatches`); with ``prefetch`` a thread makes the next view's batch meanwhile (the same numbers).
+    ``first_batch`` is ``birds_lpft.extract.extract``'s."""
     if len(images) == 0:
         dtype = getattr(torch, cfg.cache_dtype)
         return [torch.empty(0, dtype=dtype, device=out_device) for _ in views]
@@ -176,13 +169,11 @@ def check_budget(nbytes: int, budget: int | None, *, images: int, views: int, im
 class CachedViews(Dataset):
     """Cached activations of several views of the same images, as one flat dataset of (activation, label).
 
-    Args:
-        stacks: tensors of shape (N, C, h, w), one per view, row n of each belonging to the same image.
-        labels: (N,) class ids, or (len(rows),) when ``rows`` is given.
-        rows: which rows of the stacks the dataset holds (default all); no copy is made.
+    ``stacks`` are (N, C, h, w), one per view, row n of each the same image; ``rows`` picks the rows held, without a
+    copy (default all), and ``labels`` are aligned with them.
     """
 
-    def __init__(self, stacks: Sequence[torch.Tensor], labels, rows: Sequence[int] | None = None):
+    def __init__(self, stacks: Sequence[torch.Tensor], labels, rows: Sequence[int] | np.ndarray | None = None):
         n = len(stacks[0]) if stacks else 0
         if any(len(s) != n for s in stacks):
             raise ValueError("every view stack must hold the same images")

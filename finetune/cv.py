@@ -1,19 +1,10 @@
 """``python -m finetune.cv DATA_DIR [--candidates SPEC ...]``: score recipes by stratified k-fold cross-validation.
 
-Only the training images are used (the test split is never read), the same seeded folds for every
-candidate. A candidate is ``PRESET[:field=value,...]``, e.g. ``full``, ``full:ema_decay=0.998``. The trunk
-cache (centre view and its mirror, the augmented views, each TTA crop any candidate asks for and each
-``--test-sizes`` centre view, with their mirrors) is computed once per trunk setting (backbone, image size,
-split, augmentation, precision) and shared by every fold and candidate with that setting; a candidate with
-fewer views uses the first ones. Stage one's pooled features of the centre views come from the pretrained
-tail, the same in every fold, so they are computed once per candidate. Per fold only stage one and the tail
-are fitted again; the held-out fold is scored exactly as ``classify`` would, and the same trained tails are
-also scored under every combination of the cached crops and mirrors and by ``finetune.cv_readouts``.
-
-With several ``--seed`` values the CV is repeated: k folds per seed, all on the one cache. Prints per
-candidate the fold accuracies, mean +- standard error and seconds, the per-seed means, and every candidate
-after the first paired with the first fold by fold (``finetune.cv_report``); writes nothing unless ``--out``
-(a .json or .md table) is given.
+Only the training images are read, in the same seeded folds for every candidate (``PRESET[:field=value,...]``, e.g.
+``full:ema_decay=0.998``). The trunk cache is extracted once per trunk setting and shared by every fold and candidate
+with it; per fold only stage one and the tail are fitted, and the held-out fold is scored as ``classify`` would, under
+every cached TTA scheme and by ``finetune.cv_readouts``. Several --seed values repeat the CV on the one cache. Prints
+each candidate's folds, mean +- SE and seconds, paired with the first fold by fold; writes only --out (.json or .md).
 """
 
 from __future__ import annotations
@@ -23,6 +14,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -74,13 +66,10 @@ def repeated_folds(labels: np.ndarray, k: int, seeds: list[int]) -> list[tuple[n
 def run_fold(cache: TrunkCache, images: LabelledImages, cfg: FinetuneConfig, train_idx: np.ndarray,
              val_idx: np.ndarray, progress: bool, pooled: torch.Tensor | None = None,
              inputs: LeverInputs | None = None) -> dict:
-    """Stage one and the tail on the fold's training images (``finetune.train.train_tops``, the fine-tune's own
-    path), then the held-out accuracy with the candidate's TTA ('acc'), with flip TTA toggled ('other'), of
-    the first member alone ('first'), under every cached TTA scheme ('schemes'), and the readouts of the same
-    tails (``finetune.cv_readouts``: members, soup, teacher, test sizes).
-
-    ``pooled``: :func:`centre_features` of the cache for this candidate, if computed already for all folds;
-    None computes the fold's own (the same numbers)."""
+    """Stage one and the tail on the fold's training images (``train_tops``, the fine-tune's own path), then the
+    held-out accuracy with the candidate's TTA ('acc'), with flip TTA toggled ('other'), of the first member alone
+    ('first'), under every cached TTA scheme ('schemes'), and ``finetune.cv_readouts``' ('readouts'). ``pooled``:
+    :func:`centre_features` for this candidate if computed for all folds already (None: the fold's own, the same)."""
     labels = images.labels
     data = TrunkCacheData.from_stacks(labels, cache.centre, cache.views[:cfg.views], train_idx, cfg, pooled=pooled)
     run = train_tops(candidate_net(cache.net, cfg), data, cfg, inputs=inputs, progress=progress,
@@ -98,7 +87,7 @@ def run_fold(cache: TrunkCache, images: LabelledImages, cfg: FinetuneConfig, tra
         return accuracy(cfg.tta_crops, cfg.tta_flip, member, held_out_logits(net, cache, val_idx, cfg))
 
     readouts = member_readouts(run, cfg, score)
-    if cache.sizes and len(run.net.tops()) == 1 and cfg.test_size is None:  # an ensemble's: its first member's
+    if cache.sizes and len(run.net.tops()) == 1 and cfg.test_size is None:  # SizeReadouts reads one top
         readouts.update(SizeReadouts(run.net, cfg, (cache.centre, cache.mirror), cache.sizes)(train_idx, val_idx,
                                                                                                  labels))
     return {"acc": accuracy(cfg.tta_crops, cfg.tta_flip), "other": accuracy(cfg.tta_crops, not cfg.tta_flip),
@@ -118,10 +107,8 @@ def candidate_net(base: BirdNet, cfg: FinetuneConfig) -> BirdNet:
 
 def centre_features(cache: TrunkCache, cfg: FinetuneConfig) -> torch.Tensor:
     """Stage one's (N, F) pooled features of every cached centre view, through the candidate's pooling and the
-    pretrained tail. Every fold's stage one starts from that same tail, so the folds read their rows from
-    here instead of each recomputing its own. An image's features come out of its batch the same whatever
-    the other images in it (fp32, eval mode; checked bit for bit in the suite and in docs/speed.md), so the
-    folds' probes are the same."""
+    pretrained tail that every fold starts from, so the folds read their rows from here. An image's features do not
+    depend on the rest of its batch (fp32, eval mode; checked bit for bit in the suite), so the probes are the same."""
     return pooled_from_trunk(candidate_net(cache.net, cfg), cache.centre)
 
 
@@ -169,16 +156,17 @@ def cross_validate(images: LabelledImages, candidates: list[tuple[str, FinetuneC
     for members in groups.values():
         first = candidates[members[0]][1]
         crops = tuple(sorted({c for i in members for c in candidates[i][1].tta_crops}))
-        wanted = {candidates[i][1].test_size for i in members} - {None}
+        wanted = {size for i in members if (size := candidates[i][1].test_size) is not None}
         sizes_here = tuple(sorted(set(sizes) | wanted))
         cache = build_cache(images, first, max(candidates[i][1].views for i in members), weights, progress, crops,
                             sizes_here, weights_kwargs or {})
         print(f"trunk cache for {[candidates[i][0] for i in members]}: {cache.seconds:.0f}s", flush=True)
         for i in members:
-            rows[i] = score_candidate(*candidates[i], cache, images, folds, progress, weights, weights_kwargs or {})
-            print(format_row(rows[i]), flush=True)
+            row = score_candidate(*candidates[i], cache, images, folds, progress, weights, weights_kwargs or {})
+            rows[i] = row
+            print(format_row(row), flush=True)
         del cache
-    return rows
+    return cast("list[dict]", rows)  # every candidate is in one group, so every row is filled
 
 
 PROG = "python -m finetune.cv"

@@ -1,7 +1,6 @@
-"""What cross-validation holds for every fold and candidate of one trunk setting: the trunk cache of every
-training image's views (:func:`build_cache`), and the held-out images' logits read off it, through the same
-forward after the trunk as ``classify`` (``birds_lpft.predict.top_logits``) and the same average
-(:func:`tta_logits`)."""
+"""What cross-validation holds for every fold and candidate of one trunk setting: the trunk cache of every training
+image's views (:func:`build_cache`), and the held-out logits read off it through ``classify``'s own forward after the
+trunk (``birds_lpft.predict.top_logits``) and TTA average (:func:`tta_logits`)."""
 
 from __future__ import annotations
 
@@ -50,7 +49,7 @@ def build_cache(images: LabelledImages, cfg: FinetuneConfig, views: int, weights
     extra_views += [(f"size {s}", EvalTransform(data_config(cfg.spec, s))) for s in sizes]
     for name, transform in extra_views:
         plan += [View(name, transform), View(f"{name} mirrored", Mirrored(transform))]
-    stacks = dict(zip((v.name for v in plan), extract_views(net, images, plan, cfg, progress=progress)))
+    stacks = dict(zip((v.name for v in plan), extract_views(net, images, plan, cfg, progress=progress), strict=True))
     pairs = {name: (stacks[name], stacks[f"{name} mirrored"]) for name, _ in extra_views}
     return TrunkCache(net, stacks["centre view"], stacks["mirrored centre"], [stacks[v.name] for v in augmented],
                       time.perf_counter() - start, {f: pairs[f"crop {f}"] for f in crops},
@@ -69,12 +68,12 @@ def held_out_logits(net: BirdNet, cache: TrunkCache, rows: np.ndarray,
     stacks = {STANDARD: (cache.centre, cache.mirror), **cache.crops}
     if cfg.test_size is not None:  # the recipe predicts at another size: its centre view there, and its mirror
         stacks = {STANDARD: cache.sizes[cfg.test_size]}
-    out = {key: ([], []) for key in stacks}
+    out: dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]] = {key: ([], []) for key in stacks}
     for i in range(0, len(rows), 64):
         batch = torch.as_tensor(rows[i:i + 64])
         with autocast(cfg.precision):
             for key, pair in stacks.items():
-                for acc, stack in zip(out[key], pair):
+                for acc, stack in zip(out[key], pair, strict=True):
                     acc.append(top_logits(net, stack[batch]))
     return {key: torch.stack([torch.cat(parts, dim=1) for parts in pair]) for key, pair in out.items()}
 

@@ -1,14 +1,8 @@
-"""What cross-validation reads off a fold's trained tails besides the candidate's own score, at no training cost:
-each prediction-time choice scored on the very same tails, so it is paired with the candidate fold for fold.
-
-- **TTA schemes**: every combination of the cached crops, with and without mirrors (``tta_schemes``);
-- **members**: an ensemble's logits, its first member alone and the uniform soup of its members' weights
-  (``finetune.levers.averaging.uniform_soup``); a distilled student's teacher.
-- **test sizes** (``finetune.cv --test-sizes``; Touvron et al. 2019, "Fixing the train-test resolution
-  discrepancy"): the trained network on centre views at a larger input, with its head as trained ('as
-  trained'), with the pooled features moved to the training size's per-feature mean and spread over the fold's
-  training images ('aligned'), and with the head refitted by stage one's probe recipe on the features at that
-  size ('refit'); and that refit at the training size itself, which tells the refit's effect from the size's.
+"""What cross-validation reads off a fold's trained tails besides the candidate's score, at no training cost, each
+paired with the candidate fold for fold: every TTA scheme of the cached crops and mirrors; an ensemble's logits, its
+first member alone and its members' uniform soup, or a student's teacher; and at larger inputs (``--test-sizes``;
+Touvron et al. 2019) the head 'as trained', on features 'aligned' to the training size's per-feature mean and spread,
+and 'refit' by stage one's probe, plus that refit at the training size, which tells the refit's effect from the size's.
 """
 
 from __future__ import annotations
@@ -24,7 +18,7 @@ from birds_lpft.recipe import FinetuneConfig
 from probe.linear import fit_probe
 
 from finetune.stage_one import pooled_from_trunk
-from finetune.train import Training, one_network
+from finetune.train import Training, soup_of
 
 
 def tta_schemes(crops: tuple[float, ...]) -> list[tuple[tuple[float, ...], bool]]:
@@ -47,11 +41,7 @@ def member_readouts(run: Training, cfg: FinetuneConfig, score) -> dict[str, floa
     if len(members.tops()) > 1:
         out["member 1 alone"] = score(members, 0)
         if not (cfg.average == "weights" and cfg.distill == 0):  # else the soup is the shipped network itself
-            from finetune.levers.averaging import uniform_soup
-
-            soup = one_network(cfg, members, members.state_dict())
-            uniform_soup(members.tops(), into=soup.top())
-            out["uniform soup"] = score(soup)
+            out["uniform soup"] = score(soup_of(cfg, members))
     return out
 
 
@@ -60,12 +50,8 @@ def _accuracy(logits: torch.Tensor, labels: np.ndarray) -> float:
 
 
 class SizeReadouts:
-    """Scores of one trained one-top network at other input sizes (see the module docstring).
-
-    Args:
-        net: the fold's trained network; cfg: its recipe (precision, flip TTA, probe recipe, seed).
-        train_size: (centre, mirror) cached at the training size; sizes: {size: (centre, mirror)}.
-    """
+    """Scores of one trained one-top network at other input sizes (see the module docstring); ``train_size`` is the
+    (centre, mirror) pair cached at the training size, ``sizes`` {size: (centre, mirror)}."""
 
     def __init__(self, net: BirdNet, cfg: FinetuneConfig, train_size: tuple, sizes: dict):
         self.net = net.eval()

@@ -1,9 +1,17 @@
 """What ``finetune.cv`` reports of its fold scores: means and standard errors, the per-seed means of a
-repeated CV, each candidate paired with the first on the same folds, and the printed and Markdown tables."""
+repeated CV, each candidate paired with the first on the same folds, and the printed and Markdown tables; as a
+command, the rows of several runs on the same folds in one table."""
 
 from __future__ import annotations
 
+import argparse
+import json
+from pathlib import Path
+
 import numpy as np
+
+from birds_lpft.utils.cli import check_output_file, fail
+from birds_lpft.utils.outputs import write_text
 
 
 def mean_se(accs: list[float]) -> dict:
@@ -14,18 +22,16 @@ def mean_se(accs: list[float]) -> dict:
 
 
 def compare_rows(rows: list[dict], seeds: list[int]) -> list[dict]:
-    """Add to every row the mean of each fold seed's folds ('seed_means', when several seeds were given), and to
-    every row after the first its fold-by-fold difference from the first ('vs_first'): the candidates share
-    their folds, so the paired difference is far less noisy than the two means' own standard errors.
-
-    The folds are ordered seed by seed (``finetune.cv.repeated_folds``). With several seeds the standard errors
-    treat every fold as independent, which they are not (each image is held out once per seed), so they
-    understate the uncertainty; whether a difference holds under every seed ('seed_means') is the sturdier read.
+    """Add to every row each seed's mean ('seed_means', with several seeds), and to every row after the first its
+    fold-by-fold difference from the first ('vs_first'): the candidates share their folds, so the paired difference
+    is far less noisy than the means' own standard errors. Folds come seed by seed (``finetune.cv.repeated_folds``).
+    With several seeds the standard errors treat the folds as independent, which they are not, so they understate
+    the uncertainty; a difference that holds under every seed is the sturdier read.
     """
     for row in rows:
         per_seed = np.array(row["folds"]).reshape(len(seeds), -1)
         if len(seeds) > 1:
-            row["seed_means"] = {str(s): float(m) for s, m in zip(seeds, per_seed.mean(1))}
+            row["seed_means"] = {str(s): float(m) for s, m in zip(seeds, per_seed.mean(1), strict=True)}
         if row is not rows[0]:
             row["vs_first"] = _paired(row["folds"], rows[0], seeds)
         for readout in row.get("readouts", {}).values():  # read off the same tails: paired with the first too
@@ -85,3 +91,28 @@ def _markdown_line(name: str, r: dict, tail: str) -> str:
     versus = f"{100 * d['mean']:+.2f} +- {100 * d['se']:.2f}" if d else "-"
     return f"| {name} | {r['mean']:.4f} | {r['se']:.4f} | {versus} | " + " | ".join(f"{a:.4f}" for a in r["folds"]) \
         + " |" + tail
+
+
+def main(argv: list[str] | None = None) -> str:
+    """``python -m finetune.cv_report RUN.json ... --seed S ... --folds K --out table.md``: the rows of several
+    ``finetune.cv --out`` runs on the same folds in one table, each paired with the first run's first row."""
+    p = argparse.ArgumentParser(prog="python -m finetune.cv_report", description=main.__doc__)
+    p.add_argument("runs", type=Path, nargs="+", help="finetune.cv --out .json files of the same folds")
+    p.add_argument("--seed", type=int, nargs="+", default=[0], help="their fold seeds, in their order")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--out", type=Path, help="write the table here (.md)")
+    args = p.parse_args(argv)
+    check_output_file(p.prog, "--out", args.out, args.runs, example="table.md")
+    rows = [row for run in args.runs for row in json.loads(run.read_text())]
+    if any(len(row["folds"]) != args.folds * len(args.seed) for row in rows):
+        fail(p.prog, f"every row must hold {args.folds} folds x {len(args.seed)} seeds; give the runs' --seed "
+                     "and --folds")
+    text = markdown(compare_rows(rows, args.seed), args.folds, args.seed)
+    print(text, end="")
+    if args.out is not None:
+        write_text(args.out, text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,18 +1,14 @@
-"""The trunk cache as a ``LightningDataModule``: data only (extraction, shards, loaders), the same code for one
-process and for DDP.
+"""The trunk cache as a ``LightningDataModule`` (extraction, shards, loaders), the same code for one process and DDP.
 
-Lightning's launchers start the other ranks at ``fit()``, so whatever runs before it runs in every rank
-without knowing its rank. ``setup()`` is the first place that knows rank and world size (the process group
-is up, the model not yet wrapped): each rank extracts only its own shard of the images (every view), so the
-extraction work is the dataset once whatever the number of ranks, and then trains on that shard
-(``use_distributed_sampler=False``), with the same number of steps on every rank. Stage one
-(``finetune.stage_one``) reads the centre views of the fit images from here: ``fit_centre`` and
-``fit_index``, and ``fit_pooled`` where a caller computed their pooled features once for many fits.
+Lightning's launchers start the other ranks at ``fit()``, so ``setup()`` is the first place that knows rank and world
+size (the model not yet wrapped). Each rank extracts only its own shard of the images, so extraction covers the dataset
+once whatever the number of ranks, and trains on it (``use_distributed_sampler=False``) in as many steps as the others.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -38,18 +34,11 @@ def stage_two_split(labels: np.ndarray, cfg: FinetuneConfig) -> tuple[np.ndarray
 class TrunkCacheData(L.LightningDataModule):
     """This rank's cached trunk views of ``images`` for stage two, and the centre views stage one needs.
 
-    Args:
-        images: the training set (every rank is given all of it and keeps its shard).
-        net: the pretrained network whose trunk makes the cache.
-        cfg: the run's settings (preprocessing: ``cfg.data_config()``).
-        stopwatch: receives the extraction time ('trunk cache').
-        cache_budget: bytes the cache may use on this machine (None: no check).
-        progress: progress bars and per-step lines.
-
-    After ``setup``: ``train_set``, ``val_set``, ``fit_centre`` and ``fit_index`` (this rank's centre
-    activations of its fit images and their indices in ``images``), ``labels``, ``shards`` (each rank's image
-    indices), ``cache_bytes`` and ``setup_seconds``. :meth:`from_stacks` builds one from a cache made once
-    for many fits (cross-validation's folds).
+    Every rank is given all of ``images`` and keeps its shard; ``cache_budget`` is the bytes the cache may use on this
+    machine (None: no check). After ``setup``: ``train_set``, ``val_set``, ``fit_centre`` and ``fit_index`` (this
+    rank's centre activations of its fit images and their indices in ``images``), ``labels``, ``shards`` (each rank's
+    image indices), ``cache_bytes`` and ``setup_seconds``. :meth:`from_stacks` builds one from a cache made once for
+    many fits (cross-validation's folds).
     """
 
     def __init__(self, images: LabelledImages | None, net: BirdNet | None, cfg: FinetuneConfig, *,
@@ -69,7 +58,6 @@ class TrunkCacheData(L.LightningDataModule):
         self.fit_pooled: torch.Tensor | None = None  # stage one's features of the fit images, if given
         self.shards: list[list[int]] = []
         self.samples_per_epoch: int | None = None
-        self.cache_bytes = 0
         self.planned_bytes = 0
         self.setup_seconds = 0.0
         self.pin_memory = False
@@ -78,12 +66,11 @@ class TrunkCacheData(L.LightningDataModule):
     @classmethod
     def from_stacks(cls, labels: np.ndarray, centre: torch.Tensor, views: list[torch.Tensor], rows: np.ndarray,
                     cfg: FinetuneConfig, val_set: CachedViews | None = None,
-                    pooled: torch.Tensor | None = None) -> "TrunkCacheData":
+                    pooled: torch.Tensor | None = None) -> TrunkCacheData:
         """Train on ``rows`` of stacks cached for every image (no copy), validating on ``val_set`` if given.
 
-        ``pooled``: stage one's (N, F) pooled features of every image's centre view
-        (``finetune.stage_one.pooled_from_trunk``, with the network this data trains), when the caller
-        computed them once for many fits; stage one then reads their ``rows`` instead of recomputing them.
+        ``pooled``: stage one's (N, F) features of every image's centre view (``finetune.stage_one.pooled_from_trunk``
+        with the network this data trains), when the caller computed them once for many fits.
         """
         data = cls(None, None, cfg, progress=False)
         data.val_set = val_set
@@ -97,8 +84,13 @@ class TrunkCacheData(L.LightningDataModule):
                 raise ValueError(f"pooled features for {len(pooled)} images, but the cache holds {len(centre)}")
             data.fit_pooled = pooled[torch.as_tensor(rows)]
         data.shards = [sorted(int(r) for r in rows)]
-        data.cache_bytes = data.train_set.nbytes + (val_set.nbytes if val_set is not None else 0)
         return data
+
+    @property
+    def cache_bytes(self) -> int:
+        """The bytes this rank's cache holds (0 before ``setup``)."""
+        sets = [s for s in (self.train_set, self.val_set) if s is not None]
+        return sum(s.nbytes for s in sets)
 
     @property
     def validates(self) -> bool:
@@ -110,6 +102,9 @@ class TrunkCacheData(L.LightningDataModule):
             return
         start = time.perf_counter()
         trainer = self.trainer
+        assert trainer is not None  # Lightning's fit attaches it before setup
+        # Only from_stacks leaves these None, and its train_set is ready.
+        assert self.images is not None and self.net is not None and self.labels is not None
         rank = trainer.global_rank
         world = trainer.world_size
         fit_idx, val_idx = stage_two_split(self.labels, self.cfg)
@@ -119,7 +114,7 @@ class TrunkCacheData(L.LightningDataModule):
         device = trainer.strategy.root_device
         self.net.to(device).eval()  # extraction sees the eval network; LPFTModule.on_train_start sets training mode
         cache_device = self._cache_device(device, len(shard), len(shard_fit), trainer.num_devices)
-        kwargs = dict(progress=self.progress, device=device, out_device=cache_device, echo=True)
+        kwargs: dict[str, Any] = dict(progress=self.progress, device=device, out_device=cache_device, echo=True)
         views = cache_views(self.cfg.data_config(), self.cfg, rank)
         planned = len(shard_fit) * len(views) + len(shard_val)
         with self.sw("trunk cache"):  # one pass: each fit image decoded once for its centre and augmented views
@@ -133,8 +128,8 @@ class TrunkCacheData(L.LightningDataModule):
         self.setup_seconds = time.perf_counter() - start
 
     def _cost(self, views: int, n: int, seconds: float) -> None:
-        """The cost up front, on rank 0: the cache's size and, from the first timed batch, about how long it
-        takes to extract."""
+        """The cost up front, on rank 0: the cache's size and, from the first batch, its extraction time."""
+        assert self.trainer is not None  # called from setup
         if self.trainer.is_global_zero:
             rate = n / max(seconds, 1e-9)
             print(f"trunk cache: {self.planned_bytes / 2**20:.1f} MiB for {views} image views at "
@@ -144,6 +139,7 @@ class TrunkCacheData(L.LightningDataModule):
     def _cache_device(self, device: torch.device, n_images: int, n_fit: int, ranks_here: int) -> torch.device:
         """Where the cache goes: an accelerator's memory when it takes at most half of what is free there
         (no copy per batch; the rest is for training), else this machine's RAM, within the budget."""
+        assert self.net is not None  # called from setup, which has the network
         nbytes = (n_images + n_fit * self.cfg.views) * bytes_per_view(self.net, self.cfg)  # centres + views
         self.planned_bytes = nbytes
         if device.type == "cuda" and nbytes <= 0.5 * torch.cuda.mem_get_info(device)[0]:
@@ -154,17 +150,18 @@ class TrunkCacheData(L.LightningDataModule):
 
     def _datasets(self, trainer: L.Trainer, stacks: list[torch.Tensor], val_centre: torch.Tensor,
                   shard_fit: np.ndarray, shard_val: np.ndarray) -> None:
+        assert self.labels is not None  # called from setup, which has the images
         self.fit_centre = stacks[0]
         self.fit_index = shard_fit
         self.train_set = CachedViews(stacks, self.labels[shard_fit])
         sizes = gather_rows(trainer, torch.tensor([[len(self.train_set), len(shard_val)]])).tolist()
         if min(v for _, v in sizes) > 0:  # a rank without validation images would leave the others waiting
             self.val_set = CachedViews([val_centre], self.labels[shard_val])
-        self.cache_bytes = self.train_set.nbytes + (self.val_set.nbytes if self.val_set else 0)
         # DDP needs the same number of steps on every rank: each draws as many samples as the smallest shard.
         self.samples_per_epoch = None if trainer.world_size == 1 else min(t for t, _ in sizes)
 
     def train_dataloader(self) -> DataLoader:
+        assert self.train_set is not None and self.trainer is not None  # inside fit, after setup
         return cached_loader(self.train_set, self.cfg, self.trainer.global_rank, self.samples_per_epoch, self.member,
                              self.pin_memory)
 
@@ -178,8 +175,8 @@ def cached_loader(train_set: CachedViews, cfg: FinetuneConfig, rank: int = 0, sa
     epoch (None: all); ``pin_memory`` when a CPU cache feeds an accelerator."""
     generator = torch.Generator().manual_seed(cfg.seed + rank + 1000 * member)
     sampler = RandomSampler(train_set, num_samples=samples_per_epoch, generator=generator)
-    # The loader draws from the same generator too (a base seed per epoch, before the sampler's shuffle), as
-    # DataLoader(shuffle=True, generator=...) does: one process draws exactly the batches the v1 recipe did.
+    # The loader draws a base seed per epoch from the same generator, before the sampler's shuffle, as
+    # DataLoader(shuffle=True, generator=...) does, so one process draws exactly the v1 recipe's batches.
     return DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, generator=generator,
                       pin_memory=pin_memory)
 

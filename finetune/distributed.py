@@ -23,5 +23,5 @@ def gather_rows(trainer: L.Trainer | None, x: torch.Tensor) -> torch.Tensor:
 def shards_by_rank(trainer: L.Trainer, shard: np.ndarray) -> list[list[int]]:
     """Each rank's extracted image indices, as the ranks themselves report them ((rank, index) pairs)."""
     pairs = torch.stack([torch.full((len(shard),), trainer.global_rank), torch.as_tensor(shard)], 1)
-    pairs = gather_rows(trainer, pairs).numpy()
-    return [sorted(pairs[pairs[:, 0] == r, 1].tolist()) for r in range(trainer.world_size)]
+    rows = gather_rows(trainer, pairs).numpy()
+    return [sorted(rows[rows[:, 0] == r, 1].tolist()) for r in range(trainer.world_size)]

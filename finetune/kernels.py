@@ -1,12 +1,8 @@
-"""Kernel choices of the tail's training that change no setting and no number, only which CPU kernel does the work.
-
-oneDNN (torch 2.4 and 2.14 alike) computes the input gradient of a *strided depthwise* convolution in bf16
-with a generic grouped kernel (``brgconv_strided``, one group per channel) that is 8-16x slower than its fp32
-kernel: in a bf16 training step of MobileNetV2's tail from block 11, block 14's stride-2 depthwise conv took
-about a fifth of the step. Every other convolution, and this one's forward and weight gradient, are faster in
-bf16 (docs/speed.md). So under bf16 autocast on a CPU those layers run their forward and weight gradient as
-before and take their input gradient from the fp32 kernel, on the same bf16 operands, rounded to bf16 as the
-bf16 kernel rounds its fp32 sums.
+"""Workaround for a oneDNN defect (torch 2.4 and 2.14 alike): in bf16 on a CPU, the input gradient of a *strided
+depthwise* convolution runs in a generic grouped kernel (``brgconv_strided``), far slower than the fp32 one and a large
+share of the tail's training step. Under bf16 autocast those layers keep their bf16 forward and weight gradient and
+take the input gradient from the fp32 kernel on the same bf16 operands, rounded back to bf16 (no setting changes).
+It can go once ``ONEDNN_VERBOSE=1`` shows that bf16 ``backward_data`` run by a kernel other than ``brgconv_strided``.
 """
 
 from __future__ import annotations
@@ -20,8 +16,8 @@ from torch import nn
 
 
 def is_strided_depthwise(module: nn.Module) -> bool:
-    """A 2-d convolution with one input and one output channel per group, and a stride above 1 (and nn.Conv2d's
-    own forward: a subclass's, timm's 'same'-padding one say, is left alone)."""
+    """A 2-d convolution with one channel per group in and out, a stride above 1 and nn.Conv2d's own forward (a
+    subclass's, timm's 'same'-padding one say, is left alone)."""
     return (isinstance(module, nn.Conv2d) and type(module).forward is nn.Conv2d.forward
             and module.groups > 1 and module.padding_mode == "zeros"
             and module.in_channels == module.groups == module.out_channels and max(module.stride) > 1)
@@ -66,9 +62,8 @@ def _forward(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 @contextmanager
 def fp32_depthwise_input_grads(module: nn.Module):
-    """Within the block, every strided depthwise convolution in ``module`` takes its input gradient from the
-    fp32 kernel under CPU autocast (the instance's ``forward`` replaced, and restored on exit: the modules'
-    classes, parameters and state dict are untouched). Yields how many it found."""
+    """Within the block, every strided depthwise convolution in ``module`` takes its input gradient from the fp32
+    kernel under CPU autocast; only the instances' ``forward`` is replaced, until exit. Yields how many it found."""
     convs = [m for m in module.modules() if is_strided_depthwise(m) and "forward" not in vars(m)]
     for conv in convs:
         conv.forward = types.MethodType(_forward, conv)  # an instance attribute shadows the class's forward

@@ -5,6 +5,7 @@ Co-Tuning, a contrastive term, distillation, L2-SP) are ``finetune.levers``."""
 from __future__ import annotations
 
 from contextlib import ExitStack
+from typing import cast
 
 import lightning as L
 import numpy as np
@@ -36,11 +37,8 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ste
 
 
 def freeze_batchnorm_stats(module: nn.Module) -> None:
-    """Put every BatchNorm layer in eval mode: running statistics are used and never updated.
-
-    Fine-tuning batches are small and come from one dataset, so their statistics are noisier than the
-    ImageNet ones; the affine weights of trainable layers still learn.
-    """
+    """Put every BatchNorm layer in eval mode: running statistics are used and never updated, because small
+    fine-tuning batches from one dataset give noisier statistics than ImageNet's. Affine weights still learn."""
     for m in module.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()
@@ -50,40 +48,37 @@ class TrunkFreeze(BaseFinetuning):
     """Freeze the whole network but the top in training (its tail, pooling and head), which trains from the
     start: the trunk's activations are cached, and an ensemble's other members train in their own fits."""
 
-    def freeze_before_training(self, pl_module: "LPFTModule") -> None:
-        self.freeze(pl_module.net, train_bn=False)
-        self.make_trainable(pl_module.top)
+    def freeze_before_training(self, pl_module: L.LightningModule) -> None:
+        module = cast(LPFTModule, pl_module)  # the module this callback is made for (train.make_trainer)
+        self.freeze(module.net, train_bn=False)
+        self.make_trainable(module.top)
 
-    def finetune_function(self, pl_module: "LPFTModule", epoch: int, optimizer) -> None:
+    def finetune_function(self, pl_module: L.LightningModule, epoch: int, optimizer) -> None:
         pass  # nothing is unfrozen later: gradual unfreezing did not pay for its epochs here
 
 
 class CpuBf16Kernels(Callback):
-    """Under bf16-mixed on a CPU, the trained top's strided depthwise convolutions take their input gradient
-    from the fp32 kernel for the fit (``finetune.kernels``: oneDNN's bf16 kernel for it is the slow one), the
-    numbers as before. Entered in the process that trains (a spawned DDP rank too), left at teardown or on
-    an exception."""
+    """Under bf16-mixed on a CPU, the trained top's strided depthwise convolutions take their input gradient from
+    the fp32 kernel (``finetune.kernels``). Entered in the process that trains (a spawned DDP rank too), left at
+    teardown or on an exception."""
 
     def __init__(self):
         self._kernels = ExitStack()
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: "LPFTModule") -> None:
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.precision == "bf16-mixed" and pl_module.device.type == "cpu":
-            self._kernels.enter_context(fp32_depthwise_input_grads(pl_module.top))
+            self._kernels.enter_context(fp32_depthwise_input_grads(cast(LPFTModule, pl_module).top))
 
-    def teardown(self, trainer: L.Trainer, pl_module: "LPFTModule", stage: str) -> None:
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._kernels.close()
 
-    def on_exception(self, trainer: L.Trainer, pl_module: "LPFTModule", exception: BaseException) -> None:
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._kernels.close()
 
 
 class LPFTModule(L.LightningModule):
-    """Trains one top of ``net`` (tail, pooling and head: ``net.tops()[member]``) on cached trunk activations
-    (B, C, h, w).
-
-    Keeps the best validation weights in memory (``best_state``) and a per-epoch ``history``.
-    """
+    """Trains one top of ``net`` (``net.tops()[member]``: tail, pooling, head) on cached trunk activations
+    (B, C, h, w), keeping the best validation weights in memory (``best_state``) and a per-epoch ``history``."""
 
     def __init__(self, net: BirdNet, cfg: FinetuneConfig, member: int = 0, inputs: LeverInputs | None = None):
         super().__init__()
@@ -102,7 +97,7 @@ class LPFTModule(L.LightningModule):
     def top(self) -> TailHead:
         return self.net.tops()[self.member_index]
 
-    def train(self, mode: bool = True) -> "LPFTModule":
+    def train(self, mode: bool = True) -> LPFTModule:
         # Called before fit and by Lightning after each validation loop: re-pin BatchNorm every time.
         super().train(mode)
         freeze_batchnorm_stats(self.net)
@@ -112,10 +107,9 @@ class LPFTModule(L.LightningModule):
         return self.top(acts)
 
     def setup(self, stage: str) -> None:
-        # After the data module's setup (the cache) and stage one (the probe-initialised heads), before the
-        # optimiser is made: the terms' own parameters are trained too.
-        self.terms = nn.ModuleList(loss_terms(self.cfg, self.top, self.trainer.datamodule.train_set, self.inputs,
-                                              self.trainer))
+        # Here: after the cache and stage one's heads exist, before the optimiser that also trains the terms.
+        data = self.trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning's fit, not declared on Trainer
+        self.terms = nn.ModuleList(loss_terms(self.cfg, self.top, data.train_set, self.inputs, self.trainer))
 
     def on_train_start(self) -> None:
         self.train()  # the data module's setup ran the probe in eval mode inside fit(); dropout back on, BN pinned
@@ -175,9 +169,9 @@ class LPFTModule(L.LightningModule):
         tail_decay = 0.0 if self.cfg.l2sp > 0 else self.cfg.weight_decay  # L2-SP decays it towards pretrained
         parts = [(list(top.tail.parameters()), self.cfg.lr_tail, tail_decay),
                  ([*top.pool.parameters(), *top.head.parameters()], self.cfg.lr_head, self.cfg.weight_decay)]
-        for term in self.terms:
-            parts += [(params, lr, self.cfg.weight_decay) for params, lr in term.param_groups(self.cfg.lr_tail,
-                                                                                              self.cfg.lr_head)]
+        for term in self.terms:  # ModuleList types its items as plain Modules; each is a levers.terms.LossTerm
+            term_groups = term.param_groups(self.cfg.lr_tail, self.cfg.lr_head)  # type: ignore[operator]
+            parts += [(params, lr, self.cfg.weight_decay) for params, lr in term_groups]
         groups = []
         for params, lr, weight_decay in parts:
             params = [p for p in params if p.requires_grad]

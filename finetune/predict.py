@@ -1,10 +1,8 @@
 """``python -m finetune.predict MODEL IMAGE_OR_DIR... [--top-k 5] [--csv out.csv]``: species for new photos.
 
-Prints, per image, the top-k species with their probabilities (names stored in the checkpoint, else
-class ids). A folder contributes every non-hidden file in it, with a progress bar. Preprocessing and flip
-TTA are ``classify``'s own (one prediction path), so top-1 is what the grader would get. A file that
-cannot be read is reported with the reason and has no prediction in the CSV (``classify`` still guesses
-one for it, because the grader needs a label for every file). Writes nothing but ``--csv``.
+Prints each image's top-k species and probabilities (names from the checkpoint, else class ids); a folder gives its
+non-hidden files. Predictions take ``classify``'s own path, so top-1 is what the grader would get. An unreadable file
+is reported with the reason and has no prediction in the CSV (``classify`` would still guess one). Writes only --csv.
 """
 
 from __future__ import annotations
@@ -52,17 +50,14 @@ def predict_files(model: Classifier, files: list[Path], k: int, progress: bool =
         if i in out.unreadable:
             results.append(Prediction(str(f), (), out.unreadable[i]))
             continue
-        top = tuple((int(c), model.name_of(int(c)), float(p)) for c, p in zip(ids[i], values[i]))
+        top = tuple((int(c), model.name_of(int(c)), float(p)) for c, p in zip(ids[i], values[i], strict=True))
         results.append(Prediction(str(f), top))
     return results
 
 
 def write_csv(path: Path, results: list[Prediction], k: int) -> None:
-    """One row per file: file, status, reason, then id, name and probability of each of the top k.
-
-    Written atomically; a file name with bytes that are not UTF-8 is written as those very bytes
-    (``surrogateescape``), so each row still names its file exactly.
-    """
+    """One row per file: file, status, reason, then id, name and probability of each of the top k. Written
+    atomically; a file name that is not UTF-8 is written as its own bytes (``surrogateescape``), naming it exactly."""
     header = ["file", "status", "reason"] + [f"{c}_{r}" for r in range(1, k + 1) for c in ("id", "species", "prob")]
     with atomic_write(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         writer = csv.writer(f)

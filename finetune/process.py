@@ -1,6 +1,5 @@
-"""What training changes process-wide, undone: the random generators, torch's deterministic and thread settings,
-environment variables and the SIGINT handler (:func:`process_state_kept`), and Lightning's warning filters and
-log levels (:func:`quiet_lightning`). ``finetune.train.fine_tune`` leaves the interpreter as it found it."""
+"""What training changes process-wide, undone (:func:`process_state_kept`), and Lightning's warnings and log lines
+silenced for a block (:func:`quiet_lightning`): ``finetune.train.fine_tune`` leaves the interpreter as it found it."""
 
 from __future__ import annotations
 
@@ -16,22 +15,19 @@ import numpy as np
 import torch
 import torch.utils.deterministic
 
-# Lightning's warnings about choices this design makes on purpose: in-process loading (no workers),
-# BatchNorm pinned in eval mode, metrics logged per epoch (with --log-dir); and Lightning >= 2.5's own use of
-# torch APIs that newer torch deprecates (LeafSpec; torch.distributed.nn's all_gather, which Lightning's
-# all_gather calls under DDP), which no configuration of ours can avoid.
+# Lightning's warnings about deliberate choices (in-process loading, BatchNorm pinned in eval mode, per-epoch metrics),
+# and about Lightning >= 2.5's own use of torch APIs that newer torch deprecates (LeafSpec; torch.distributed.nn's
+# all_gather under DDP), which no configuration of ours avoids.
 KNOWN_WARNINGS = (".*does not have many workers.*", ".*module\\(s\\) in eval mode.*", ".*log_every_n_steps.*",
                   ".*LeafSpec.*", ".*all_gather is deprecated.*")
 # Lightning's informational lines (accelerator summary, tips); they go to these loggers at INFO.
 LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
 
 
-
 @contextmanager
 def process_state_kept():
-    """Undo what training changes process-wide: the random generators, torch's deterministic mode, its
-    thread count and cuDNN flags (Lightning's launchers set them), the environment variables Lightning
-    sets (``seed_everything``'s PL_GLOBAL_SEED and PL_SEED_WORKERS, the DDP launcher's), and the SIGINT
+    """Undo what training changes process-wide: the random generators, torch's deterministic mode, thread count and
+    cuDNN flags, the environment variables Lightning sets (``seed_everything``'s, the DDP launcher's), and the SIGINT
     handler (Lightning ignores Ctrl-C once it has seen one)."""
     # Not Lightning's isolate_rng: it does not restore the generators when the block raises (Ctrl-C included).
     rng = random.getstate(), np.random.get_state(), torch.get_rng_state()

@@ -1,15 +1,14 @@
 """Stage one of LP-FT inside stage two: the probe fitted on the cached centre views, folded into every head.
 
-:func:`stage_one` is the one implementation, for the fine-tune (through the :class:`StageOne` callback, inside
-``fit``: under DDP that is the first place the ranks exist, and it runs before the strategy wraps the model)
-and for every cross-validation fold (the same callback, on the fold's rows, whose pooled features the CV
-computes once for all folds: ``fit_pooled``). Every rank's pooled features are
-gathered (they are small), rank 0 fits the probe and broadcasts it, and every rank sets its heads from it.
+The fine-tune and every cross-validation fold run it through the :class:`StageOne` callback inside ``fit``: under DDP
+the first place the ranks exist, before the strategy wraps the model. Every rank's (small) pooled features are
+gathered, rank 0 fits the probe and broadcasts it, and every rank sets its heads from it.
 """
 
 from __future__ import annotations
 
 import time
+from typing import cast
 
 import lightning as L
 import numpy as np
@@ -44,17 +43,17 @@ def stage_one(net: BirdNet, fit_centre: torch.Tensor | None, fit_index: np.ndarr
               pooled: torch.Tensor | None = None) -> FittedProbe:
     """Fit the probe on the centre views of the fit images (every rank's) and initialise every head of ``net``.
 
-    Args:
-        fit_centre: this rank's cached centre activations (n, C, h, w) of its fit images (None with ``pooled``).
-        fit_index: their indices into ``labels``.
-        trainer: the running trainer under DDP (gather and broadcast); None in one process.
-        pooled: :func:`pooled_from_trunk` of ``fit_centre`` with ``net``, if the caller has it already
-            (cross-validation computes every image's once for all its folds).
+    ``fit_centre``: this rank's cached centre activations of its fit images, ``fit_index`` their indices into
+    ``labels``; None when ``pooled`` (:func:`pooled_from_trunk` of them, computed once for many folds) is given.
+    ``trainer`` only under DDP (gather and broadcast).
     """
-    features = (pooled if pooled is not None else pooled_from_trunk(net, fit_centre)).float()
+    if pooled is None:
+        assert fit_centre is not None  # None only when ``pooled`` is given
+        pooled = pooled_from_trunk(net, fit_centre)
+    features = pooled.float()
     index = gather_rows(trainer, torch.as_tensor(fit_index))
     features = gather_rows(trainer, features)
-    fitted = None
+    fitted: FittedProbe | None = None
     if trainer is None or trainer.is_global_zero:
         order = torch.argsort(index).cpu().numpy()  # the global image order, whatever the shards
         X = features.cpu().numpy()[order]
@@ -62,6 +61,7 @@ def stage_one(net: BirdNet, fit_centre: torch.Tensor | None, fit_index: np.ndarr
         fitted = fit_probe(X, y, cfg.probe, cfg.seed)
     if trainer is not None:
         fitted = trainer.strategy.broadcast(fitted, src=0)
+    assert fitted is not None  # rank 0 fitted it and broadcast it to every other rank
     for top in net.tops():
         init_head_from_probe(top.head, fitted.probe)
     return fitted
@@ -83,10 +83,11 @@ class StageOne(Callback):
         if self.fitted is not None:
             return
         start = time.perf_counter()
-        data = trainer.datamodule
+        data = trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning's fit, not declared on Trainer
         world = trainer if trainer.world_size > 1 else None
-        self.fitted = stage_one(pl_module.net, data.fit_centre, data.fit_index, data.labels, pl_module.cfg, world,
-                                data.fit_pooled)
+        net = cast(BirdNet, pl_module.net)  # finetune.module.LPFTModule's
+        cfg = cast(FinetuneConfig, pl_module.cfg)
+        self.fitted = stage_one(net, data.fit_centre, data.fit_index, data.labels, cfg, world, data.fit_pooled)
         if self.keep_start:
-            self.start_state = {k: v.detach().clone() for k, v in pl_module.net.state_dict().items()}
+            self.start_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
         self.seconds = time.perf_counter() - start

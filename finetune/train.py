@@ -1,15 +1,15 @@
 """Stage two end to end: probe-initialised head (LP-FT), cached trunk views, Lightning fine-tuning.
 
-:func:`fine_tune` leaves the interpreter as it found it: Lightning's seeding and deterministic mode are
-undone when it returns (``finetune.process.process_state_kept``), its warning filters and log levels when each fit
-ends (``finetune.process.quiet_lightning``).
+:func:`fine_tune` leaves the interpreter as it found it (``finetune.process``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -19,7 +19,7 @@ from birds_lpft.classifier import Classifier
 from birds_lpft.data.sets import LabelledImages
 from birds_lpft.extract import resolve_precision
 from birds_lpft.memory import reusing_freed_memory
-from birds_lpft.models.net import BirdNet, build_net
+from birds_lpft.models.net import BirdNet, build_net, nonfinite
 from birds_lpft.models.weights import pretrained_net, pretrained_source_head
 from birds_lpft.recipe import FinetuneConfig
 from birds_lpft.utils.timing import Stopwatch
@@ -61,9 +61,7 @@ def trainer_precision(cfg: FinetuneConfig, accelerator: str) -> str:
 def make_trainer(cfg: FinetuneConfig, progress: bool, *, validate: bool, log_dir: Path | None = None,
                  verbose: bool = False, **trainer_kwargs) -> L.Trainer:
     """A Trainer that writes nothing unless ``log_dir`` is given: no logger, no checkpoints, no sanity pass.
-
-    Device flags (accelerator, devices, strategy, num_nodes) pass through ``trainer_kwargs``.
-    """
+    Device flags (accelerator, devices, strategy, num_nodes) pass through ``trainer_kwargs``."""
     callbacks = [TrunkFreeze(), CpuBf16Kernels()]
     if cfg.ema_decay > 0 or cfg.swa > 0:
         from finetune.levers.averaging import WeightAverage  # a lever: loaded only by the recipes that average
@@ -73,7 +71,7 @@ def make_trainer(cfg: FinetuneConfig, progress: bool, *, validate: bool, log_dir
         from finetune.levers.l2sp import TowardsPretrained
 
         callbacks.append(TowardsPretrained(cfg.l2sp))
-    kwargs = dict(
+    kwargs: dict[str, Any] = dict(
         max_epochs=cfg.epochs, logger=_loggers(log_dir), enable_checkpointing=False, enable_model_summary=False,
         num_sanity_val_steps=0, limit_train_batches=cfg.limit_train_batches, limit_val_batches=1.0 if validate else 0,
         deterministic="warn", enable_progress_bar=progress, use_distributed_sampler=False,
@@ -83,10 +81,9 @@ def make_trainer(cfg: FinetuneConfig, progress: bool, *, validate: bool, log_dir
     kwargs.update(trainer_kwargs)
     with quiet_lightning(verbose):  # its accelerator summary and tips
         trainer = L.Trainer(**kwargs)
-    # Deterministic mode also fills every new tensor with NaN, to expose reads of uninitialised memory. No op
-    # here reads memory it did not write (the fast preset's model is bit-identical either way), and the
-    # filling cost every pass of extraction and training a memory write per tensor (docs/speed.md).
-    torch.utils.deterministic.fill_uninitialized_memory = False
+    # Deterministic mode also fills every new tensor with NaN to expose reads of uninitialised memory. No op here
+    # reads such memory (the fast preset trains bit-identically either way), and the filling slows every pass.
+    torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]  # a module property
     return trainer
 
 
@@ -94,13 +91,11 @@ def _loggers(log_dir: Path | None) -> list | bool:
     """Opt-in training curves: a CSVLogger (and TensorBoard's where it is installed) under ``log_dir``."""
     if log_dir is None:
         return False
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
-    loggers = [CSVLogger(log_dir, name="csv")]
-    try:
+    loggers: list[Logger] = [CSVLogger(log_dir, name="csv")]
+    with contextlib.suppress(ModuleNotFoundError):  # tensorboard (or tensorboardX) not installed: CSV only
         loggers.append(TensorBoardLogger(log_dir, name="tensorboard"))
-    except ModuleNotFoundError:  # tensorboard (or tensorboardX) not installed: CSV only
-        pass
     return loggers
 
 
@@ -155,38 +150,34 @@ class Training:
 def train_tops(net: BirdNet, data: TrunkCacheData, cfg: FinetuneConfig, *, inputs: LeverInputs | None = None,
                progress: bool = True, verbose: bool = False, log_dir: Path | None = None,
                **trainer_kwargs) -> Training:
-    """Stage one and then the tail + head of every top of ``net`` (one, or an ensemble's, one fit each), on
-    ``data``: the one training path of the fine-tune, cross-validation and the benchmark; then, where the
-    recipe asks, the student distilled from them or their weight soup (``Training.net``).
-
-    The first fit's ``setup`` extracts the cache (unless ``data`` holds one already) and stage one fits the
-    probe (``finetune.stage_one.StageOne``); each fit starts from the same random state.
-    """
+    """Stage one, then the tail + head of every top of ``net`` (one fit each) on ``data``, then where the recipe asks
+    the student distilled from them or their weight soup (``Training.net``): the one training path of the
+    fine-tune, cross-validation and the benchmark. The first fit's ``setup`` extracts the cache unless ``data``
+    holds one; each fit starts from the same random state."""
     inputs = inputs if inputs is not None else LeverInputs()
     stage = StageOne(keep_start=cfg.distill > 0)
     fits = [(net, member, inputs) for member in range(len(net.tops()))]
     run = _Fits(data, cfg, [stage, *trainer_kwargs.pop("callbacks", [])], progress, verbose, log_dir, trainer_kwargs)
-    # Each step's activations, gradients and kernel workspaces reuse what the last step freed instead of
-    # being faulted in as fresh pages (measured in docs/speed.md), and what was kept goes back to the OS when
-    # training ends. It is this process's setting: ranks that Lightning spawns train without it (slower only).
+    # Each step reuses the memory the last one freed instead of faulting in fresh pages, and what was kept goes
+    # back to the OS at the end. A setting of this process: ranks that Lightning spawns train without it, slower.
     with reusing_freed_memory():
         for fit in fits:
             run(*fit)
         final = net
         if cfg.distill > 0:
+            assert stage.start_state is not None  # keep_start: StageOne kept it in the first fit
             final = one_network(cfg, net, stage.start_state)
             run(final, 0, replace(inputs, teacher=net))
         elif cfg.shipped_members < cfg.members:
-            from finetune.levers.averaging import uniform_soup
-
-            final = one_network(cfg, net, net.state_dict())
-            uniform_soup(net.tops(), into=final.top())
-    broken = [name for name, p in final.named_parameters() if not torch.isfinite(p).all()]
+            final = soup_of(cfg, net)
+    broken = nonfinite(dict(final.named_parameters()))
     if broken:  # an average or a last step that the losses did not show
         raise TrainingDiverged(f"training diverged: {len(broken)} trained tensors are not finite (first: "
                                f"{broken[0]}); lower lr_tail and lr_head")
     seconds = run.seconds - data.setup_seconds - stage.seconds
-    return Training(run.modules, stage.fitted, stage.seconds, seconds, run.trainer, final.eval(), net)
+    assert run.trainer is not None  # every net has a top, so one fit at least ran
+    fitted = cast(FittedProbe, stage.fitted)  # None only in the main process of a ddp_spawn run (its ranks fit it)
+    return Training(run.modules, fitted, stage.seconds, seconds, run.trainer, final.eval(), net)
 
 
 class _Fits:
@@ -203,7 +194,7 @@ class _Fits:
         self.trainer_kwargs = trainer_kwargs
         self.modules: list[LPFTModule] = []
         self.seconds = 0.0
-        self.trainer = None
+        self.trainer: L.Trainer | None = None
 
     def __call__(self, net: BirdNet, member: int, inputs: LeverInputs) -> None:
         self.data.member = member
@@ -215,14 +206,22 @@ class _Fits:
 
 
 def one_network(cfg: FinetuneConfig, net: BirdNet, state: dict) -> BirdNet:
-    """A one-top network of ``net``'s shape holding ``state``'s trunk and first top (an ensemble's other tops
-    left out): the student or the soup's vessel. Built on a forked generator, so the training's random
-    streams stay as they were."""
+    """A one-top network of ``net``'s shape holding ``state``'s trunk and first top: the student or the soup's
+    vessel. Built on a forked generator, so the training's random streams stay as they were."""
     with torch.random.fork_rng(devices=[]):
         one = build_net(replace(cfg.net_config(net.head.out_features), members=1))
     one.load_state_dict({k: v for k, v in state.items() if not k.startswith("extra.")})
     device = next(net.parameters()).device
     return one.to(device).eval()
+
+
+def soup_of(cfg: FinetuneConfig, net: BirdNet) -> BirdNet:
+    """The uniform soup of ``net``'s tops, as one network (``finetune.levers.averaging``)."""
+    from finetune.levers.averaging import uniform_soup  # a lever: loaded only by the recipes that use it
+
+    soup = one_network(cfg, net, net.state_dict())
+    uniform_soup(net.tops(), into=soup.top())
+    return soup
 
 
 def fine_tune(train: LabelledImages, cfg: FinetuneConfig, weights: str = "required", *,
@@ -231,13 +230,9 @@ def fine_tune(train: LabelledImages, cfg: FinetuneConfig, weights: str = "requir
               **trainer_kwargs) -> FinetuneResult:
     """Both stages on ``train``: LP init of the head, then fine-tuning of tail + head.
 
-    Args:
-        weights: see :func:`birds_lpft.models.weights.pretrained_net` ('required', 'if-cached' or 'none').
-        weights_file: a local pretrained weights file to use instead of the cache (checked first).
-        cache_budget: bytes the trunk cache may take on this machine (None: no check).
-        log_dir: write Lightning's CSV (and TensorBoard) logs there; None writes nothing.
-        trainer_kwargs: passed to ``lightning.Trainer`` (e.g. accelerator, devices, strategy). Under DDP
-            each rank extracts and trains on its own shard (see :mod:`finetune.datamodule`).
+    ``weights``: :func:`birds_lpft.models.weights.pretrained_net`'s mode ('required', 'if-cached' or 'none');
+    ``weights_file`` is used instead of the cache. ``cache_budget``: bytes the trunk cache may take on this machine
+    (None: no check). ``trainer_kwargs`` go to ``lightning.Trainer`` (accelerator, devices, strategy, ...).
     """
     with process_state_kept():
         L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -253,6 +248,7 @@ def fine_tune(train: LabelledImages, cfg: FinetuneConfig, weights: str = "requir
             from finetune.levers.test_size import recalibrate  # a lever: loaded only by the recipes that use it
 
             with sw("test size"):
+                assert data.fit_index is not None and data.fit_centre is not None  # the data's setup made them
                 recalibrate(run.net, train.subset(data.fit_index), data.fit_centre, cfg, progress)
         sw.seconds["probe"] = run.stage_one_seconds
         sw.seconds["fine-tune"] = run.seconds

@@ -13,15 +13,7 @@ from pathlib import Path
 from birds_lpft.data.sets import DataError
 from birds_lpft.data.synthetic import load_data
 from birds_lpft.models.weights import WeightsError
-from birds_lpft.utils.cli import (
-    Written,
-    add_weights_args,
-    check_output_file,
-    fail,
-    layout_inputs,
-    run_interruptible,
-    weights_mode,
-)
+from birds_lpft.utils import cli
 from birds_lpft.utils.timing import Stopwatch, peak_rss_mb
 
 from probe.compare import compare, markdown, write_table
@@ -40,32 +32,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=None, help="input side (default: the weights' own)")
     p.add_argument("--precision", default=ProbeConfig.precision, choices=["auto", "bf16", "fp32"])
     p.add_argument("--seed", type=int, default=ProbeConfig.seed)
-    add_weights_args(p)
+    cli.add_weights_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
     args = p.parse_args(argv)
     if args.out is not None and (args.backbones is None or args.out.suffix not in (".md", ".json")):
-        fail(PROG, "--out writes the --backbones table: give --backbones and a .md or .json file")
+        cli.fail(PROG, "--out writes the --backbones table: give --backbones and a .md or .json file")
     if args.backbones and (args.weights is not None or args.allow_download):
-        fail(PROG, f"{'--weights' if args.weights is not None else '--allow-download'} goes with one --backbone; "
+        cli.fail(PROG, f"{'--weights' if args.weights is not None else '--allow-download'} goes with one --backbone; "
                    "--backbones compares the weights each backbone has in the cache")
-    args.weights_mode = weights_mode(PROG, args)
-    check_output_file(PROG, "--out", args.out, layout_inputs(args.data_dir), example="table.md")
+    args.weights_mode = cli.weights_mode(PROG, args)
+    cli.check_output_file(PROG, "--out", args.out, cli.layout_inputs(args.data_dir), example="table.md")
     for name in args.backbones or [args.backbone]:  # every backbone resolved now: a typo costs nothing
         flag = "--backbones" if args.backbones else "--backbone"
         try:
             args.cfg = ProbeConfig(backbone=name, image_size=args.image_size, precision=args.precision,
                                    seed=args.seed)
         except ValueError as err:
-            fail(PROG, f"{flag}: {err}")
+            cli.fail(PROG, f"{flag}: {err}")
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    run_interruptible(lambda written: run(args, written), PROG)
+    cli.run_interruptible(lambda written: run(args, written), PROG)
 
 
-def run(args: argparse.Namespace, written: Written) -> None:
+def run(args: argparse.Namespace, written: cli.Written) -> None:
     sw = Stopwatch()
     try:
         with sw("read data"):
@@ -82,11 +74,12 @@ def run(args: argparse.Namespace, written: Written) -> None:
     if fitted.val_accuracy is not None:
         print(f"validation accuracy: {fitted.val_accuracy:.4f}")
     if result.test_accuracy is not None:
+        assert test is not None  # a test accuracy is only measured on a test set
         print(f"test accuracy:       {result.test_accuracy:.4f}  ({len(test)} images)")
     print(f"time: {sw.report()}, {result.stopwatch.report()}; peak RSS {peak_rss_mb():.0f} MiB")
 
 
-def run_compare(args: argparse.Namespace, train, test, written: Written) -> None:
+def run_compare(args: argparse.Namespace, train, test, written: cli.Written) -> None:
     rows = compare(train, test, args.backbones, args.cfg, random_init=args.random_init, progress=not args.no_progress)
     print(markdown(rows), end="")
     if args.out is not None:

@@ -1,9 +1,8 @@
 """Which backbone? Stage one of each on the same split, side by side (``python -m probe DATA --backbones ...``).
 
-For every backbone: the probe's validation and test accuracy and its chosen C, the pooled feature width, the
-extraction rate, the trunk cache's size per 1,000 images and view at the fine-tune's input size (at the
-backbone's default split), and the weights file used. A backbone whose weights are absent is listed with
-the file to provide, never silently skipped.
+A row per backbone (:data:`COLUMNS`): the probe's accuracies and C, the feature width, the extraction rate, the
+trunk cache's size at the fine-tune's input size and the weights file. A backbone whose weights are absent is
+listed with the file to provide, never silently skipped.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ COLUMNS = (("backbone", "backbone"), ("probe val", "probe_val"), ("probe test", 
 
 def compare(train: LabelledImages, test: LabelledImages | None, names: list[str], cfg: ProbeConfig, *,
             random_init: bool = False, progress: bool = False) -> list[dict]:
-    """One row per backbone name, in order (see the module docstring)."""
+    """One row per backbone name, in order."""
     return [_row(train, test, name, cfg, random_init, progress) for name in names]
 
 

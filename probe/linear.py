@@ -24,8 +24,8 @@ MAX_ITER = 3000  # lbfgs iterations: enough for every C tried to converge on sta
 
 
 def linear_probe(C: float = 0.01, random_state: int = 0, warm_start: bool = False) -> Pipeline:
-    """The probe: features as float64, standardised, then a multinomial LogisticRegression (scikit-learn's own
-    estimators, so ``fit``, ``decision_function``, ``predict``, ``score`` and ``classes_`` are theirs)."""
+    """The probe: features as float64, standardised, then a multinomial LogisticRegression (a scikit-learn
+    Pipeline, so ``fit``, ``decision_function``, ``score`` and ``classes_`` are scikit-learn's own)."""
     return make_pipeline(FunctionTransformer(partial(np.asarray, dtype=np.float64)), StandardScaler(),
                          LogisticRegression(C=C, max_iter=MAX_ITER, random_state=random_state, warm_start=warm_start))
 
@@ -33,8 +33,7 @@ def linear_probe(C: float = 0.01, random_state: int = 0, warm_start: bool = Fals
 def folded_weights(probe: Pipeline) -> tuple[np.ndarray, np.ndarray]:
     """(W, b) acting on raw features: the standardisation folded in (W/sigma, b - W.mu/sigma).
 
-    One row per class in ``classes_`` order, shapes (K, F) and (K,). A binary probe gives rows (0, w): the
-    two-logit softmax equals its predict_proba.
+    Rows in ``classes_`` order; a binary probe gives rows (0, w), whose two-logit softmax equals its predict_proba.
     """
     scaler = probe[-2]
     clf = probe[-1]
@@ -51,14 +50,11 @@ def select_C(
     X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_val: np.ndarray, Cs: Sequence[float],
     random_state: int = 0
 ) -> tuple[float, dict[float, float]]:
-    """Choose C on a validation split by the one-standard-error rule.
+    """Choose C on a validation split by the one-standard-error rule: (chosen C, {C: validation accuracy}).
 
-    With ~10 validation images per class, accuracy is flat across C within its noise, so plain argmax
-    picks at random. The rule takes the smallest C (strongest regularisation) whose accuracy is within
-    one binomial standard error of the best.
-
-    Returns:
-        (chosen C, {C: validation accuracy})
+    With few validation images per class, accuracy is flat across C within its noise, so a plain argmax picks
+    at random; the rule takes the smallest C (strongest regularisation) within one binomial standard error of
+    the best.
     """
     if len(y_val) == 0 or len(Cs) == 1:  # nothing to choose with (e.g. one image per class), or nothing to choose
         return float(Cs[len(Cs) // 2]), {}
@@ -70,9 +66,9 @@ def select_C(
 
 def path_scores(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_val: np.ndarray, Cs: Sequence[float],
                 random_state: int = 0) -> dict[float, float]:
-    """{C: validation accuracy} of probes fitted along the C path, each warm-started from the solution at the
-    next smaller C: the same optimum as a cold fit per C, reached in a fraction of the lbfgs iterations. Only
-    the choice of C uses these fits; the probe that becomes the head is refitted cold (:func:`fit_probe`)."""
+    """{C: validation accuracy} of probes fitted along the C path, each warm-started from the next smaller C's
+    solution: the same optimum as a cold fit, in fewer lbfgs iterations. Only the choice of C uses these fits;
+    the probe that becomes the head is refitted cold (:func:`fit_probe`)."""
     probe = linear_probe(random_state=random_state, warm_start=True)
     scores = {}
     for C in sorted(float(c) for c in Cs):
@@ -104,7 +100,7 @@ def init_head_from_probe(head: nn.Linear, probe: Pipeline) -> nn.Linear:
     """Copy the probe's folded weights into ``head`` so ``head(f)`` equals ``probe.decision_function(f)``.
 
     Raises:
-        ValueError: the probe's classes are not 0..K-1 in order, or shapes disagree with the head.
+        ValueError: the probe's classes are not 0..K-1 in order, or its shape is not the head's.
     """
     k = head.out_features
     if not np.array_equal(np.asarray(probe.classes_), np.arange(k)):

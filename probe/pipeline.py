@@ -13,9 +13,9 @@ from birds_lpft.extract import extract, make_loader
 from birds_lpft.models.net import BirdNet, NetConfig
 from birds_lpft.models.preprocess import DataConfig, EvalTransform, data_config
 from birds_lpft.models.weights import pretrained_net
-from birds_lpft.models.zoo import BackboneSpec, get_spec, input_problem
-from birds_lpft.recipe import MAX_IMAGE_SIZE, PRECISIONS, ProbeFit
-from birds_lpft.utils.settings import ConfigError, check_choice, check_int, require
+from birds_lpft.models.zoo import BackboneSpec, get_spec
+from birds_lpft.recipe import PRECISIONS, ProbeFit, check_size, checked_spec
+from birds_lpft.utils.settings import check_choice, check_int
 from birds_lpft.utils.timing import Stopwatch
 
 from probe.linear import FittedProbe, fit_probe
@@ -23,34 +23,19 @@ from probe.linear import FittedProbe, fit_probe
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    """Stage-one settings.
+    """Stage-one settings."""
 
-    Attributes:
-        backbone: a torchvision model name or ``timm/NAME`` (see ``birds_lpft.models.zoo``).
-        image_size: network input side; None keeps the weights' own (224 for MobileNetV2).
-        probe: how C is chosen and the probe fitted (the fine-tune's LP init uses the same recipe, under the
-            same name: ``FinetuneConfig.probe``).
-        extract_batch_size: images per forward pass (small batches are fastest on a CPU).
-        precision: 'auto' (bf16 where the CPU supports it natively), 'bf16' or 'fp32'.
-        seed: split and solver seed.
-    """
-
-    backbone: str = "mobilenet_v2"
-    image_size: int | None = None
-    probe: ProbeFit = field(default_factory=ProbeFit)
-    extract_batch_size: int = 16
-    precision: str = "auto"
-    seed: int = 0
+    backbone: str = "mobilenet_v2"  # a torchvision model name or timm/NAME
+    image_size: int | None = None  # the input side; None: the weights' own
+    probe: ProbeFit = field(default_factory=ProbeFit)  # the same as the fine-tune's LP init (FinetuneConfig.probe)
+    extract_batch_size: int = 16  # images per forward pass (small batches are fastest on a CPU)
+    precision: str = "auto"  # 'auto' (bf16 where the CPU runs it natively), 'bf16' or 'fp32'
+    seed: int = 0  # of the split and the solver
 
     def __post_init__(self):
-        try:
-            spec = self.spec
-        except ValueError as err:
-            raise ConfigError("backbone", str(err)) from None
+        spec = checked_spec(self)
         if self.image_size is not None:
-            check_int("image_size", self.image_size, spec.min_image_size, MAX_IMAGE_SIZE)
-            problem = input_problem(self.backbone, self.image_size)
-            require(problem is None, "image_size", f"{problem}; choose a size the backbone takes")
+            check_size("image_size", spec, self.image_size)
         check_choice("precision", self.precision, PRECISIONS)
         check_int("extract_batch_size", self.extract_batch_size, 1)
 

@@ -8,8 +8,9 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 # Re-install when a package or a console script (pyproject's [project.scripts]) is missing.
-if ! .venv/bin/python -c "import birds_lpft.tools, probe, finetune, torch, torchvision, lightning, sklearn, pytest, hypothesis, timm" \
-        2>/dev/null || [ ! -x .venv/bin/birds-predict ] || [ ! -x .venv/bin/ruff ]; then
+if ! .venv/bin/python -c "import birds_lpft.tools, probe, finetune, torch, torchvision, lightning, sklearn, pytest, hypothesis, timm, mypy" \
+        2>/dev/null || [ ! -x .venv/bin/birds-predict ] || [ ! -x .venv/bin/ruff ] \
+        || [ ! -x .venv/bin/mypy ]; then
     # torch first and pinned: these releases lie on this machine's disk (a CUDA build that runs on the CPU);
     # elsewhere pip fetches them. The project itself only needs torch>=2.4 (the grader's version).
     .venv/bin/python -m pip install -q ${TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1}

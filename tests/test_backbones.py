@@ -156,7 +156,7 @@ def test_the_grader_interface_trains_the_shipped_recipes_backbone(tmp_path, monk
     monkeypatch.setattr(solution, "SHIPPED_RECIPE", shipped)  # what the build writes into the grader file
     images = make_synthetic(num_classes=3, per_class=4, size=48, seed=0)
     train_dir = write_grader_layout(tmp_path / "data", "train", images)
-    gt = dict(zip(images.names, images.labels.tolist()))
+    gt = dict(zip(images.names, images.labels.tolist(), strict=True))
     with pytest.warns(UserWarning, match="random init"):  # no resnet18 weights here: the smoke run says so
         model = solution.train_classifier(gt, str(train_dir / "images"), fast_train=True)
     assert model.net_cfg.backbone == "resnet18" and model.recipe.image_size == PRESETS["fast"].image_size

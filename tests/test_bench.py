@@ -56,7 +56,7 @@ def test_bench_run_end_to_end_writes_only_the_report(tmp_path, watched, capsys):
     assert results["config"]["fast"]["val_fraction"] == 0.2 and results["config"]["v1"]["image_size"] == 64
     assert classify["images"] == 12 and classify["accuracy"] == pytest.approx(pipeline["test_accuracy"])
     assert results["classes"] == [s.replace("_", " ") for s in SPECIES]
-    wrong = sum(p != y for p, y in zip(pipeline["test_predictions"], pipeline["test_labels"]))
+    wrong = sum(p != y for p, y in zip(pipeline["test_predictions"], pipeline["test_labels"], strict=True))
     assert len(results["top_losses"]) == min(wrong, 16)
     assert sum(pair["count"] for pair in results["most_confused"]) == wrong or len(results["most_confused"]) == 10
     text = (report / "report.md").read_text()

@@ -617,7 +617,7 @@ LABELS = np.repeat(np.arange(6), [2, 3, 10, 25, 1, 7])
 
 def test_split_is_seeded():
     a, b = stratified_split(LABELS, 0.2, seed=0), stratified_split(LABELS, 0.2, seed=0)
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
     c = stratified_split(LABELS, 0.2, seed=1)
     assert not np.array_equal(a[1], c[1])
 
@@ -631,7 +631,7 @@ def test_split_disjoint_covering_stratified(seed, fraction):
     assert (np.diff(train) > 0).all() and (np.diff(val) > 0).all()  # sorted, no repeats
     assert not set(train) & set(val)
     assert sorted(set(train) | set(val)) == list(range(len(labels)))
-    for cls, count in zip(*np.unique(labels, return_counts=True)):
+    for cls, count in zip(*np.unique(labels, return_counts=True), strict=True):
         n_tr, n_va = int((labels[train] == cls).sum()), int((labels[val] == cls).sum())
         if count == 1:
             assert (n_tr, n_va) == (1, 0)  # a singleton stays in training

@@ -4,6 +4,7 @@ that write nothing but ``--out``. Random-init networks and generated images only
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from dataclasses import replace
@@ -351,7 +352,7 @@ def test_warmup_then_cosine(total, warmup):
     after = f[warmup:]
     closed = [0.5 * (1 + math.cos(math.pi * s / max(1, total - warmup))) for s in range(total - warmup + 1)]
     np.testing.assert_allclose(after, closed, atol=1e-12)
-    assert all(b <= a + 1e-15 for a, b in zip(after, after[1:]))
+    assert all(b <= a + 1e-15 for a, b in itertools.pairwise(after))
     assert after[-1] == pytest.approx(0.0, abs=1e-12) and f[total - 1] < 0.03
 
 
@@ -388,7 +389,7 @@ def test_augmented_views_are_seeded_and_differ_across_views():
     torch.rand(1000)  # whatever the global RNG did in between
     second = extract_views(net, images, cache_views(data_cfg, cfg)[1:], cfg, progress=False)
     assert len(first) == len(second) == cfg.views
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         assert a.shape == (len(images), 96, 4, 4) and a.dtype == torch.float32 and a.abs().max() > 0
         assert torch.equal(a, b)  # a view's draws do not depend on which other views share the pass
     assert not torch.equal(first[0], first[1])
@@ -421,7 +422,7 @@ def test_one_pass_gives_the_cache_of_one_pass_per_view_bit_for_bit(tmp_path, siz
     views = cache_views(cfg.data_config(), cfg, rank=1)
     views.insert(1, View("mirror", Mirrored(views[0].transform)))
     fused = extract_views(net, images, views, cfg, progress=False)
-    for name, a, b in zip([v.name for v in views], fused, _one_pass_per_view(net, images, views, cfg)):
+    for name, a, b in zip([v.name for v in views], fused, _one_pass_per_view(net, images, views, cfg), strict=True):
         assert torch.equal(a, b), name
 
 
@@ -433,7 +434,7 @@ def test_view_batches_come_one_view_at_a_time_and_repeat_pass_for_pass():
     assert [(k, idx.tolist()) for _, idx, k in first] == [
         (k, idx) for idx in ([0, 1, 2, 3], [4, 5]) for k in range(3)] and len(batches) == len(first)
     assert all(x.shape == (len(idx), 3, SIZE, SIZE) for x, idx, _ in first)
-    for (a, _, _), (b, _, _) in zip(first, second):
+    for (a, _, _), (b, _, _) in zip(first, second, strict=True):
         assert torch.equal(a, b)  # every stream starts afresh with each pass
     assert not torch.equal(first[1][0], first[2][0])  # the two random views draw apart
 

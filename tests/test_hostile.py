@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hostile_files import encode, hostile_folder, mistyped_exif, png_claiming
 from PIL import Image, ImageOps
 
 from birds_lpft.classifier import Classifier
@@ -20,7 +21,6 @@ from birds_lpft.data.sets import DataError
 from birds_lpft.models.net import NetConfig, build_net
 from birds_lpft.models.preprocess import EvalTransform, TrainTransform, data_config
 from birds_lpft.models.zoo import get_spec
-from birds_lpft.tools.hostile_folder import encode, hostile_folder, mistyped_exif, png_claiming
 
 import solution
 
@@ -87,10 +87,10 @@ def test_ordinary_photos_are_untouched():
 def test_200_megapixel_jpeg_is_drafted_not_refused(tmp_path):
     path = tmp_path / "phone.jpg"
     Image.new("RGB", (16384, 12288), (70, 110, 160)).save(path, quality=80)  # 201 MP, over Pillow's bomb limit
-    assert 16384 * 12288 > 2 * Image.MAX_IMAGE_PIXELS and path.stat().st_size < 5_000_000
+    assert 2 * Image.MAX_IMAGE_PIXELS < 16384 * 12288 and path.stat().st_size < 5_000_000
     limit = Image.MAX_IMAGE_PIXELS
     img = open_rgb(path, min_side=CFG.resize_size)
-    assert Image.MAX_IMAGE_PIXELS == limit  # lifted for the header only, then restored
+    assert limit == Image.MAX_IMAGE_PIXELS  # lifted for the header only, then restored
     assert img.size == (2048, 1536) and img.getpixel((5, 5)) == pytest.approx((70, 110, 160), abs=3)  # 1/8 scale
     assert min(open_rgb(path, min_side=1000).size) >= 2000  # never below twice what the caller needs
 

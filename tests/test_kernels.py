@@ -65,7 +65,8 @@ def test_the_numbers_are_the_bf16_kernels_and_only_the_input_gradient_comes_from
     y0, gx0, gp0 = _step(conv, x, g, kernels=False)
     y1, gx1, gp1 = _step(conv, x, g, kernels=True)
     assert y1.dtype == torch.bfloat16 and torch.equal(y1, y0)  # the forward is autocast's own
-    assert all(torch.equal(a, b) for a, b in zip(gp1, gp0)) and len(gp1) == 1 + bias  # weight (and bias) too
+    assert len(gp1) == 1 + bias  # weight (and bias) too
+    assert all(torch.equal(a, b) for a, b in zip(gp1, gp0, strict=True))
     assert gx1.dtype == gx0.dtype == dtype
     # the input gradient: the same fp32 sums, rounded to bf16 as the bf16 kernel rounds them (at most a tie apart)
     torch.testing.assert_close(gx1, gx0, rtol=2**-7, atol=0)

@@ -40,19 +40,20 @@ def test_folds_are_stratified_disjoint_covering_and_seeded():
     assert len(folds) == 5 and sorted(np.concatenate(held).tolist()) == list(range(len(labels)))
     for tr, va in folds:
         assert not set(tr) & set(va) and len(tr) + len(va) == len(labels)
-        for k, n in zip(range(4), (10, 11, 12, 13)):  # every class in every fold, in proportion
+        for k, n in zip(range(4), (10, 11, 12, 13), strict=True):  # every class in every fold, in proportion
             assert abs(np.sum(labels[va] == k) - n / 5) <= 1
     again = cv.stratified_folds(labels, 5, seed=3)
-    assert all(np.array_equal(a[1], b[1]) for a, b in zip(folds, again))
-    assert not all(np.array_equal(a[1], b[1]) for a, b in zip(folds, cv.stratified_folds(labels, 5, seed=4)))
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(folds, again, strict=True))
+    other = cv.stratified_folds(labels, 5, seed=4)
+    assert not all(np.array_equal(a[1], b[1]) for a, b in zip(folds, other, strict=True))
 
 
 def test_repeated_folds_are_each_seeds_folds_in_turn():
     labels = np.repeat(np.arange(3), [8, 9, 10])
     folds = cv.repeated_folds(labels, 4, [5, 2])
     assert len(folds) == 8
-    for got, want in zip(folds, cv.stratified_folds(labels, 4, 5) + cv.stratified_folds(labels, 4, 2)):
-        assert all(np.array_equal(a, b) for a, b in zip(got, want))
+    for got, want in zip(folds, cv.stratified_folds(labels, 4, 5) + cv.stratified_folds(labels, 4, 2), strict=True):
+        assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
     for part in (folds[:4], folds[4:]):  # each seed's held-out parts cover every image once
         assert sorted(np.concatenate([va for _, va in part]).tolist()) == list(range(len(labels)))
 
@@ -114,7 +115,7 @@ def test_repeated_cv_scores_every_seeds_folds_on_one_cache(tmp_path, monkeypatch
     once = cv.main(argv)
     twice = cv.main([*argv, "--seed", "0", "4", "--out", str(tmp_path / "cv.md")])
     assert len(calls) == 2  # one cache per run, whatever the number of seeds
-    for a, b in zip(once, twice):  # seed 0's folds come first and score as in a one-seed run
+    for a, b in zip(once, twice, strict=True):  # seed 0's folds come first and score as in a one-seed run
         assert len(b["folds"]) == 4 and b["folds"][:2] == a["folds"] and set(b["seed_means"]) == {"0", "4"}
     assert twice[1]["vs_first"]["folds"] == pytest.approx(np.subtract(twice[1]["folds"], twice[0]["folds"]))
     assert "paired over 4 folds" in capsys.readouterr().out and "seeds 0, 4" in (tmp_path / "cv.md").read_text()
@@ -182,7 +183,7 @@ def test_tta_crops_are_cached_once_and_every_scheme_scores_the_same_tails(tmp_pa
                "centre+0.75+1.0", "centre+0.75+1.0 flip"}
     assert all(set(r["tta"]) == schemes for r in rows)
     # the candidate's own score is its scheme's, on the same trained tails (the first two train identically)
-    for row, own in zip(rows, ("centre flip", "centre+1.0 flip", "centre+0.75+1.0")):
+    for row, own in zip(rows, ("centre flip", "centre+1.0 flip", "centre+0.75+1.0"), strict=True):
         assert row["tta"][own]["folds"] == row["folds"]
     assert rows[0]["tta"] == rows[1]["tta"]
 
@@ -317,7 +318,7 @@ def test_gem_is_its_formula_forward_bit_for_bit_and_backward_to_rounding(dtype):
     grads = torch.autograd.grad(y, (x, gem.p), g)
     expected = torch.autograd.grad(y0, (x, gem.p), g)
     assert grads[0].dtype == dtype and (grads[0][x == 0] == 0).all()
-    for got, want in zip(grads, expected):
+    for got, want in zip(grads, expected, strict=True):
         torch.testing.assert_close(got.float(), want.float(), rtol=1e-4, atol=1e-6)
 
 

@@ -113,7 +113,7 @@ def test_two_saves_racing_to_one_path_leave_one_whole_model(tmp_path):
     for _ in range(20):
         barrier = threading.Barrier(2)
 
-        def save(model):
+        def save(model, barrier=barrier):
             barrier.wait()
             model.save(path)
 

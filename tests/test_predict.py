@@ -87,7 +87,7 @@ def test_predict_on_a_mixed_folder_agrees_with_classify(tmp_path, capsys):
     assert [Path(r["file"]).name for r in rows] == files  # one row per file
     with pytest.warns(UserWarning):
         graded = solution.classify(str(model), str(folder))
-    for row, r in zip(rows, results):
+    for row, r in zip(rows, results, strict=True):
         name = Path(r.file).name
         if name == "broken.jpg":
             assert row["status"] == "unreadable" and "broken.jpg" in row["reason"] and row["id_1"] == ""

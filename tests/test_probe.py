@@ -154,7 +154,7 @@ def test_select_C_returns_grid_value_and_scores():
     assert max(scores.values()) > 0.5  # the features are informative
     best = max(scores.values())
     se = np.sqrt(best * (1 - best) / 50)
-    assert C == min(c for c, s in scores.items() if s >= best - se)  # the one-standard-error rule
+    assert min(c for c, s in scores.items() if s >= best - se) == C  # the one-standard-error rule
     assert scores[C] == linear_probe(C).fit(X[:100], y[:100]).score(X[100:], y[100:])
 
 

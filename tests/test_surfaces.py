@@ -118,10 +118,15 @@ def test_a_huge_model_is_refused_without_being_built(data, tmp_path):
     prelude = ("import atexit, resource, sys\n"
                "atexit.register(lambda: print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024))\n"
                "from finetune.__main__ import main; main(sys.argv[1:])")
-    proc = run([str(data), "--random-init", "--backbone", "vit_h_14"], tmp_path, code=prelude)
-    one_line(proc, 2, "vit_h_14", "splits")
-    peak = int(proc.stdout.split("PEAK")[-1])
-    assert peak < 1500, proc.stdout  # MiB: its 2.5 GB of weights were never allocated
+
+    def peak_mib(backbone: str) -> int:
+        proc = run([str(data), "--random-init", "--backbone", backbone], tmp_path, code=prelude)
+        one_line(proc, 2, backbone, "splits")
+        return int(proc.stdout.split("PEAK")[-1])
+
+    # Against a 5 MB model refused the same way, so that what the libraries map in (which differs by machine)
+    # cancels: built, vit_h_14's 2.4 GiB of weights would show.
+    assert peak_mib("vit_h_14") - peak_mib("squeezenet1_0") < 600
 
 
 def test_cv_finds_a_later_candidates_missing_weights_before_the_first_fold(data, tmp_path):

@@ -35,7 +35,7 @@ from birds_lpft.utils.timing import peak_rss_mb
 
 CHECKPOINT = "birds_model.pt"
 PROG = "python -m tools.bench"
-SUBCOMMANDS = ("run", "speed", "backbones")
+COMMANDS = {"speed": bench_speed.speed_main, "backbones": bench_speed.backbones_main}  # and "run", the default
 
 
 # --------------------------------------------------------------------------- run: the steps, each in its own process
@@ -110,9 +110,8 @@ def run_bench(args: argparse.Namespace, configs: dict[str, FinetuneConfig]) -> d
                                               args.out / CHECKPOINT if first else None)
     if test is not None:
         results["classify"] = in_child("classify_step", args.out / CHECKPOINT, args.data_dir / "test")
-    names = read_class_names(args.data_dir / "classes.txt", train.num_classes) or tuple(map(str, range(
-        train.num_classes)))
-    results["classes"] = list(names)
+    names = read_class_names(args.data_dir / "classes.txt", train.num_classes)
+    results["classes"] = list(names or map(str, range(train.num_classes)))
     results["config"] = {name: plain(asdict(cfg)) for name, cfg in configs.items()}
     results["environment"] = bench_report.environment()
     return results
@@ -158,11 +157,9 @@ def parse_run(argv: list[str]) -> tuple[argparse.Namespace, dict[str, FinetuneCo
 def main(argv: list[str] | None = None):
     """Run a subcommand (``run`` where the first argument is none of them)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and argv[0] in SUBCOMMANDS else "run"
-    if command == "speed":
-        return bench_speed.speed_main(argv)
-    if command == "backbones":
-        return bench_speed.backbones_main(argv)
+    command = argv.pop(0) if argv and argv[0] in ("run", *COMMANDS) else "run"
+    if command in COMMANDS:
+        return COMMANDS[command](argv)
     args, configs = parse_run(argv)
     return run_interruptible(lambda written: run(args, configs, written), PROG)
 

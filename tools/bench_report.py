@@ -10,6 +10,7 @@ import os
 import platform
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -69,19 +70,17 @@ def markdown(header, rows) -> str:
 
 def most_confused(pipeline: dict, names: list[str], top: int = 10) -> list[dict]:
     """The (true, predicted) species pairs with the most test mistakes, most first (fastai's ``most_confused``)."""
-    k = len(names)
-    m = np.zeros((k, k), dtype=np.int64)
-    np.add.at(m, (pipeline["test_labels"], pipeline["test_predictions"]), 1)
-    pairs = sorted(((int(m[i, j]), i, j) for i in range(k) for j in range(k) if i != j and m[i, j]),
-                   key=lambda t: (-t[0], t[1], t[2]))
-    return [{"true": names[i], "predicted": names[j], "count": c, "of_true": int(m[i].sum())}
-            for c, i, j in pairs[:top]]
+    labels = pipeline["test_labels"]
+    mistakes = Counter((y, p) for y, p in zip(labels, pipeline["test_predictions"], strict=True) if y != p)
+    pairs = sorted(mistakes.items(), key=lambda pair: (-pair[1], pair[0]))
+    return [{"true": names[i], "predicted": names[j], "count": c, "of_true": labels.count(i)}
+            for (i, j), c in pairs[:top]]
 
 
 def top_losses(pipeline: dict, names: list[str], top: int = 16) -> list[dict]:
     """The test images the model got most confidently wrong: highest probability on a wrong species first."""
     labels, predicted = pipeline["test_labels"], pipeline["test_predictions"]
-    wrong = sorted((i for i, (p, y) in enumerate(zip(predicted, labels)) if p != y),
+    wrong = sorted((i for i, (p, y) in enumerate(zip(predicted, labels, strict=True)) if p != y),
                    key=lambda i: -pipeline["test_p_predicted"][i])
     return [{"file": pipeline["test_names"][i], "true": names[labels[i]], "predicted": names[predicted[i]],
              "p_predicted": pipeline["test_p_predicted"][i], "p_true": pipeline["test_p_true"][i]}
@@ -111,9 +110,8 @@ def write(out: Path, title: str, results: dict) -> None:
         rows = [(p["true"], p["predicted"], p["count"], p["of_true"]) for p in results["most_confused"]]
         parts += ["## Most-confused species (test)", "",
                   markdown(("true species", "predicted as", "mistakes", "of its test images"), rows), ""]
-    parts += ["## Config and machine", "", "```json", json.dumps({"config": results["config"],
-                                                                   "environment": results["environment"]}, indent=2),
-              "```", ""]
+    machine = json.dumps({"config": results["config"], "environment": results["environment"]}, indent=2)
+    parts += ["## Config and machine", "", "```json", machine, "```", ""]
     write_text(out / "report.md", "\n".join(parts))
     print(f"report written to {out / 'report.md'}")
 

@@ -7,14 +7,13 @@ import argparse
 import io
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +26,9 @@ from birds_lpft.extract import autocast
 from birds_lpft.models.net import build_net
 from birds_lpft.recipe import PRESETS, FinetuneConfig, recipe
 from birds_lpft.tools.bench_report import markdown
-from birds_lpft.utils.cli import fail, run_interruptible
+from birds_lpft.utils.cli import check_output_file, fail, run_interruptible
 from birds_lpft.utils.outputs import copy_file, write_text
-from birds_lpft.utils.settings import ConfigError
+from birds_lpft.utils.settings import ConfigError, require
 
 PROG = "python -m tools.bench"
 ROOT = Path(__file__).resolve().parents[1]  # this checkout
@@ -41,26 +40,18 @@ CLASSIFY = ("import sys, time, solution; t = time.perf_counter(); n = len(soluti
 # --------------------------------------------------------------------------- one process, timed
 
 
-@dataclass(frozen=True)
-class Timed:
-    """A finished process: what it printed, its wall seconds and its peak memory (``wait4``'s ru_maxrss)."""
-
-    output: str
-    wall: float
-    peak_mib: float
-
-
-def timed(cmd: list[str], tree: Path) -> Timed:
-    """Run ``cmd`` in ``tree`` with that tree's code first on the path; exit status 0 or a RuntimeError."""
+def timed(cmd: list[str], tree: Path) -> tuple[str, float, float]:
+    """Run ``cmd`` in ``tree`` with that tree's code first on the path: (what it printed, its wall seconds, its
+    peak MiB: ``wait4``'s ru_maxrss), or a RuntimeError where its exit status is not 0."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=tree, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONPATH": str(tree)})
     text = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        code = os.waitstatus_to_exitcode(status)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
         raise RuntimeError(f"{tree}: {' '.join(cmd[:4])} ... exited {code}:\n{text[-3000:]}")
-    return Timed(text, time.perf_counter() - start, usage.ru_maxrss / 1024)
+    return text, time.perf_counter() - start, usage.ru_maxrss / 1024
 
 
 TIME_LINE = re.compile(r"^time: (.*); peak RSS", re.MULTILINE)
@@ -95,7 +86,7 @@ def subset_layout(data: Path, per_class: int | None, scratch: Path) -> Path:
     images = load_split_dir(data, "train")
     counts: dict[int, int] = {}
     rows = ["filename,class_id"]
-    for name, label in zip(images.names, images.labels.tolist()):
+    for name, label in zip(images.names, images.labels.tolist(), strict=True):
         if per_class is None or counts.get(label, 0) < per_class:
             counts[label] = counts.get(label, 0) + 1
             rows.append(f"{name},{label}")
@@ -115,17 +106,17 @@ def one_tree(tree: Path, data: Path, args: argparse.Namespace, model: Path) -> d
     if args.cv is not None:
         cmd = [sys.executable, "-m", "finetune.cv", str(data), "--candidates", args.spec, "--folds", str(args.cv),
                *(["--random-init"] if args.random_init else [])]
-        run = timed(cmd, tree)
-        return {**cv_figures(run.output), "wall s": run.wall, "peak MiB": run.peak_mib}
+        output, wall, peak = timed(cmd, tree)
+        return {**cv_figures(output), "wall s": wall, "peak MiB": peak}
     main = ["bash", "scripts/run.sh"] if args.run_sh else [sys.executable, "-m", "finetune"]
-    run = timed([*main, str(data), "--out", str(model), "--no-progress", *args.settings], tree)
-    out = {f"{k} s": v for k, v in stage_seconds(run.output).items() if k in ("trunk cache", "probe", "fine-tune")}
-    out.update({"wall s": run.wall, "peak MiB": run.peak_mib})
+    output, wall, peak = timed([*main, str(data), "--out", str(model), "--no-progress", *args.settings], tree)
+    out = {f"{k} s": v for k, v in stage_seconds(output).items() if k in ("trunk cache", "probe", "fine-tune")}
+    out.update({"wall s": wall, "peak MiB": peak})
     if (data / "test" / "images").is_dir():
-        clf = timed([sys.executable, "-c", CLASSIFY, str(model), str(data / "test" / "images")], tree)
-        images, seconds = clf.output.split("CLASSIFIED ")[1].split()[:2]
+        output, _, peak = timed([sys.executable, "-c", CLASSIFY, str(model), str(data / "test" / "images")], tree)
+        images, seconds = output.split("CLASSIFIED ")[1].split()[:2]
         out.update({"classify s": float(seconds), "classify img/s": int(images) / float(seconds),
-                    "classify peak MiB": clf.peak_mib})
+                    "classify peak MiB": peak})
     return out
 
 
@@ -155,7 +146,9 @@ def speed_main(argv: list[str]) -> str:
     p.add_argument("--run-sh", action="store_true", help="each tree's scripts/run.sh instead of python -m finetune")
     p.add_argument("--cv", type=int, metavar="K", help="each tree's python -m finetune.cv of the one candidate")
     p.add_argument("--random-init", action="store_true", help="with --cv: no pretrained weights (a smoke run)")
+    p.add_argument("--out", type=Path, help="also write the table here (.md)")
     args = p.parse_intermixed_args(argv)
+    check_output_file(p.prog, "--out", args.out, example="speed.md")
     try:
         recipe(args.preset, args.overrides)  # as each tree's command will read them: a typo fails now
         _check_speed_args(args)
@@ -167,23 +160,21 @@ def speed_main(argv: list[str]) -> str:
 
 
 def _check_speed_args(args: argparse.Namespace) -> None:
-    if args.per_class is not None and args.per_class < 1:
-        raise ConfigError("--per-class", "must be at least 1")
-    if args.rounds < 1:
-        raise ConfigError("--rounds", "must be at least 1")
-    if args.cv is not None and (args.cv < 2 or args.run_sh):
-        raise ConfigError("--cv", "takes K >= 2 folds, and no --run-sh (a CV writes no model)")
-    if args.random_init and args.cv is None:
-        raise ConfigError("--random-init", "goes with --cv (the fine-tune's speed is the pretrained network's)")
-    if args.old is not None and not (args.old / "finetune" / "__main__.py").is_file():
-        raise ConfigError("--old", f"{args.old} is not a checkout of this project (no finetune/__main__.py)")
+    require(args.per_class is None or args.per_class >= 1, "--per-class", "must be at least 1")
+    require(args.rounds >= 1, "--rounds", "must be at least 1")
+    require(args.cv is None or (args.cv >= 2 and not args.run_sh), "--cv",
+            "takes K >= 2 folds, and no --run-sh (a CV writes no model)")
+    require(not args.random_init or args.cv is not None, "--random-init",
+            "goes with --cv (the fine-tune's speed is the pretrained network's)")
+    require(args.old is None or (args.old / "finetune" / "__main__.py").is_file(), "--old",
+            f"{args.old} is not a checkout of this project (no finetune/__main__.py)")
     load_split_dir(args.data_dir, "train")
 
 
 def _speed(args: argparse.Namespace) -> str:
     trees = {"new": ROOT} if args.old is None else {"old": args.old.resolve(), "new": ROOT}
-    scratch = Path(tempfile.mkdtemp(prefix="bench-speed-"))
-    try:
+    with tempfile.TemporaryDirectory(prefix="bench-speed-", ignore_cleanup_errors=True) as tmp:
+        scratch = Path(tmp)
         data = subset_layout(args.data_dir, args.per_class, scratch)
         runs: dict[str, list[dict]] = {tag: [] for tag in trees}
         for r in range(args.rounds):
@@ -191,10 +182,10 @@ def _speed(args: argparse.Namespace) -> str:
                 runs[tag].append(one_tree(tree, data, args, scratch / f"{tag}{r}.pt"))
                 print(f"round {r + 1} {tag}: " + ", ".join(f"{k} {v:.1f}" for k, v in runs[tag][-1].items()
                                                           if k != "folds"), flush=True)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     text = speed_table(runs)
     print(f"\n{text}")
+    if args.out is not None:
+        write_text(args.out, text + "\n")
     return text
 
 
@@ -260,15 +251,19 @@ def backbone_costs(cfg: FinetuneConfig, images: LabelledImages) -> list:
     extraction = len(images) * len(views) / (time.perf_counter() - start)
     per_image = bytes_per_view(net, cfg) * len(views)
     fits = [f"{int(BUDGET_SHARE * gib * 2**30 // per_image):,}" for gib in MACHINES_GIB]
-    return [cfg.backbone, cfg.trunk_split, f"{extraction:.1f}", f"{tail_rate(net, cfg):.1f}",
-            f"{1000 * per_image / 2**20:.0f}", *fits]
+    row = [cfg.backbone, cfg.trunk_split, f"{extraction:.1f}", f"{tail_rate(net, cfg):.1f}",
+           f"{1000 * per_image / 2**20:.0f}", *fits]
+    print(f"{cfg.backbone}: done", flush=True)
+    return row
 
 
 def backbones_main(argv: list[str]) -> str:
     p = argparse.ArgumentParser(prog=f"{PROG} backbones", description="each backbone's costs, random init")
     p.add_argument("args", nargs="*", help="backbone names (default: a spread of families), field=value overrides")
     p.add_argument("--images", type=int, default=48, help="generated photos timed per backbone")
+    p.add_argument("--out", type=Path, help="also write the table here (.md)")
     a = p.parse_args(argv)
+    check_output_file(p.prog, "--out", a.out, example="backbones.md")
     names = [t for t in a.args if "=" not in t] or list(TORCHVISION)
     overrides = [t for t in a.args if "=" in t]
     try:
@@ -278,13 +273,12 @@ def backbones_main(argv: list[str]) -> str:
     images = photos(a.images)
     header = ("backbone", "split", "extraction views/s", "tail views/s", "cache MiB / 1,000 images",
               *(f"images in {g} GiB" for g in MACHINES_GIB))
-    rows = []
-    for cfg in configs:
-        rows.append(backbone_costs(cfg, images))
-        print(f"{cfg.backbone}: done", flush=True)
+    rows = [backbone_costs(cfg, images) for cfg in configs]
     first = configs[0]
     text = (f"{first.image_size} px, 1 + {first.views} views per image, {first.cache_dtype} cache, trunk batch "
             f"{first.extract_batch_size}, tail batch {first.batch_size}; random initialisation\n\n"
             + markdown(header, rows))
     print(text)
+    if a.out is not None:
+        write_text(a.out, text + "\n")
     return text

@@ -2,25 +2,12 @@
 
     python tools/build_submission.py --model birds_model.pt --out submission/
 
-``classification.py`` carries every project module that ``solution.py`` needs, verbatim, in a table
-``MODULES = {module name: (is_package, source)}``, and a small importer over that table
-(:class:`EmbeddedImporter`, copied from this file), which it puts at the front of ``sys.meta_path`` when it
-is imported; it then re-exports ``train_classifier`` and ``classify`` from the embedded ``solution``. Every
-module keeps its own namespace, its imports run unchanged, tracebacks name the module's own file and line,
-and nothing is written to disk.
-
-Which modules: those the import statements reach, read with ``ast`` (module level and inside functions alike;
-``if __name__ == "__main__":`` blocks never run there and are skipped), in two parts:
-
-- classify's: ``solution.py`` and every module its imports outside ``train_classifier`` reach, following
-  each import of those modules wherever it sits. The build proves that this part imports neither Lightning
-  (whose import probes the temp dir with a file) nor scikit-learn, so ``import classification`` and
-  ``classify`` never load them;
-- training's: what the imports inside ``train_classifier`` reach beyond that, loaded by those ordinary
-  imports on its first call.
-
-The build refuses an import of a package the grader does not have (GRADER.md), of a project module that
-does not exist, and of a training-only package in classify's part, naming the file and the line.
+The file carries every project module ``solution.py`` needs, verbatim, in ``MODULES = {name: (is_package,
+source)}``, with a small importer over that table (:class:`EmbeddedImporter`) that it puts first in
+``sys.meta_path``: each module keeps its own namespace, file name and line numbers, and nothing is written.
+The modules are those its imports reach (read with ``ast``), in two parts: classify's, which the build proves
+imports neither Lightning nor scikit-learn, and training's, loaded when ``train_classifier`` first runs. An
+import of a package the grader lacks (GRADER.md), or of a missing module, is refused with its file and line.
 """
 
 from __future__ import annotations
@@ -42,6 +29,8 @@ from birds_lpft.recipe import PRESETS, grader_recipe
 from birds_lpft.utils.cli import check_output_dir, fail
 from birds_lpft.utils.outputs import copy_file, write_text
 
+from finetune.levers import lever_modules
+
 ROOT = Path(__file__).resolve().parent.parent
 ENTRY = "solution"
 TRAINING_FUNCTION = "train_classifier"  # the entry's imports inside it are training's part
@@ -51,17 +40,6 @@ GRADER_PACKAGES = {"torch", "torchvision", "lightning", "pytorch_lightning", "sk
                    "timm", "huggingface_hub", "safetensors", "albumentations", "cv2"}
 # The entry's line that the build rewrites, in its copy in the grader file, to hold the shipped model's recipe.
 RECIPE_LINE = "SHIPPED_RECIPE: dict | None = None\n"
-# Levers a recipe may leave out, each imported only where a recipe that uses it runs, with the test of the
-# recipe (a FinetuneConfig) that says it is needed: a grader file carries only what its model's recipe needs.
-OPTIONAL = {
-    "finetune.levers.averaging": lambda cfg: cfg.ema_decay > 0 or cfg.swa > 0 or cfg.shipped_members < cfg.members,
-    "finetune.levers.mixing": lambda cfg: cfg.mix != "none",
-    "finetune.levers.cotuning": lambda cfg: cfg.cotuning > 0,
-    "finetune.levers.contrastive": lambda cfg: cfg.supcon > 0,
-    "finetune.levers.distill": lambda cfg: cfg.distill > 0,
-    "finetune.levers.l2sp": lambda cfg: cfg.l2sp > 0,
-    "finetune.levers.test_size": lambda cfg: cfg.test_size is not None,
-}
 TRAINING_ONLY = {"lightning", "pytorch_lightning", "sklearn"}  # never imported by `import classification`
 
 
@@ -307,8 +285,9 @@ def with_shipped_recipe(source: str, recipe: dict) -> str:
 
 
 def tailored(plan: Plan, recipes: list) -> Plan:
-    """The plan without the optional levers none of ``recipes`` (the configs the file trains) needs."""
-    unneeded = {name for name, needed in OPTIONAL.items() if not any(needed(cfg) for cfg in recipes)}
+    """The plan without the levers none of ``recipes`` (the configs the file trains) uses: a grader file carries
+    only what its model's recipe needs."""
+    unneeded = set(lever_modules()) - {name for cfg in recipes for name in lever_modules(cfg)}
     return Plan(plan.modules, {k: v for k, v in plan.classify.items() if k not in unneeded},
                 {k: v for k, v in plan.training.items() if k not in unneeded})
 

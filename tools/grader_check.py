@@ -23,6 +23,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from birds_lpft.classifier import Classifier
@@ -31,7 +33,8 @@ from birds_lpft.data.sets import load_split_dir
 # First in every child: the project may be installed in this interpreter (editable: a finder in sys.meta_path),
 # and the single file must not lean on it. A blocking finder goes first in sys.meta_path; the file's own
 # importer then goes in front of it, so its embedded modules load and any other project import fails.
-# ``not_embedded`` (called after the run) names each loaded project module that came from anywhere else.
+# ``not_embedded`` (called after the run) names each loaded project module that came from anywhere else; ``peak``
+# is the child's own peak memory in MiB.
 PROJECT_GUARD = r"""
 import importlib.abc, os, sys
 PROJECT = ("birds_lpft", "probe", "finetune", "solution", "tools")
@@ -54,6 +57,10 @@ def not_embedded(classification):
     specs = {n: getattr(sys.modules[n], "__spec__", None) for n in project_modules()}
     return [n for n, spec in specs.items()
             if spec is None or spec.loader not in loaders or not (spec.origin or "").startswith(own)]
+
+def peak():  # VmHWM: ru_maxrss would include the parent's peak, carried across fork+exec
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) / 1024 for ln in f if ln.startswith("VmHWM:"))
 """
 
 CHILD = PROJECT_GUARD + r"""
@@ -64,9 +71,6 @@ def _blocked(*args, **kwargs):
 socket.socket.connect = socket.socket.connect_ex = socket.create_connection = socket.getaddrinfo = _blocked
 
 data = sys.argv[1]
-def peak():  # VmHWM: ru_maxrss would include the parent's peak, carried across fork+exec
-    with open("/proc/self/status") as f:
-        return next(int(ln.split()[1]) / 1024 for ln in f if ln.startswith("VmHWM:"))
 out = {}
 with open(os.path.join(data, "train", "gt.csv")) as f:
     train_gt = {row[0]: int(row[1]) for row in list(csv.reader(f))[1:]}
@@ -95,11 +99,9 @@ print("GRADER_CHECK " + json.dumps(out))
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     """{relative path: (size, mtime_ns)} for every file and folder under ``root``."""
     found = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = Path(dirpath) / name
-            st = path.lstat()
-            found[str(path.relative_to(root))] = (st.st_size if path.is_file() else 0, st.st_mtime_ns)
+    for path in root.rglob("*"):  # symbolic links listed, not followed (as os.walk does)
+        st = path.lstat()
+        found[str(path.relative_to(root))] = (st.st_size if path.is_file() else 0, st.st_mtime_ns)
     return found
 
 
@@ -111,21 +113,47 @@ def network_prefix() -> list[str]:
     return []
 
 
-def run_child(python: str, data: Path, places: dict[str, Path]) -> tuple[dict, float, str]:
+@contextmanager
+def sandbox(submission: Path, prefix: str) -> Iterator[dict[str, Path]]:
+    """Fresh folders for a child that runs the upload as the grader would: ``workdir`` (a copy of the two built
+    files), ``home``, ``temp`` and ``torch_home`` (so no pretrained weights); removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        places = {name: Path(tmp) / name for name in ("workdir", "home", "temp", "torch_home")}
+        for path in places.values():
+            path.mkdir()
+        for name in ("classification.py", "birds_model.pt"):
+            shutil.copy2(submission / name, places["workdir"] / name)
+        yield places
+
+
+def child_env(places: dict[str, Path]) -> dict[str, str]:
+    """The child's environment: the sandbox's folders, CUDA hidden, no byte-code files, nothing of this tree."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
     env.update(HOME=str(places["home"]), TMPDIR=str(places["temp"]), TORCH_HOME=str(places["torch_home"]),
                CUDA_VISIBLE_DEVICES="", PYTHONDONTWRITEBYTECODE="1", PYTHONNOUSERSITE="1")
+    return env
+
+
+def child_result(proc: subprocess.CompletedProcess, marker: str, failed: str) -> dict:
+    """The JSON the child printed after ``marker``; its output and ``failed`` (exit N) where it failed."""
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(marker + " ")), None)
+    if proc.returncode != 0 or line is None:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+        raise SystemExit(f"{failed} (exit {proc.returncode})")
+    return json.loads(line.split(" ", 1)[1])
+
+
+def run_child(python: str, data: Path, places: dict[str, Path]) -> tuple[dict, float, str]:
     prefix = network_prefix()
     start = time.perf_counter()
+    # The grader has no matplotlib; where this interpreter has it (the benchmark's), Lightning imports it and it
+    # writes its config and font cache: those go to an unwatched folder, the only writes the check forgives.
+    env = {**child_env(places), "MPLCONFIGDIR": str(places["home"].parent / "matplotlib")}
     proc = subprocess.run([*prefix, python, "-c", CHILD, str(data.resolve())], cwd=places["workdir"], env=env,
                           capture_output=True, text=True)
     wall = time.perf_counter() - start
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("GRADER_CHECK ")), None)
-    if proc.returncode != 0 or line is None:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-        raise SystemExit(f"grader_check: the submission failed (exit {proc.returncode})")
     network = "own empty network namespace (unshare -n) + sockets blocked" if prefix else "Python sockets blocked"
-    return json.loads(line.split(" ", 1)[1]), wall, network
+    return child_result(proc, "GRADER_CHECK", "grader_check: the submission failed"), wall, network
 
 
 def own_accuracy(model: Path, data: Path) -> float:
@@ -142,12 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if os.sep in args.python:  # the child runs in another folder: a relative path would not resolve there
         args.python = str(Path(args.python).absolute())
-    with tempfile.TemporaryDirectory(prefix="grader_check_") as tmp:
-        places = {name: Path(tmp) / name for name in ("workdir", "home", "temp", "torch_home")}
-        for path in places.values():
-            path.mkdir()
-        for name in ("classification.py", "birds_model.pt"):
-            shutil.copy2(args.submission / name, places["workdir"] / name)
+    with sandbox(args.submission, "grader_check_") as places:
         before = {name: snapshot(path) for name, path in places.items()}
         out, wall, network = run_child(args.python, args.data_dir, places)
         changed = {name: sorted(set(snapshot(path).items()) ^ set(before[name].items()))
@@ -172,8 +195,7 @@ def report(out: dict, wall: float, network: str, changed: dict, own: float) -> b
     print(f"missing keys: {len(out['missing'])}, non-int labels: {len(out['non_int'])}")
     print(f"project modules loaded: {out['project_modules']}, not from classification.py's embedded table: "
           f"{out['not_embedded'] or 'none'}")
-    shown = json.dumps(writes) if writes else "none"
-    print("files created or changed in workdir, HOME, TMPDIR, TORCH_HOME: " + shown)
+    print(f"files created or changed in workdir, HOME, TMPDIR, TORCH_HOME: {json.dumps(writes) if writes else 'none'}")
     ok = not writes and not out["missing"] and not out["non_int"] and not out["not_embedded"]
     return ok and abs(out["accuracy"] - own) < 1e-12
 

@@ -15,17 +15,15 @@ without an integer label, or any project module that did not come from the file'
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from birds_lpft.data.sets import list_image_files
-from birds_lpft.tools.grader_check import PROJECT_GUARD
+from birds_lpft.tools.grader_check import PROJECT_GUARD, child_env, child_result, sandbox
 
 CHILD = PROJECT_GUARD + r"""
 import json, time
@@ -35,9 +33,7 @@ imported = time.perf_counter() - t
 t = time.perf_counter()
 pred = classification.classify(os.path.abspath("birds_model.pt"), sys.argv[1])
 seconds = time.perf_counter() - t
-with open("/proc/self/status") as f:
-    peak = next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
-print("TRACE_RESULT " + json.dumps({"labels": pred, "import_s": imported, "classify_s": seconds, "peak_mib": peak,
+print("TRACE_RESULT " + json.dumps({"labels": pred, "import_s": imported, "classify_s": seconds, "peak_mib": peak(),
                                     "lightning": "lightning" in sys.modules, "sklearn": "sklearn" in sys.modules,
                                     "project_modules": len(project_modules()),
                                     "not_embedded": not_embedded(classification)}))
@@ -49,33 +45,18 @@ WRITING = re.compile(r"O_CREAT|O_TRUNC|O_WRONLY|O_RDWR"
 
 def writes(trace: str) -> list[str]:
     """The trace lines that create, truncate, open for writing, rename, delete or make something."""
-    found = []
-    for line in trace.splitlines():
-        if WRITING.search(line) and '"/dev/null"' not in line and "= -1" not in line:
-            found.append(line.strip())
-    return found
+    return [line.strip() for line in trace.splitlines()
+            if WRITING.search(line) and '"/dev/null"' not in line and "= -1" not in line]
 
 
 def run(python: str, submission: Path, images: Path, limit_as: str | None) -> tuple[dict, list[str]]:
-    with tempfile.TemporaryDirectory(prefix="trace_writes_") as tmp:
-        work, home, temp = (Path(tmp) / n for n in ("work", "home", "temp"))
-        for d in (work, home, temp):
-            d.mkdir()
-        for name in ("classification.py", "birds_model.pt"):
-            shutil.copy2(submission / name, work / name)
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
-        env.update(HOME=str(home), TMPDIR=str(temp), CUDA_VISIBLE_DEVICES="", PYTHONDONTWRITEBYTECODE="1",
-                   PYTHONNOUSERSITE="1")
-        trace_file = Path(tmp) / "trace.txt"
+    with sandbox(submission, "trace_writes_") as places:
+        trace_file = places["workdir"].parent / "trace.txt"
         inner = ["strace", "-f", "-qq", "-e", f"trace={SYSCALLS}", "-o", str(trace_file), python, "-c", CHILD,
                  str(images.resolve())]
         cmd = ["bash", "-c", f'ulimit -v {limit_as} && exec "$@"', "_", *inner] if limit_as else inner
-        proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("TRACE_RESULT ")), None)
-        if proc.returncode != 0 or line is None:
-            sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
-            raise SystemExit(f"trace_writes: the child failed (exit {proc.returncode})")
-        return json.loads(line.split(" ", 1)[1]), writes(trace_file.read_text())
+        proc = subprocess.run(cmd, cwd=places["workdir"], env=child_env(places), capture_output=True, text=True)
+        return child_result(proc, "TRACE_RESULT", "trace_writes: the child failed"), writes(trace_file.read_text())
 
 
 def kib(text: str) -> str:

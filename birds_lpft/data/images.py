@@ -1,9 +1,8 @@
 """Decoding untrusted image files into 8-bit RGB, with bounded memory and time whatever the file holds.
 
-Every stage reads images through :func:`open_rgb` and :class:`ImageDataset`, so training and ``classify``
-see the same pixels. A file that cannot be decoded raises :class:`~birds_lpft.data.sets.DataError` naming it;
-``ImageDataset(on_error="blank")`` turns that into a warning and a blank image instead, for ``classify``,
-where every file must get a label (a missing key scores zero at the grader).
+Every stage reads through :func:`open_rgb` and :class:`ImageDataset`, so training and ``classify`` see the same
+pixels. An undecodable file raises :class:`~birds_lpft.data.sets.DataError` naming it, or, for ``classify`` (where a
+missing key scores zero at the grader), becomes a warning and a blank image.
 """
 
 from __future__ import annotations
@@ -22,10 +21,8 @@ from torch.utils.data import Dataset
 
 from birds_lpft.data.sets import DataError, Source
 
-# Beyond this aspect ratio the long side is cut to the middle before resizing: a 40000x1 strip would
-# otherwise be resized to 14.6M x 366 pixels. The centre crop only ever sees the middle; a training crop
-# (ratio 3/4..4/3) could have come from the ends, which are lost, but no bird photo is this elongated
-# (birds50-a's most is 2.5:1), so ordinary images are never touched.
+# Beyond this aspect ratio the long side is cut to its middle before resizing, which would otherwise blow a thin
+# strip up to an enormous image. Only a training crop could have used the lost ends; no bird photo is this elongated.
 MAX_ASPECT = 4.0
 # A large image is decoded (JPEG draft) or shrunk (reduce) to no less than this many times the side the
 # resize needs, so the resize keeps antialiasing from real pixels.
@@ -40,18 +37,10 @@ _EXIF_ORIENTATION_TAG = 0x0112
 def open_rgb(source: Source, name: str | None = None, *, min_side: int | None = None) -> Image.Image:
     """Open an image as 8-bit RGB with its EXIF orientation applied.
 
-    Handles grayscale, palette, alpha (composited on white), CMYK, 16-bit and float images in any format
-    Pillow reads. A JPEG at least 4x larger than needed is decoded at the smallest DCT scale (1/2, 1/4, 1/8)
-    that keeps twice ``min_side``, which bounds the memory of a 200-megapixel photo and is faster; other
-    formats above Pillow's decompression-bomb limit are refused.
-
-    Args:
-        source: a path or the encoded bytes.
-        name: how messages name the file (default: the path).
-        min_side: the shorter side the caller needs (None: decode at full size).
-
-    Raises:
-        DataError: the file is missing, not a regular file, too large or not a decodable image.
+    Handles grayscale, palette, alpha (composited on white), CMYK, 16-bit and float images in any format Pillow
+    reads. Given ``min_side`` (the shorter side the caller needs), a large image is decoded small (JPEG) or shrunk
+    early to no less than ``OVERSAMPLE`` times it, which bounds memory; what is still over Pillow's
+    decompression-bomb limit is refused. Every failure is a DataError naming the file (``name``, default the path).
     """
     label = name or ("<bytes>" if isinstance(source, bytes) else str(source))
     try:
@@ -76,20 +65,19 @@ def open_rgb(source: Source, name: str | None = None, *, min_side: int | None = 
 def open_rgb_many(source: Source, name: str | None, min_sides: Sequence[int | None]) -> list[Image.Image]:
     """:func:`open_rgb` at each of ``min_sides``, decoding the file once per distinct decoding.
 
-    Views that need different sides usually decode alike (an image under 4x the larger need is decoded at
-    full size for both), so the file is decoded once and the same image is returned for them; where the
-    draft scale or reduction differs, each gets exactly the pixels ``open_rgb`` would give it alone.
+    Sides that decode alike (usually all of them: an image too small to draft or reduce decodes at full size)
+    share one image; otherwise each gets exactly the pixels ``open_rgb`` would give it alone.
     """
     label = name or ("<bytes>" if isinstance(source, bytes) else str(source))
     try:
         with _opened(source, label) as img:
-            keys = [_decoding(img, side) for side in min_sides]
+            keys: list[tuple | int] = [_decoding(img, side) for side in min_sides]
     except DataError:
         raise
     except Exception:  # noqa: BLE001 - let open_rgb raise its own DataError, naming the file
         keys = list(range(len(min_sides)))
     decoded: dict = {}
-    for key, side in zip(keys, min_sides):
+    for key, side in zip(keys, min_sides, strict=True):
         if key not in decoded:
             decoded[key] = open_rgb(source, name, min_side=side)
     return [decoded[key] for key in keys]
@@ -109,8 +97,8 @@ def _decoding(img: Image.Image, min_side: int | None) -> tuple:
 def _opened(source: Source, label: str) -> Iterator[Image.Image]:
     """``Image.open`` with the decompression-bomb check deferred to :func:`_check_pixels`.
 
-    Pillow checks the declared size inside ``open``, before ``draft`` could shrink a large JPEG; the limit
-    is lifted for the ``open`` call alone (which only reads the header) and restored at once.
+    Pillow checks the declared size inside ``open``, before ``draft`` could shrink a large JPEG, so the limit is
+    lifted for that header-only call alone.
     """
     if isinstance(source, (str, os.PathLike)):
         mode = os.stat(source).st_mode  # raises FileNotFoundError for a missing or dangling path
@@ -127,30 +115,28 @@ def _opened(source: Source, label: str) -> Iterator[Image.Image]:
 
 
 def _draft(img: Image.Image, min_side: int) -> None:
-    """Let a JPEG at least 4x larger than needed decode at a reduced DCT scale (1/2, 1/4 or 1/8) that keeps
-    at least twice the needed side: the resize that follows still has 2x to antialias from, and every
-    image under 4x the need decodes exactly as before (birds50-a's 500 px photos at any preset)."""
+    """Let a JPEG ``2 * OVERSAMPLE`` times larger than needed or more decode at a reduced DCT scale that keeps
+    ``OVERSAMPLE`` times the needed side, so the resize still antialiases from real pixels."""
     request = _draft_request(img, min_side) if img.format == "JPEG" else None
     if request is not None:
         img.draft("RGB", request)
 
 
 def _draft_request(img: Image.Image, min_side: int) -> tuple[int, int] | None:
-    """The size :func:`_draft` asks a JPEG's decoder for, or None where the image is under 4x the need."""
+    """The size :func:`_draft` asks a JPEG's decoder for, or None where the image is too small to draft."""
     w, h = img.size
     scale = OVERSAMPLE * min_side / max(1, min(w, h))
     return (math.ceil(w * scale), math.ceil(h * scale)) if scale <= 0.5 else None
 
 
 def _reduce_factor(img: Image.Image, min_side: int) -> int:
-    """The integer shrink that keeps at least twice ``min_side`` (:func:`_reduced` applies it from 2)."""
+    """The integer shrink that keeps at least ``OVERSAMPLE`` times ``min_side`` (:func:`_reduced` applies it from 2)."""
     return min(img.size) // max(1, OVERSAMPLE * min_side)
 
 
 def _reduced(img: Image.Image, min_side: int) -> Image.Image:
-    """A non-JPEG at least 4x larger than needed, shrunk by an integer box filter to at least twice the
-    needed side (what ``draft`` does for a JPEG), before the mode conversions, which hold several
-    full-size copies at once."""
+    """A large non-JPEG box-shrunk to ``OVERSAMPLE`` times the needed side or more (what ``draft`` does for a JPEG),
+    before the mode conversions, which hold several full-size copies at once."""
     factor = _reduce_factor(img, min_side)
     if img.format == "JPEG" or factor < 2 or img.mode not in ("L", "LA", "RGB", "RGBA", "I", "F", "P", "1"):
         return img
@@ -168,8 +154,8 @@ def _check_pixels(img: Image.Image, label: str) -> None:
 def _orientation(img: Image.Image, label: str) -> Image.Transpose | None:
     """The transpose that turns the image upright by its EXIF orientation tag, or None.
 
-    Only the orientation is read, unlike ``ImageOps.exif_transpose``, which also rewrites the EXIF block and
-    raises on a mistyped tag in it. An unreadable EXIF block leaves the pixels as stored, with a warning.
+    Unlike ``ImageOps.exif_transpose``, which rewrites the EXIF block and raises on a mistyped tag, only the
+    orientation is read; an unreadable EXIF block leaves the pixels as stored, with a warning.
     """
     try:
         orientation = img.getexif().get(_EXIF_ORIENTATION_TAG)
@@ -221,15 +207,10 @@ def as_data_error(err: Exception, name: str) -> DataError:
 class ImageDataset(Dataset):
     """``(transform(image), index)`` per source; images are decoded on access, never cached on disk.
 
-    Args:
-        sources, names: the images and the names messages use for them.
-        transform: a preset from :mod:`birds_lpft.models.net`; its ``min_side`` (if any) bounds JPEG decoding.
-        on_error: 'raise' (training: a :class:`DataError` naming the file) or 'blank' (``classify``: any
-            ``Exception`` while reading or preprocessing a file gives a warning naming it and a blank,
-            mean-grey image, so that the file still gets a prediction).
-
-    Attributes:
-        failures: {index: why} for each image replaced by a blank one so far.
+    ``transform`` is a preset from :mod:`birds_lpft.models.net`; its ``min_side`` (if any) bounds decoding.
+    ``on_error='raise'`` (training) raises a :class:`DataError` naming the file; ``'blank'`` (``classify``) turns any
+    ``Exception`` into a warning and a mean-grey image, so the file still gets a prediction, and records it in
+    ``failures`` ({index: why}).
     """
 
     def __init__(self, sources: Sequence[Source], names: Sequence[str], transform: Callable, *,

@@ -1,7 +1,6 @@
-"""Untrusted label input, checked at a cost bounded whatever it holds: the grader's ``gt.csv``, the file
-names and class ids of a ``{filename: class id}`` mapping, and a labelled set's class ids.
-
-:class:`DataError` is defined here, the bottom of the data layer; callers import it from :mod:`birds_lpft.data.sets`.
+"""Untrusted label input, checked at a cost bounded whatever it holds: the grader's ``gt.csv``, the keys and class
+ids of a ``{filename: class id}`` mapping, and a labelled set's class ids. :class:`DataError` lives here, at the bottom
+of the data layer; callers import it from :mod:`birds_lpft.data.sets`.
 """
 
 from __future__ import annotations
@@ -16,10 +15,10 @@ from pathlib import Path
 import numpy as np
 
 GT_HEADER = ("filename", "class_id")
-# Class ids are 0..MAX_CLASS_ID-1. An id sizes things (K = max + 1 head rows, the list of absent ids), so one
-# bad row must not decide an allocation; world bird lists name ~11,000 species, a tenth of the bound.
+# Class ids are 0..MAX_CLASS_ID-1. An id sizes allocations (K = max + 1 head rows, the list of absent ids), so one
+# bad row must not decide one; the bound is well above the number of bird species in the world.
 MAX_CLASS_ID = 100_000
-# Longer label strings are refused before int() sees them: no cost, and no 4300-digit ValueError.
+# Longer label strings are refused unparsed: no parsing cost, and never Python's digit-limit ValueError.
 _MAX_LABEL_CHARS = 32
 # Characters that would make ``img_dir / name`` leave the folder, or fail (NUL), instead of naming a file in it.
 _NOT_IN_NAMES = ("/", "\\", "\x00")
@@ -40,8 +39,7 @@ def _shown(value: object) -> str:
 def read_gt(csv_path: str | os.PathLike) -> dict[str, int]:
     """Read a grader ``gt.csv`` (UTF-8, header ``filename,class_id``) into ``{filename: class id}``.
 
-    Raises:
-        DataError: missing file, not UTF-8, bad header or row, duplicate, bad file name or class id.
+    Any fault (missing file, encoding, header, row, duplicate, file name, class id) is a DataError naming the line.
     """
     path = Path(csv_path)
     if not path.is_file():
@@ -126,7 +124,7 @@ def parse_label(value: object, where: str) -> int:
     return label
 
 
-def _whole(value: float | str) -> int | None:
+def _whole(value: float | np.floating | str) -> int | None:
     """The int a float or a numeric string stands for when it is a whole finite number ('3', '3.0'), else None."""
     try:
         number = float(value)
@@ -147,13 +145,8 @@ def _range_error(label: int, where: str) -> DataError:
 def check_labels(labels: np.ndarray, where: str, num_classes: int | None = None) -> int:
     """Check class ids (named ``where`` in messages) and return K.
 
-    Args:
-        num_classes: None for a training set: labels must be exactly 0..K-1, each present, K = max + 1.
-            The training set's K for a test set: labels must lie in 0..K-1; absent species are fine.
-
-    Raises:
-        DataError: a label outside 0..MAX_CLASS_ID-1 (0..K-1 for a test set), or a training set with
-            under two classes or a class without images.
+    ``num_classes`` is None for a training set, whose labels must be exactly 0..K-1 (K = max + 1 >= 2), each present;
+    for a test set it is the training set's K, and labels must lie in 0..K-1 but may leave species out.
     """
     labels = np.asarray(labels)
     if labels.size and not np.issubdtype(labels.dtype, np.integer):

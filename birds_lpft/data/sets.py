@@ -1,8 +1,7 @@
 """Data layer: the grader's layout (``gt.csv`` + an image folder) read into a checked, sorted labelled set.
 
-Every bad input raises :class:`DataError` naming the file and the fix, so nothing is silently dropped.
-Parsing the untrusted labels (``gt.csv``, file names, class ids) is :mod:`birds_lpft.data.labels`; decoding the
-images themselves is :mod:`birds_lpft.data.images`.
+Every bad input raises :class:`DataError` naming the file and the fix, so nothing is silently dropped. Label parsing
+is in :mod:`birds_lpft.data.labels`, image decoding in :mod:`birds_lpft.data.images`.
 """
 
 from __future__ import annotations
@@ -11,29 +10,23 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 
-# GT_HEADER, MAX_CLASS_ID, DataError, check_labels and read_gt are re-exported (the "as" form says so to the
-# linter): callers import the data layer from here.
+# Re-exported: callers import the data layer from here ("as" tells the linter GT_HEADER, unused here, is exported).
 from birds_lpft.data.labels import GT_HEADER as GT_HEADER
 from birds_lpft.data.labels import MAX_CLASS_ID, DataError, check_labels, check_name, parse_label, read_gt
 
 # An image source is a file on disk or encoded bytes held in RAM (the generated demo set).
-Source = Union[Path, bytes]
+Source = Path | bytes
 
 
 @dataclass(frozen=True)
 class LabelledImages:
     """A labelled image set in a fixed, sorted order.
 
-    Attributes:
-        names: file names, sorted.
-        sources: a path or encoded bytes per name.
-        labels: int64 class ids 0..K-1, aligned with ``names``.
-        num_classes: K.
-        class_names: a species name per class id, where the data has them (``classes.txt``).
+    ``labels`` are int64 class ids 0..``num_classes``-1 aligned with the sorted ``names``; ``class_names`` gives a
+    species name per class id where the data has them (``classes.txt``).
     """
 
     names: tuple[str, ...]
@@ -45,7 +38,7 @@ class LabelledImages:
     def __len__(self) -> int:
         return len(self.names)
 
-    def subset(self, index: Sequence[int]) -> "LabelledImages":
+    def subset(self, index: Sequence[int] | np.ndarray) -> LabelledImages:
         index = sorted(int(i) for i in index)
         return LabelledImages(
             tuple(self.names[i] for i in index),
@@ -78,13 +71,8 @@ def labelled_from_gt(gt: Mapping[str, object], img_dir: str | os.PathLike, where
                      num_classes: int | None = None) -> LabelledImages:
     """Check a ``{filename: label}`` mapping against an image folder and build a :class:`LabelledImages`.
 
-    Args:
-        gt: plain file name inside ``img_dir`` -> class id (an int or an integer-looking str).
-        where: the file or argument ``gt`` came from, named in every message.
-        num_classes: None for a training set, the training set's K for a test set (see :func:`check_labels`).
-
-    Raises:
-        DataError: empty folder or mapping, a bad key, a bad label, a listed image that is missing.
+    Keys are plain file names inside ``img_dir``, labels ints or integer-looking strs; ``where`` (the file or argument
+    ``gt`` came from) is named in every message; ``num_classes`` is as for :func:`check_labels`.
     """
     img_dir = Path(img_dir)
     if not img_dir.is_dir():
@@ -125,8 +113,7 @@ def _checked_names(gt: object, where: str) -> list[str]:
 def load_split_dir(root: str | os.PathLike, split: str, num_classes: int | None = None) -> LabelledImages:
     """Read ``root/split/gt.csv`` and ``root/split/images`` (the grader layout), with ``root/classes.txt``'s names.
 
-    ``num_classes`` is None for the training split, the training split's K for a test split, whose labels
-    must lie in 0..K-1 but may leave species out (see :func:`check_labels`).
+    ``num_classes`` is as for :func:`check_labels`: None for the training split, its K for a test split.
     """
     root = Path(root)
     gt_path = root / split / "gt.csv"
@@ -148,22 +135,20 @@ def list_image_files(img_dir: str | os.PathLike) -> list[Path]:
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded stratified train/validation indices.
+    """Seeded stratified train/validation indices: (train_index, val_index), each sorted.
 
-    Every class with two or more images keeps at least one on each side; a class with a single image
-    stays in training.
-
-    Returns:
-        (train_index, val_index), each sorted.
+    Every class with two or more images keeps at least one on each side; a single-image class stays in training.
+    Hand-written because scikit-learn's ``train_test_split(stratify=)`` refuses a class of one image and a held-out
+    part smaller than the number of classes, both of which a user's small set may have.
     """
     labels = np.asarray(labels)
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     rng = np.random.default_rng(seed)
     classes, counts = np.unique(labels, return_counts=True)
-    train_idx = []
-    val_idx = []
-    for cls, count in zip(classes, counts):
+    train_idx: list[int] = []
+    val_idx: list[int] = []
+    for cls, count in zip(classes, counts, strict=True):
         members = np.flatnonzero(labels == cls)
         rng.shuffle(members)
         n_val = 0 if count < 2 else min(count - 1, max(1, int(round(count * val_fraction))))

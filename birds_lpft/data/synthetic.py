@@ -1,8 +1,7 @@
 """A small generated image set: the demo default when no dataset is given (:func:`load_data`), and the tests' data.
 
-Each class is a coloured shape on a textured background, so a pretrained backbone separates the
-classes easily and a random one still runs the whole pipeline. Images are JPEG bytes held in RAM;
-:func:`write_grader_layout` lays them out on disk (for tests, in ``tmp_path``).
+Each class is a coloured shape on a textured background, easy for a pretrained backbone and enough for a random one
+to run the whole pipeline. Images are JPEG bytes in RAM; :func:`write_grader_layout` lays them out on disk.
 """
 
 from __future__ import annotations
@@ -57,9 +56,9 @@ def write_grader_layout(root: Path, split: str, images: LabelledImages) -> Path:
     """Write ``root/split/gt.csv`` and ``root/split/images/`` (the grader layout); return ``root/split``."""
     image_dir = root / split / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
-    for name, source in zip(images.names, images.sources):
+    for name, source in zip(images.names, images.sources, strict=True):
         write_bytes(image_dir / name, source if isinstance(source, bytes) else Path(source).read_bytes())
-    rows = "".join(f"{n},{int(y)}\n" for n, y in zip(images.names, images.labels))
+    rows = "".join(f"{n},{int(y)}\n" for n, y in zip(images.names, images.labels, strict=True))
     write_text(root / split / "gt.csv", "filename,class_id\n" + rows)
     return root / split
 
@@ -67,8 +66,7 @@ def write_grader_layout(root: Path, split: str, images: LabelledImages) -> Path:
 def load_data(data_dir: Path | None) -> tuple[LabelledImages, LabelledImages | None]:
     """(train, test or None) from a grader-layout folder, or the generated demo set when ``data_dir`` is None.
 
-    The test split is checked against the training split's K: its labels must be training class ids, but
-    a small test split may lack a species or two (one line says so).
+    Test labels must be training class ids, but a small test split may lack a species or two (one line says so).
     """
     if data_dir is None:
         print("no DATA_DIR given: using a small generated set (4 shapes x 24 images)")

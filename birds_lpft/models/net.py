@@ -1,8 +1,5 @@
-"""The network built on a backbone: trunk -> tail -> pool -> head.
-
-Backbones are named as torchvision or timm name them (:mod:`birds_lpft.models.zoo` derives how each is split);
-preprocessing derived from the backbone's weights is :mod:`birds_lpft.models.preprocess`.
-"""
+"""The network built on a backbone: trunk -> tail -> pool -> head (:mod:`birds_lpft.models.zoo` derives how each
+backbone is split)."""
 
 from __future__ import annotations
 
@@ -10,6 +7,7 @@ import copy
 import math
 from dataclasses import dataclass
 from functools import cached_property
+from typing import cast
 
 import torch
 from torch import nn
@@ -20,8 +18,8 @@ from birds_lpft.models.zoo import BackboneSpec, get_spec
 class GeM(nn.Module):
     """Generalised-mean pooling (Radenovic et al. 2018): (mean over space of x^p)^(1/p), p learnt.
 
-    p = 1 is average pooling and p -> infinity max pooling; in between it weights the strongest, most
-    local responses more, which suits fine-grained classes told apart by small parts. (B, F, h, w) -> (B, F).
+    Between average (p = 1) and max pooling (p -> infinity), it weights the strongest, most local responses more,
+    which suits fine-grained classes told apart by small parts. (B, F, h, w) -> (B, F).
     """
 
     def __init__(self, p: float = 3.0, eps: float = 1e-6):
@@ -34,9 +32,8 @@ class GeM(nn.Module):
 
 
 class _GeMPool(torch.autograd.Function):
-    """GeM's forward as its formula, with its backward written out: the gradient autograd derives from the
-    formula, in a third of the elementwise passes over the (B, F, h, w) maps (they were a seventh of a bf16
-    tail step), and without the branch through ``top``, whose gradient is zero since GeM is homogeneous."""
+    """GeM with its backward written out: autograd's gradient in fewer elementwise passes over the (B, F, h, w)
+    maps (a visible share of a tail step), without the branch through ``top`` (zero: GeM is homogeneous)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: torch.Tensor, eps: float) -> torch.Tensor:
@@ -72,11 +69,8 @@ def make_pool(pooling: str) -> nn.Module:
 
 
 class TailHead(nn.Module):
-    """The trainable top of the network: tail blocks, pooling, dropout and head (a view of the modules it is
-    given, so training it trains the network that holds them).
-
-    ``forward_tail`` (B, C, h', w') trunk activations, e.g. fp16 from the cache -> (B, F, h, w) maps;
-    ``forward_head`` pools and classifies them -> (B, K) logits (or (B, F) features with ``pre_logits``).
+    """The trainable top of the network: tail blocks, pooling, dropout and head (the very modules it is given, so
+    training it trains the network that holds them). Its forwards are :class:`BirdNet`'s of the same names.
     """
 
     def __init__(self, tail: nn.Sequential, pool: nn.Module, dropout: nn.Dropout, head: nn.Linear):
@@ -87,7 +81,7 @@ class TailHead(nn.Module):
         self.head = head
 
     def forward_tail(self, a: torch.Tensor) -> torch.Tensor:
-        a = a.float().contiguous(memory_format=torch.channels_last)  # ~20% faster tail training on a CPU
+        a = a.float().contiguous(memory_format=torch.channels_last)  # the layout the net's convolutions run fastest in
         return self.tail(a)
 
     def forward_head(self, maps: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -119,8 +113,8 @@ class BirdNet(nn.Module):
         self.head = nn.Linear(width, num_classes)
 
     def top(self) -> TailHead:
-        """Tail, pooling, dropout and head: the very modules the net holds. (The wrapper is made on each call, a
-        few microseconds: registering it would duplicate the state dict.)"""
+        """Tail, pooling, dropout and head: the very modules the net holds (wrapped on each call, since registering
+        the wrapper would duplicate the state dict)."""
         return TailHead(self.tail, self.pool, self.dropout, self.head)
 
     def tops(self) -> list[TailHead]:
@@ -150,8 +144,7 @@ class BirdNet(nn.Module):
 class EnsembleNet(BirdNet):
     """A :class:`BirdNet` whose ``extra`` holds ``members - 1`` more tails and heads.
 
-    Member 0 is the net's own tail and head, so the state dict is a single model's plus ``extra.*`` (the
-    layout checkpoints have always had).
+    Member 0 is the net's own tail and head, so the state dict is a single model's plus ``extra.*``.
     """
 
     def __init__(self, *args, members: int, **kwargs):
@@ -166,7 +159,7 @@ class EnsembleNet(BirdNet):
 
     def member(self, i: int) -> TailHead:
         """Member ``i``'s tail and head: the very modules the net holds, so training them trains the net."""
-        return self.top() if i == 0 else self.extra[i - 1]
+        return self.top() if i == 0 else cast(TailHead, self.extra[i - 1])  # ``extra`` holds copies of top()
 
     def tops(self) -> list[TailHead]:
         return [self.member(i) for i in range(self.members)]
@@ -182,8 +175,7 @@ class EnsembleNet(BirdNet):
 
 @dataclass(frozen=True)
 class NetConfig:
-    """Everything needed to rebuild a :class:`BirdNet` without downloading anything (derived from a recipe:
-    ``birds_lpft.recipe.FinetuneConfig.net_config``)."""
+    """Everything needed to rebuild a :class:`BirdNet` without downloading (``FinetuneConfig.net_config``)."""
 
     backbone: str
     num_classes: int
@@ -207,12 +199,16 @@ def trunk_bytes(net: BirdNet, image_size: int, dtype: torch.dtype = torch.float1
     return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
 
 
-def build_net(cfg: NetConfig, state_dict: dict | None = None) -> BirdNet:
-    """Build a randomly initialised :class:`BirdNet` (an ensemble's, ``birds_lpft.models.net.EnsembleNet``, when
-    ``cfg.members`` > 1); ``state_dict`` holds backbone weights to load first.
+def nonfinite(state: dict[str, torch.Tensor]) -> list[str]:
+    """The names of a state dict's floating-point tensors that hold NaN or infinite values."""
+    return [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
 
-    ``state_dict`` is a torchvision state dict for the whole backbone (e.g. the pretrained file); the
-    head is always new. To restore a trained BirdNet, call ``load_state_dict`` on the result instead.
+
+def build_net(cfg: NetConfig, state_dict: dict | None = None) -> BirdNet:
+    """Build a randomly initialised :class:`BirdNet` (an :class:`EnsembleNet` when ``cfg.members`` > 1).
+
+    ``state_dict`` is the whole backbone's (e.g. the pretrained file), loaded first; the head is always new.
+    To restore a trained BirdNet, call ``load_state_dict`` on the result instead.
     """
     spec = cfg.spec
     model = spec.build()

@@ -1,15 +1,15 @@
 """Preprocessing derived from a backbone's pretrained weights: one source of truth for every stage.
 
-:class:`DataConfig` (sizes, mean, std, interpolation) comes from the weights' own transforms
-(:func:`data_config`); the two presets turn a decoded RGB image into a network input: :class:`EvalTransform`
-(probe features, the centre view of the cache, validation, ``classify``) and :class:`TrainTransform` (the
-augmented views). Each carries ``min_side``, the shorter side decoding must keep (see ``birds_lpft.data.images``).
+:class:`EvalTransform` (probe features, the cache's centre view, validation, ``classify``) and :class:`TrainTransform`
+(the augmented views) turn a decoded RGB image into a network input. Each preset carries ``min_side``, the shorter
+side decoding must keep (see ``birds_lpft.data.images``).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import cast
 
 import torch
 from PIL import Image
@@ -21,14 +21,9 @@ from birds_lpft.models.zoo import BackboneSpec
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Input preprocessing, derived from the backbone's weights (see :func:`data_config`).
-
-    Attributes:
-        image_size: side of the square network input (the centre crop).
-        resize_size: shorter side after resizing, before the centre crop.
-        mean, std: per-channel normalisation of 0..1 RGB.
-        interpolation: resize interpolation name (a torchvision ``InterpolationMode`` value).
-    """
+    """Input preprocessing, derived from the backbone's weights (see :func:`data_config`): resize the shorter side
+    to ``resize_size`` (``interpolation``: an ``InterpolationMode`` value), centre-crop the square ``image_size``,
+    normalise 0..1 RGB by ``mean`` and ``std``."""
 
     image_size: int
     resize_size: int
@@ -42,13 +37,12 @@ class DataConfig:
 
 
 def data_config(spec: BackboneSpec, image_size: int | None = None) -> DataConfig:
-    """Preprocessing of the backbone's pretrained weights, optionally at another input size.
-
-    A different ``image_size`` keeps the weights' crop fraction (224/256 for MobileNetV2).
-    """
+    """Preprocessing of the backbone's pretrained weights, optionally at another ``image_size`` with the weights'
+    crop fraction."""
     d = spec.data
-    native = DataConfig(d["image_size"], d["resize_size"], tuple(float(v) for v in d["mean"]),
-                        tuple(float(v) for v in d["std"]), InterpolationMode(d["interpolation"]).value)
+    mean = cast("tuple[float, float, float]", tuple(float(v) for v in d["mean"]))
+    std = cast("tuple[float, float, float]", tuple(float(v) for v in d["std"]))
+    native = DataConfig(d["image_size"], d["resize_size"], mean, std, InterpolationMode(d["interpolation"]).value)
     if image_size is None or image_size == native.image_size:
         return native
     return replace(native, image_size=int(image_size), resize_size=int(round(image_size / native.crop_fraction)))
@@ -64,9 +58,7 @@ def with_crop_fraction(cfg: DataConfig, fraction: float) -> DataConfig:
 class EvalTransform:
     """The evaluation preset: resize the shorter side, centre-crop, normalise: PIL RGB -> (3, S, S) float.
 
-    Attributes:
-        min_side: the shorter side decoding must keep (JPEGs may decode smaller, see ``birds_lpft.data.images``).
-        mean: the normalisation mean, for a blank stand-in image.
+    ``mean`` is kept for a blank stand-in image.
     """
 
     def __init__(self, cfg: DataConfig):
@@ -100,16 +92,11 @@ class TTATransform:
 
 
 class TrainTransform:
-    """The training preset: random resized crop, horizontal flip, mild colour jitter, normalise.
-
-    Args:
-        scale: RandomResizedCrop's area range.
-        jitter: brightness/contrast/saturation strength (0 = none).
-    """
+    """The training preset: random resized crop (``scale``: its area range), flip, colour jitter, normalise."""
 
     def __init__(self, cfg: DataConfig, *, scale: tuple[float, float], jitter: float):
-        # The smallest crop side is sqrt(scale[0] * 3/4) of the image's (area share, ratio 3/4); decoding
-        # must keep that crop at least image_size wide so the crop is never upsampled from a drafted JPEG.
+        # The smallest crop (area share scale[0], aspect ratio 3/4) must stay at least image_size wide, so a crop
+        # is never upsampled from a JPEG drafted smaller.
         self.min_side = math.ceil(cfg.image_size / math.sqrt(scale[0] * 3 / 4))
         self.mean = cfg.mean
         steps = [

@@ -1,11 +1,8 @@
-"""Pretrained weights, offline first, and the pretrained network (``birds_lpft.models.net.BirdNet``) every stage
-starts from.
+"""Pretrained weights, offline first, and the pretrained :class:`BirdNet` every stage starts from.
 
-Lookup order: a file the user names (``--weights``), else the cache where torchvision (torch hub's
-``checkpoints``, under ``$TORCH_HOME``) or timm (the Hugging Face hub's) look, hash-checked; then a download,
-only when the caller allows it. Grading never downloads; ``python -m probe.weights`` provisions MobileNetV2's
-file offline. Every weights file goes through :func:`read_weights`, the one loader: each way a file can be
-wrong is one :class:`WeightsError` line naming it, raised before any image is decoded.
+Lookup: a file the user names (``--weights``), else torchvision's or timm's own cache, hash-checked; a download
+only where the caller allows it (grading never does). :func:`read_weights` is the one loader: each way a file
+can be wrong is one :class:`WeightsError` line naming it, raised before any image is decoded.
 """
 
 from __future__ import annotations
@@ -19,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from birds_lpft.models.net import BirdNet, NetConfig, build_net
+from birds_lpft.models.net import BirdNet, NetConfig, build_net, nonfinite
 from birds_lpft.models.zoo import BackboneSpec, source_head_of
 
 KNOWN_OFFLINE = ("mobilenet_v2",)  # the weights python -m probe.weights provisions without a download
@@ -37,8 +34,9 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify_sha256(path: Path, expected: str) -> Path:
-    """Return ``path`` when its sha256 is ``expected``; else raise WeightsError naming the file."""
+def verify_sha256(path: Path, expected: str | None) -> Path:
+    """Return ``path`` when its sha256 is ``expected`` (None, no known hash, matches no file); else raise
+    WeightsError naming the file."""
     if not Path(path).is_file():
         raise WeightsError(f"{path}: no such file; pass the official weights file.")
     actual = sha256_of(path)
@@ -93,9 +91,7 @@ def missing(spec: BackboneSpec, path: Path) -> WeightsError:
 
 def read_weights(path: Path, spec: BackboneSpec) -> dict[str, torch.Tensor]:
     """The backbone's state dict from a weights file (``.safetensors``, or a torch file read with
-    ``weights_only=True``: no code from it runs), checked against the backbone's own entries and for finite
-    values. Each way the file can be wrong is one :class:`WeightsError` line: empty, not a weights file,
-    refused as unsafe, a training checkpoint around the state dict, another model's weights, NaN or inf."""
+    ``weights_only=True``, so no code from it runs), checked to hold the backbone's own entries, all finite."""
     fix = f"pass the {spec.name} weights file ({spec.weights_file})"
     if path.stat().st_size == 0:
         raise WeightsError(f"{path}: the file is empty; {fix}.")
@@ -138,7 +134,7 @@ def _check_fits(state: dict, spec: BackboneSpec, path: Path, fix: str) -> None:
         raise WeightsError(f"{path}: not {spec.name}'s weights: {len(missing_keys)} of its {len(own)} entries "
                            f"missing, {len(unexpected)} unexpected, {len(reshaped)} of another shape (first: "
                            f"{first}); {fix}.")
-    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    broken = nonfinite(state)
     if broken:
         raise WeightsError(f"{path}: {len(broken)} tensors hold NaN or infinite values (first: {broken[0]}); "
                            f"the file is damaged: {fix}.")
@@ -146,8 +142,7 @@ def _check_fits(state: dict, spec: BackboneSpec, path: Path, fix: str) -> None:
 
 def load_pretrained(spec: BackboneSpec, *, allow_download: bool = False,
                     weights_file: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
-    """The backbone's pretrained state dict, from ``weights_file`` or the cache (checked), or, if allowed,
-    downloaded.
+    """The backbone's pretrained state dict, from ``weights_file`` or the cache (checked), or, if allowed, downloaded.
 
     Raises:
         WeightsError: absent and not downloadable, or not the backbone's weights (:func:`read_weights`).
@@ -168,6 +163,7 @@ def _download(spec: BackboneSpec) -> Path:
         return Path(torch.hub.get_dir()) / "checkpoints" / spec.weights_file
     from huggingface_hub import hf_hub_download
 
+    assert spec.hub_id is not None  # a spec without a url is a timm model on the hub (zoo._timm_weights)
     return Path(hf_hub_download(spec.hub_id, "model.safetensors"))
 
 
@@ -202,9 +198,8 @@ def pretrained_net(cfg: NetConfig, weights: str = "required", **weights_kwargs) 
 
 
 def pretrained_source_head(spec: BackboneSpec, weights: str = "required", **weights_kwargs) -> nn.Module:
-    """The pretrained network's own ImageNet classifier (pooling and head, ``zoo.source_head_of``), from the
-    same weights as :func:`pretrained_net`, in eval mode. Built on a forked generator: asking for it leaves a
-    seeded run's random streams as they were."""
+    """The pretrained network's own ImageNet classifier (``zoo.source_head_of``), from the same weights as
+    :func:`pretrained_net`, in eval mode; built on a forked generator, so a seeded run's streams are untouched."""
     state = pretrained_state(spec, weights, **weights_kwargs)
     with torch.random.fork_rng(devices=[]):
         model = spec.build()

@@ -1,13 +1,8 @@
 """Any pretrained backbone by name: torchvision's classification zoo, and timm's models as ``timm/NAME``.
 
-A name resolves to a :class:`BackboneSpec` derived from the model's own structure, never from a per-model
-table: the blocks that are split into trunk and tail come from the family's layout (torchvision:
-``features`` for MobileNet / EfficientNet / ConvNeXt, ``layers`` for MNASNet, stem + ``layer1..4`` for
-ResNet / ResNeXt / Wide-ResNet, stem + ``trunk_output`` for RegNet; timm: the modules of
-``forward_features`` in order), and one dry forward pass in eval mode gives the feature width, the total
-stride (the smallest input) and the default split: the first block that works at the final resolution, so
-the tail is the last stage or two. Preprocessing comes from the weights (torchvision's
-``weights.transforms()``, timm's ``resolve_model_data_config``). timm is imported only for a ``timm/`` name.
+A name resolves to a :class:`BackboneSpec` derived from the model itself, never from a per-model table: its
+family's block layout, one dry forward pass for the width, total stride and default split, and the
+preprocessing its weights define. timm is imported only for a ``timm/`` name.
 """
 
 from __future__ import annotations
@@ -16,16 +11,17 @@ import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import nn
 from torchvision import models
 
 TIMM = "timm/"
-# torchvision families whose layout is known: name prefix -> how its blocks are laid out.
+# torchvision families whose blocks are their ``features``, by name prefix.
 FEATURES = ("mobilenet_", "efficientnet_", "convnext_")
 FAMILIES = "MobileNet, EfficientNet, ConvNeXt, MNASNet, ResNet, ResNeXt, Wide-ResNet, RegNet"
-# The weights the project provisions offline for MobileNetV2 (its DEFAULT, V2, is another file).
+# The weights provisioned offline for MobileNetV2 (its DEFAULT, IMAGENET1K_V2, is another file).
 PINNED = {"mobilenet_v2": "IMAGENET1K_V1"}
 KNOWN_SHA256 = {"mobilenet_v2-b0353104.pth": "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"}
 PROBE_SIDE = 64  # the dry forward's input side: small, and a multiple of every family's total stride
@@ -36,16 +32,12 @@ class BackboneSpec:
     """How to build, split and feed one backbone, derived from the model itself.
 
     Attributes:
-        name: as given: a torchvision model name, or ``timm/NAME``.
-        width: channels of the last block's output (the pooled feature width, read from the model).
-        num_blocks: how many blocks there are to split (trunk = blocks[:split], tail = blocks[split:]).
-        default_split: the first block at the final resolution: the tail is the last stage or two.
+        width: channels of the last block's output: the pooled feature width.
+        num_blocks, default_split: trunk = blocks[:split], tail = blocks[split:]; the default is the first block
+            at the final resolution, so the tail is the last stage or two.
         min_image_size: the total stride, so the last block still sees one pixel.
         data: the weights' preprocessing: image_size, resize_size, mean, std, interpolation.
-        weights_file: the weights file's name (in the torch hub or timm cache, or given with --weights).
-        url: where the weights come from where downloading is allowed (None for timm: its hub).
-        sha256: the full expected hash where the project knows it, else None.
-        hub_id: timm's Hugging Face hub id of the weights, else None.
+        url, sha256, hub_id: the download (None for timm's hub, ``hub_id``) and the full hash where known.
     """
 
     name: str
@@ -54,7 +46,7 @@ class BackboneSpec:
     default_split: int
     min_image_size: int
     data: dict
-    weights_file: str | None
+    weights_file: str
     url: str | None
     sha256: str | None
     hub_id: str | None = None
@@ -91,21 +83,21 @@ def blocks_of(name: str, model: nn.Module) -> nn.Sequential:
 
 
 def source_head_of(name: str, model: nn.Module) -> nn.Module:
-    """The model's own pretrained classifier, as it runs after the blocks: its pooling and head, mapping the
-    last block's maps (B, F, h, w) to the pretraining classes' logits (B, 1000 for ImageNet). The very modules
-    of ``model`` (torchvision: average pooling and ``fc`` or ``classifier``; timm: the children after its
-    blocks, in order)."""
+    """The model's own pretrained classifier as it runs after the blocks: (B, F, h, w) maps -> the pretraining
+    classes' logits, from the very modules of ``model`` (torchvision: ``fc`` or ``classifier`` behind average
+    pooling; timm: the children after its blocks)."""
     if name.startswith(TIMM):
-        head = set(_TIMM_HEAD) | {model.pretrained_cfg.get("classifier", "")}
+        head = set(_TIMM_HEAD) | {cast(dict, model.pretrained_cfg).get("classifier", "")}
         children = list(model.named_children())
         first = next(i for i, (child, _) in enumerate(children) if child in head)
         return nn.Sequential(*(module for _, module in children[first:]))
-    classifier = model.fc if hasattr(model, "fc") else model.classifier
+    classifier = cast(nn.Module, model.fc if hasattr(model, "fc") else model.classifier)
     flatten = [] if any(isinstance(m, nn.Flatten) for m in classifier.modules()) else [nn.Flatten(1)]
     return nn.Sequential(nn.AdaptiveAvgPool2d(1), *flatten, classifier)
 
 
-def _family(name: str) -> Callable[[nn.Module], nn.Sequential]:
+def _family(name: str) -> Callable[[Any], nn.Sequential]:
+    # Any: each family's blocks are reached by its own attribute names (``features``, ``layer1``, ...)
     if name.startswith(FEATURES):
         return lambda m: m.features
     if name.startswith("mnasnet"):
@@ -126,7 +118,7 @@ _TIMM_STAGES = ("blocks", "stages", "layers", "features")
 
 def _timm_blocks(model: nn.Module) -> nn.Sequential:
     """The children before the pooling/head, with a stage container's stages as blocks of their own."""
-    head = set(_TIMM_HEAD) | {model.pretrained_cfg.get("classifier", "")}
+    head = set(_TIMM_HEAD) | {cast(dict, model.pretrained_cfg).get("classifier", "")}
     blocks = []
     for name, child in model.named_children():
         if name in head:
@@ -148,8 +140,8 @@ BACKBONES: dict[str, BackboneSpec] = {}
 
 
 def get_spec(name: str) -> BackboneSpec:
-    """The spec of backbone ``name``, derived once per process from the model on the meta device (its blocks
-    and one small forward pass: shapes only, so asking costs no memory and never changes a seeded run).
+    """The spec of backbone ``name``, derived once per process on the meta device: shapes only, so asking costs
+    no memory and never changes a seeded run.
 
     Raises:
         ValueError: an unknown name, a model this project cannot split, or timm missing for a timm/ name.
@@ -187,7 +179,7 @@ def _line(err: Exception) -> str:
 @functools.lru_cache(maxsize=256)
 def input_problem(name: str, image_size: int) -> str | None:
     """Why ``name``'s blocks cannot run on an ``image_size`` input (a model fixed to its own size, say), else
-    None: a dry forward pass on the meta device, so any size of model costs nothing."""
+    None; a dry forward pass on the meta device."""
     try:
         _shapes(name, image_size)
     except Exception as err:  # noqa: BLE001 - whatever the model raises for an input it cannot take
@@ -196,9 +188,8 @@ def input_problem(name: str, image_size: int) -> str | None:
 
 
 def _shapes(name: str, side: int) -> tuple[nn.Module, tuple[list[int], int]]:
-    """The model and :func:`_dry_run` of its blocks, built on the meta device: shapes only, no memory and no
-    random draws whatever the model's size. A model whose constructor computes with tensors (torchvision's
-    RegNet) cannot be built there, and is built for real, its random draws undone."""
+    """The model and :func:`_dry_run` of its blocks, built on the meta device. A model whose constructor
+    computes with tensors (torchvision's RegNet) cannot be built there: it is built for real, its draws undone."""
     try:
         with torch.device("meta"):
             model = build_model(name)
@@ -213,8 +204,8 @@ def _shapes(name: str, side: int) -> tuple[nn.Module, tuple[list[int], int]]:
 
 @torch.no_grad()
 def _dry_run(blocks: nn.Sequential, side: int) -> tuple[list[int], int]:
-    """(spatial side after each block, channels of the last) for a ``side`` input; every block must give
-    image maps (B, C, H, W), which the trunk cache holds and the pooling reads."""
+    """(spatial side after each block, channels of the last) for a ``side`` input; every block must give the
+    image maps (B, C, H, W) the trunk cache holds and the pooling reads."""
     x = torch.zeros(1, 3, side, side)
     sides = []
     for block in blocks:
@@ -252,7 +243,7 @@ def _timm_weights(timm, model: nn.Module) -> dict:
     data = {"image_size": size, "resize_size": int(round(size / cfg["crop_pct"])),
             "mean": tuple(float(v) for v in cfg["mean"]), "std": tuple(float(v) for v in cfg["std"]),
             "interpolation": str(cfg["interpolation"])}
-    pretrained = model.pretrained_cfg
+    pretrained = cast(dict, model.pretrained_cfg)  # timm's record of the weights, a plain attribute
     url = pretrained.get("url") or None
     hub_id = pretrained.get("hf_hub_id") or None
     # Weights on timm's hub have no file name of their own: the cache names them after the hub id.

@@ -1,8 +1,6 @@
 """What every command line shares: a bad flag or destination refused at once, one line and exit status 2 (as
 argparse does), and Ctrl-C reported in one line with exit status 130, saying what was already written.
-
-A command checks its whole command line and every output destination before it decodes a single image,
-so a typo never costs an hour of training; what it writes goes through ``birds_lpft.utils.outputs``.
+Everything is checked before the first image is decoded, so a typo never costs a training run.
 """
 
 from __future__ import annotations
@@ -30,8 +28,8 @@ def fail(prog: str, message: str) -> NoReturn:
 
 def check_output_file(prog: str, flag: str, path: os.PathLike | None, inputs: Iterable = (),
                       example: str = "birds_model.pt") -> None:
-    """Refuse ``flag``'s file destination now (exit 2) if it could not be written at the end (``example``: the
-    kind of file name the flag takes, for the hint when a folder is given)."""
+    """Refuse ``flag``'s file destination now (exit 2) if it could not be written at the end (``example``: a file
+    name of the kind the flag takes, for the hint when a folder is given)."""
     if path is not None:
         problem = output_file_problem(path, inputs, example)
         if problem:
@@ -78,7 +76,7 @@ def layout_inputs(data_dir: os.PathLike | None) -> list[Path]:
 class Written:
     """The files a command has written so far, for an honest interrupt message."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.paths: list[str] = []
 
     def add(self, path: os.PathLike) -> None:
@@ -89,8 +87,8 @@ class Written:
 
 
 def run_interruptible(body: Callable[[Written], T], prog: str) -> T:
-    """Run a command's body; Ctrl-C prints ``prog: interrupted; nothing was written`` (or what was) and exits
-    130 instead of a traceback. Writes are atomic, so an interrupted write left the old file in place."""
+    """Run a command's body; Ctrl-C prints ``prog: interrupted; nothing was written`` (or what was) and exits 130
+    instead of a traceback. Writes are atomic, so an interrupted one left the old file in place."""
     written = Written()
     try:
         return body(written)

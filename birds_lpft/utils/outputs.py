@@ -1,13 +1,8 @@
 """Every file the project writes: atomically, and only to a destination checked before the work starts.
 
-:func:`atomic_write` writes to a temporary file in the destination's own folder, flushes and fsyncs it, then
-``os.replace``-s it over the target (atomic on POSIX and Windows within one file system), so a reader sees
-the old file or the complete new one, never a stub: a full disk, a Ctrl-C or a crash during the write leaves
-the previous file byte-identical, and two writers racing to one path leave one writer's complete file, never
-a mix. The temporary file is removed on any failure.
-
-:func:`output_file_problem` and :func:`output_dir_problem` say, before any long work, why a destination could
-not be written, so a command can refuse it at once instead of failing after hours of training.
+:func:`atomic_write` fsyncs a temporary file in the target's folder and ``os.replace``-s it over the target, so a
+reader, a full disk, a Ctrl-C, a crash or a racing writer sees the old file or one complete new one, never a stub or a
+mix. :func:`output_file_problem` and :func:`output_dir_problem` say why a destination could not be written, up front.
 """
 
 from __future__ import annotations
@@ -25,11 +20,8 @@ from typing import IO
 def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> Iterator[IO]:
     """Open a temporary file next to ``path`` for writing; on a clean exit it replaces ``path`` whole.
 
-    Args:
-        mode: 'wb' or 'w' (text: pass ``encoding``, ``newline``, ``errors`` as to ``open``).
-
-    Raises:
-        whatever the writing raised (after removing the temporary file); the target is untouched then.
+    ``mode`` is 'wb' or 'w' (text: pass ``encoding``, ``newline``, ``errors`` as to ``open``). On an error the
+    temporary file is removed and ``path`` is untouched.
     """
     target = Path(path)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
@@ -92,10 +84,8 @@ def output_file_problem(path: str | os.PathLike, inputs: Iterable[str | os.PathL
                         example: str = "birds_model.pt") -> str | None:
     """Why ``path`` could not be written as a file, or None when it can.
 
-    Args:
-        inputs: files and folders the same command reads; writing over one of those files, or into one of
-            those folders, is refused.
-        example: a file name of the kind expected, for the hint when ``path`` is a folder.
+    ``inputs`` are the files and folders the command reads: writing over one or into one is refused. ``example`` is
+    a file name of the kind expected, for the hint when ``path`` is a folder.
     """
     target = Path(path)
     if target.is_dir():

@@ -1,8 +1,7 @@
 """Imports that touch no file, for a grader's sandbox where writing anything may fail.
 
-``import lightning`` imports torchmetrics, which calls ``tempfile.gettempdir()`` at import time; the first
-call of that function probes each candidate folder by creating, writing and deleting a file, and raises
-when none is writable, so a sandbox that forbids writes would fail the import itself.
+``import lightning`` imports torchmetrics, which calls ``tempfile.gettempdir()``; its first call probes each
+candidate folder by writing a file and raises when none is writable, so the import itself would fail.
 """
 
 from __future__ import annotations
@@ -17,8 +16,8 @@ from contextlib import contextmanager
 def no_tempdir_probe() -> Iterator[None]:
     """Inside, ``tempfile.gettempdir()`` answers without its probe file; the previous state comes back after.
 
-    The answer is the first place ``tempfile`` itself would try ($TMPDIR, $TEMP, $TMP, else /tmp on POSIX
-    or the working folder elsewhere). Only a path is computed: nothing is created, here or later.
+    The answer is the first place ``tempfile`` itself would try ($TMPDIR, $TEMP, $TMP, else /tmp on POSIX or the
+    working folder elsewhere); nothing is created.
     """
     saved = tempfile.tempdir
     if saved is None:

@@ -1,9 +1,8 @@
 """Checked settings: one error type naming the setting, range checks, and ``field=value`` overrides.
 
-Every config dataclass checks its own fields in ``__post_init__`` (so a bad value fails where it is set, before
-any work), and every command line changes a config through :func:`overridden`, which checks each value
-against the field's declared type: the one override syntax of the CLIs (``lr_tail=6e-4``,
-``crop_scale=(0.2, 1.0)``, ``mix=cutmix``, ``probe.Cs=(0.01,)`` for a nested config).
+Config dataclasses check their fields in ``__post_init__``, so a bad value fails where it is set, before any work.
+Command lines change a config only through :func:`overridden`, which checks each value against the field's type
+(``lr_tail=6e-4``, ``crop_scale=(0.2, 1.0)``, ``mix=cutmix``, ``probe.Cs=(0.01,)`` for a nested config).
 """
 
 from __future__ import annotations
@@ -89,7 +88,7 @@ def overridden(cfg, changes: dict[str, object]):
     accepted for floats, lists for tuples); dotted keys reach nested dataclass fields."""
     hints = typing.get_type_hints(type(cfg))
     direct = {}
-    nested = {}
+    nested: dict[str, dict[str, object]] = {}
     for key, value in changes.items():
         head, dot, rest = key.partition(".")
         require(head in hints, key, f"unknown setting; {type(cfg).__name__} has {', '.join(sorted(hints))}")
@@ -117,7 +116,7 @@ def coerce(value, hint, field: str):
     elif origin is tuple and isinstance(value, (tuple, list)):
         kinds = [args[0]] * len(value) if args[-1] is Ellipsis else list(args)
         if len(kinds) == len(value):
-            return tuple(coerce(v, k, field) for v, k in zip(value, kinds))
+            return tuple(coerce(v, k, field) for v, k in zip(value, kinds, strict=True))
     elif _is_instance(value, hint):
         return float(value) if hint is float else value
     raise ConfigError(field, f"must be {_type_name(hint)}; got {value!r}")

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 class Stopwatch:
     """Records named step durations: ``with sw("extract"): ...``; ``sw.seconds`` maps name -> seconds."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
 
     @contextmanager
@@ -41,8 +41,8 @@ def proc_status_mb(field: str) -> float | None:
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MiB.
 
-    Prefers ``VmHWM``: Linux carries a parent's peak across fork+exec into ``ru_maxrss``, so a child
-    started by a 2 GiB parent would report at least 2 GiB there; ``VmHWM`` counts this process image alone.
+    Prefers ``VmHWM``: Linux carries a parent's peak across fork+exec into ``ru_maxrss``, so a child of a large
+    parent would report the parent's peak there; ``VmHWM`` counts this process image alone.
     """
     peak = proc_status_mb("VmHWM")
     if peak is not None:

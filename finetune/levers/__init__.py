@@ -1,14 +1,8 @@
-"""Optional training levers, kept apart from the model and the training loop (as timm keeps ``mixup.py`` and
-``model_ema.py`` apart from its models). Each is off by default, switched on by one ``FinetuneConfig`` field,
-measured by ``finetune.cv``, and imported only by a run that asks for it, so a grader file carries only the
-levers its recipe uses (``tools/build_submission.py``):
-
-- ``averaging``: EMA or SWA of the weights during a fit (``ema_decay``, ``swa``), the uniform soup of the
-  members' weights (``average='weights'``);
-- ``mixing``: mixup / CutMix of cached activations (``mix``);
-- ``cotuning``, ``contrastive``, ``distill``: loss terms added to the cross-entropy (``cotuning``, ``supcon``,
-  ``distill``), made by :func:`loss_terms`;
-- ``l2sp``: decay of the tail towards its pretrained weights (``l2sp``).
+"""Optional training levers, kept apart from the model and the training loop. Each is off by default, switched on by
+one ``FinetuneConfig`` field and imported only by a run that asks for it, so a grader file carries only its recipe's:
+``averaging`` (EMA or SWA in a fit, the members' uniform soup), ``mixing`` (mixup / CutMix of cached activations), the
+loss terms of :func:`loss_terms` (``cotuning``, ``contrastive``, ``distill``), ``l2sp`` (decay towards the pretrained
+tail) and ``test_size`` (prediction at a larger input).
 """
 
 from __future__ import annotations
@@ -19,7 +13,23 @@ from dataclasses import dataclass
 import lightning as L
 from torch import nn
 
-from birds_lpft.models.net import TailHead
+from birds_lpft.models.net import BirdNet, TailHead
+
+# Each lever's module, and the test of a recipe that says the recipe runs it.
+USED_BY = {
+    "averaging": lambda cfg: cfg.ema_decay > 0 or cfg.swa > 0 or cfg.shipped_members < cfg.members,
+    "mixing": lambda cfg: cfg.mix != "none",
+    "cotuning": lambda cfg: cfg.cotuning > 0,
+    "contrastive": lambda cfg: cfg.supcon > 0,
+    "distill": lambda cfg: cfg.distill > 0,
+    "l2sp": lambda cfg: cfg.l2sp > 0,
+    "test_size": lambda cfg: cfg.test_size is not None,
+}
+
+
+def lever_modules(cfg=None) -> list[str]:
+    """The lever modules ``cfg`` runs (every lever's without one): what a grader file for it must carry."""
+    return [f"finetune.levers.{name}" for name, used in USED_BY.items() if cfg is None or used(cfg)]
 
 
 @dataclass
@@ -28,13 +38,13 @@ class LeverInputs:
     the trained network a student learns from (distillation). None where the recipe has no use for it."""
 
     source_head: nn.Module | None = None
-    teacher: nn.Module | None = None
+    teacher: BirdNet | None = None
 
 
-def loss_terms(cfg, top: TailHead, train_set, inputs: LeverInputs, trainer: L.Trainer | None = None) -> list:
+def loss_terms(cfg, top: TailHead, train_set, inputs: LeverInputs, trainer: L.Trainer | None = None) -> list[nn.Module]:
     """The recipe's loss terms for training ``top`` (pretrained tail, probe head) on ``train_set`` (the cached
     views: its first stack is the centre views); none unless a lever asks, so nothing changes then."""
-    terms = []
+    terms: list[nn.Module] = []
     if cfg.cotuning > 0:
         from finetune.levers.cotuning import CoTuning, relationship
 

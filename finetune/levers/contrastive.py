@@ -1,10 +1,8 @@
 """A supervised contrastive term on the cached views (``FinetuneConfig.supcon``, the loss weight).
 
-Supervised contrastive learning (Khosla et al. 2020), as Bi-Tuning (Zhong et al. 2020) adds it to fine-tuning:
-the pooled features of a batch go through a small projector, and each view is pulled towards the batch's other
-views of its species (other views of the same image included) and away from the rest. The batch is the
-ordinary one, drawn from every cached view of every image, so nothing more is extracted and no momentum
-encoder is needed. The projector is trained with the head's learning rate and thrown away after training.
+SupCon (Khosla et al. 2020) as Bi-Tuning (Zhong et al. 2020) adds it to fine-tuning: through a small projector, each
+view's pooled features are pulled towards the batch's other views of its species and away from the rest. The ordinary
+batch serves, so nothing more is extracted and no momentum encoder is needed; the projector is thrown away after.
 """
 
 from __future__ import annotations
@@ -13,16 +11,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from finetune.levers.terms import LossTerm
+
 TEMPERATURE = 0.1  # SupCon's own
 PROJECTION = 128  # the projector's output width (SupCon's)
 
 
-class SupCon(nn.Module):
+class SupCon(LossTerm):
     """``weight`` x the supervised contrastive loss of the batch's pooled features (B, F).
 
-    Views without another of their species in the batch are no anchors; a batch without any pair adds 0.
-    The projector's initial weights come from ``seed`` on a forked generator: building it leaves the
-    training's random streams as they were.
+    Views without another of their species in the batch are no anchors; a batch without any pair adds 0. The
+    projector is seeded on a forked generator, so building it leaves the training's random streams as they were.
     """
 
     def __init__(self, width: int, weight: float, seed: int):

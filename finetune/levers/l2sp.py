@@ -1,15 +1,18 @@
-"""L2-SP (Li et al. 2018) in AdamW's decoupled form (``FinetuneConfig.l2sp``, the strength): the tail's weights
-decay towards their pretrained values instead of towards zero, so fine-tuning keeps more of what the
-pretrained network knows. Each step, before the optimiser's update (where AdamW applies its own decay), every
-tail weight moves by ``lr * l2sp * (w - w0)``; the tail's ordinary weight decay is off meanwhile
-(``finetune.module.LPFTModule.param_groups``). Head, pooling, biases and BatchNorm are left as they were.
+"""L2-SP (Li et al. 2018) in AdamW's decoupled form (``FinetuneConfig.l2sp``, the strength): the tail's weights decay
+towards their pretrained values instead of zero, so fine-tuning keeps more of what the pretrained network knows. Each
+step, before the optimiser's update, every tail weight moves by ``lr * l2sp * (w - w0)``; the tail's ordinary weight
+decay is off meanwhile (``LPFTModule.param_groups``). Head, pooling, biases and BatchNorm are left alone.
 """
 
 from __future__ import annotations
 
+from typing import cast
+
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+
+from birds_lpft.models.net import TailHead
 
 
 class TowardsPretrained(Callback):
@@ -23,7 +26,8 @@ class TowardsPretrained(Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         groups = {id(p): g for g in trainer.optimizers[0].param_groups for p in g["params"]}
-        weights = [p for p in pl_module.top.tail.parameters() if p.requires_grad and p.ndim > 1]
+        top = cast(TailHead, pl_module.top)  # finetune.module.LPFTModule's
+        weights = [p for p in top.tail.parameters() if p.requires_grad and p.ndim > 1]
         self.anchors = [(p, p.detach().clone(), groups[id(p)]) for p in weights]
 
     @torch.no_grad()

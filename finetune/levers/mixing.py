@@ -1,9 +1,7 @@
 """Mixup and CutMix of cached trunk activations within a batch (``FinetuneConfig.mix``).
 
-Written here rather than taken from torchvision's ``transforms.v2.MixUp`` / ``CutMix`` (0.19 has both): those
-draw their share from torch's global generator, which in this pipeline also seeds the cached augmented views
-and dropout, and they cannot be given a generator of their own; they also return soft targets with the share
-below one half as often as above, while here the first label always dominates, so training accuracy on it
+Not torchvision's ``MixUp`` / ``CutMix``: they draw from torch's global generator, which here also seeds the cached
+views and dropout, and take none of their own; and here the first label always dominates, so training accuracy on it
 stays meaningful.
 """
 
@@ -17,11 +15,8 @@ import torch.nn.functional as F
 
 
 def mix_batch(acts: torch.Tensor, y: torch.Tensor, mode: str, alpha: float, rng: np.random.Generator):
-    """Mixup or CutMix of a batch of trunk activations (B, C, h, w) with a shuffled copy of itself.
-
-    Returns:
-        (mixed activations, labels a, labels b, share of a); the loss is share * CE(a) + (1 - share) * CE(b).
-    """
+    """Mixup or CutMix of a batch of trunk activations (B, C, h, w) with a shuffled copy of itself: (mixed
+    activations, labels a, labels b, share of a), for the loss share * CE(a) + (1 - share) * CE(b)."""
     lam = float(rng.beta(alpha, alpha)) if alpha > 0 else 1.0
     lam = max(lam, 1.0 - lam)  # labels a always dominate, so accuracy on a is meaningful
     perm = torch.as_tensor(rng.permutation(len(y)))

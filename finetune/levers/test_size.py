@@ -1,10 +1,7 @@
-"""Predict at a larger input than the tail was trained at (``FinetuneConfig.test_size``; Touvron et al. 2019,
-"Fixing the train-test resolution discrepancy"). Random resized crops make a bird look larger in training than
-in the centre crop at prediction; a larger input shows it larger again.
-
-At the larger size the pooled features shift, so the head is recalibrated, not refitted: each feature's mean and
-spread over the training images at the test size are moved to those at the training size, an affine map folded
-into the head's weights and bias. The shipped network keeps its shape; ``classify`` runs it at ``test_size``.
+"""Predict at a larger input than the tail was trained at (``FinetuneConfig.test_size``; Touvron et al. 2019): random
+resized crops make a bird look larger in training than the centre crop does, and a larger input makes up for it. The
+pooled features shift there, so the head is recalibrated, not refitted: each feature's mean and spread over the
+training images are moved to the training size's, an affine map folded into the head. The network keeps its shape.
 """
 
 from __future__ import annotations
@@ -46,11 +43,7 @@ def recalibrate_cached(net: BirdNet, trained: torch.Tensor, tested: torch.Tensor
 def fold_alignment(head: nn.Linear, trained: torch.Tensor, tested: torch.Tensor) -> nn.Linear:
     """Make ``head(f)`` equal the old head on ``f`` moved from the test size's statistics to the training size's:
     f' = a f + c with a = sd_train / sd_test and c = mean_train - a mean_test, per feature (a = 1 for a feature
-    that is constant at the test size).
-
-    Args:
-        trained, tested: (N, F) pooled features of the same training images at the training and the test size.
-    """
+    constant at the test size); ``trained`` and ``tested`` are (N, F) features of the same images at each size."""
     spread = tested.std(0)
     # x / x is 1 exactly, so the same features change nothing; a feature constant at the test size keeps its scale
     scale = torch.where(spread > 0, trained.std(0) / spread.clamp(min=1e-30), torch.ones_like(spread))

@@ -1,17 +1,13 @@
-"""Write a folder of hostile image files, for checking that ``classify`` labels every one of them.
-
-    python tools/hostile_folder.py OUT_DIR [--with-200mp]
+"""A folder of hostile image files, for checking that ``classify`` labels every one of them (``hostile_folder``).
 
 Holds: a JPEG with a mistyped EXIF tag next to its orientation, 40000x1 and 1x30000 strips, truncated,
 zero-byte and text-as-.jpg files, RGBA, 16-bit, CMYK, GIF, WebP, 1x1, a PNG decompression bomb's header,
 oddly named files, a symlink, a dangling symlink, a named pipe, a hidden file and a subfolder; with
-``--with-200mp`` also a 201-megapixel JPEG (one flat colour, so the file stays small). The tests build the
-same folder in ``tmp_path``.
+``with_200mp`` also a 201-megapixel JPEG (one flat colour, so the file stays small).
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import struct
@@ -82,17 +78,3 @@ def hostile_folder(root: Path, with_200mp: bool = False) -> tuple[Path, set[str]
             Image.new("RGB", (16384, 12288), (70, 110, 160)).save(f, format="JPEG", quality=80)
     unreadable = {"truncated.jpg", "zero.jpg", "text.jpg", "bomb.png", "dangling.jpg", "pipe.jpg"}
     return folder, unreadable
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("out", type=Path, help="a new folder; the files go to OUT/images")
-    p.add_argument("--with-200mp", action="store_true", help="also a 201-megapixel JPEG")
-    args = p.parse_args(argv)
-    folder, unreadable = hostile_folder(args.out, args.with_200mp)
-    names = sorted(q.name for q in folder.iterdir() if not q.name.startswith(".") and not q.is_dir())
-    print(f"{folder}: {len(names)} files to label ({len(unreadable)} unreadable: {sorted(unreadable)})")
-
-
-if __name__ == "__main__":
-    main()
