@@ -12,13 +12,18 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 import birds_lpft.tools.bench as bench
 import birds_lpft.tools.bench_report as bench_report
 import birds_lpft.tools.bench_speed as bench_speed
+from birds_lpft.classifier import Classifier
 from birds_lpft.data.synthetic import make_synthetic, write_grader_layout
 
 from conftest import snapshot
+
+# read at import, before conftest points $TORCH_HOME at an empty folder
+WEIGHTS = Path(torch.hub.get_dir()) / "checkpoints" / "mobilenet_v2-b0353104.pth"
 
 SPECIES = ("Acadian_Flycatcher", "American_Goldfinch", "Baltimore_Oriole")
 TINY = ["--random-init", "--preset", "fast", "--image-size", "64", "--epochs", "1", "--no-progress", "--compare"]
@@ -149,3 +154,14 @@ def test_most_confused_pairs_and_top_losses():
     losses = bench_report.top_losses(pipeline, names, top=2)
     assert [(loss["file"], loss["true"], loss["predicted"]) for loss in losses] == [("x", "a", "b"), ("v", "c", "b")]
     assert losses[0]["p_predicted"] == 0.95 and losses[0]["p_true"] == 0.01
+
+
+@pytest.mark.skipif(not WEIGHTS.is_file(), reason=f"no pretrained weights at {WEIGHTS}")
+def test_speed_keeps_each_trees_model_where_asked(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(WEIGHTS.parents[2]))  # the fine-tune's child needs the real weights
+    data = tmp_path / "data"
+    write_grader_layout(data, "train", make_synthetic(num_classes=2, per_class=6, size=48, seed=0))
+    bench.main(["speed", str(data), "--preset", "fast", "image_size=64", "--per-class", "4", "--keep",
+                str(tmp_path / "kept")])
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["new-1.pt"]
+    assert Classifier.load(tmp_path / "kept" / "new-1.pt").net.head.out_features == 2

@@ -26,7 +26,7 @@ from birds_lpft.extract import autocast
 from birds_lpft.models.net import build_net
 from birds_lpft.recipe import PRESETS, FinetuneConfig, recipe
 from birds_lpft.tools.bench_report import markdown
-from birds_lpft.utils.cli import check_output_file, fail, run_interruptible
+from birds_lpft.utils.cli import check_output_dir, check_output_file, fail, run_interruptible
 from birds_lpft.utils.outputs import copy_file, write_text
 from birds_lpft.utils.settings import ConfigError, require
 
@@ -147,8 +147,10 @@ def speed_main(argv: list[str]) -> str:
     p.add_argument("--cv", type=int, metavar="K", help="each tree's python -m finetune.cv of the one candidate")
     p.add_argument("--random-init", action="store_true", help="with --cv: no pretrained weights (a smoke run)")
     p.add_argument("--out", type=Path, help="also write the table here (.md)")
+    p.add_argument("--keep", type=Path, help="keep each tree's model here as TREE-ROUND.pt (for tools/reproduce.py)")
     args = p.parse_intermixed_args(argv)
     check_output_file(p.prog, "--out", args.out, example="speed.md")
+    check_output_dir(p.prog, "--keep", args.keep)
     try:
         recipe(args.preset, args.overrides)  # as each tree's command will read them: a typo fails now
         _check_speed_args(args)
@@ -177,9 +179,12 @@ def _speed(args: argparse.Namespace) -> str:
         scratch = Path(tmp)
         data = subset_layout(args.data_dir, args.per_class, scratch)
         runs: dict[str, list[dict]] = {tag: [] for tag in trees}
+        keep = scratch if args.keep is None else args.keep.resolve()  # the trees run in their own folders
+        keep.mkdir(parents=True, exist_ok=True)
         for r in range(args.rounds):
             for tag, tree in trees.items():
-                runs[tag].append(one_tree(tree, data, args, scratch / f"{tag}{r}.pt"))
+                model = keep / f"{tag}-{r + 1}.pt"
+                runs[tag].append(one_tree(tree, data, args, model))
                 print(f"round {r + 1} {tag}: " + ", ".join(f"{k} {v:.1f}" for k, v in runs[tag][-1].items()
                                                           if k != "folds"), flush=True)
     text = speed_table(runs)
