@@ -80,10 +80,16 @@ def markdown(rows: list[dict], k: int, seeds: list[int]) -> str:
              + " | seconds | cache s |",
              "|---|---:|---:|---:|" + "---:|" * n + "---:|---:|"]
     for r in rows:
-        lines.append(_markdown_line(f"`{r['candidate']}`", r, f" {r['seconds']:.0f} | {r['cache_seconds']:.0f} |"))
+        times = " | ".join(_seconds(r.get(k)) for k in ("seconds", "cache_seconds"))
+        lines.append(_markdown_line(f"`{r['candidate']}`", r, f" {times} |"))
         for name, readout in r.get("readouts", {}).items():
             lines.append(_markdown_line(f"`{r['candidate']}`, read off: {name}", readout, " - | - |"))
     return "\n".join(lines) + "\n"
+
+
+def _seconds(value: float | None) -> str:
+    """A row's time, or '-' where it has none (a row merged from the folds of several runs)."""
+    return "-" if value is None or not np.isfinite(value) else f"{value:.0f}"
 
 
 def _markdown_line(name: str, r: dict, tail: str) -> str:

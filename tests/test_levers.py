@@ -76,6 +76,8 @@ def test_rows_are_paired_with_the_first_fold_by_fold_and_averaged_per_seed():
     assert "seeds 3, 7: 4 folds" in table and "| `b` | 0.7875 | " in table and "| +3.75 +- 2.39 |" in table
     one_seed = cv_report.compare_rows([_row("a", [0.8, 0.9]), _row("b", [0.9, 0.9])], [0])
     assert "seed_means" not in one_seed[1] and "per seed" not in cv_report.format_row(one_seed[1])
+    merged = {**_row("c", [0.9, 0.8, 0.7, 0.6]), "seconds": float("nan")}  # folds of several runs: no one time
+    assert "| 0.6000 | - | 2 |" in cv_report.markdown(cv_report.compare_rows([rows[0], merged], [3, 7]), 2, [3, 7])
 
 
 def test_cache_is_built_once_per_trunk_setting(tmp_path, monkeypatch, capsys):
