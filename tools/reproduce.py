@@ -20,16 +20,23 @@ import numpy as np
 import torch
 
 from birds_lpft.classifier import Classifier
-from birds_lpft.data.sets import load_split_dir, read_gt
-from birds_lpft.utils.cli import check_output_file
+from birds_lpft.data.sets import DataError, LabelledImages, load_split_dir, read_gt
+from birds_lpft.utils.cli import check_output_file, fail
 from birds_lpft.utils.timing import peak_rss_mb
 
 from solution import train_classifier
 
 
-def compare(retrained: Classifier, shipped: Classifier, data_dir: Path) -> dict:
-    """Both models' accuracy on ``data_dir/test`` (``Classifier.score``) and how often they predict the same."""
-    test = load_split_dir(data_dir, "test", num_classes=shipped.net_cfg.num_classes)
+def _load(prog: str, flag: str, path: Path) -> Classifier:
+    """The checkpoint, or one line naming ``flag`` and what is wrong with the file (exit 2)."""
+    try:
+        return Classifier.load(path)
+    except ValueError as err:
+        fail(prog, f"{flag}: {err}")
+
+
+def compare(retrained: Classifier, shipped: Classifier, test: LabelledImages) -> dict:
+    """Both models' accuracy on the test split (``Classifier.score``) and how often they predict the same."""
     agree = np.mean(retrained.predict(test.sources, test.names) == shipped.predict(test.sources, test.names))
     mine, theirs = retrained.net.state_dict(), shipped.net.state_dict()
     same = sum(k in theirs and torch.equal(v, theirs[k]) for k, v in mine.items())
@@ -48,9 +55,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.out and args.retrained:  # nothing is retrained, so --out would be silently left unwritten
         p.error("--out saves a retrained model; with --retrained nothing is trained")
     check_output_file(p.prog, "--out", args.out, inputs=[args.shipped])
-    shipped = Classifier.load(args.shipped)  # checked before the long work
-    model = Classifier.load(args.retrained) if args.retrained else _retrain(args.data_dir, args.out)
-    c = compare(model, shipped, args.data_dir)
+    shipped = _load(p.prog, "--shipped", args.shipped)  # every input checked before the long work
+    retrained = _load(p.prog, "--retrained", args.retrained) if args.retrained else None
+    try:
+        test = load_split_dir(args.data_dir, "test", num_classes=shipped.net_cfg.num_classes)
+    except DataError as err:
+        fail(p.prog, str(err))
+    model = retrained or _retrain(args.data_dir, args.out)
+    c = compare(model, shipped, test)
     print(f"test accuracy: shipped {c['shipped']:.4f}, retrained {c['retrained']:.4f}, difference "
           f"{c['retrained'] - c['shipped']:+.4f}; predictions agree on {c['agree']:.1%} of {c['images']} images; "
           f"state-dict tensors bit-identical: {c['identical']}")
