@@ -158,3 +158,12 @@ def test_reproduce_compares_two_checkpoints_without_training(tmp_path, capsys):
         reproduce.main([str(root), "--shipped", str(paths[0]), "--retrained", str(paths[1]),
                         "--out", str(tmp_path / "x.pt")])
     assert refused.value.code == 2 and not (tmp_path / "x.pt").exists()
+    capsys.readouterr()
+    for args, words in [(["--shipped", str(tmp_path / "missing.pt")], "--shipped"),
+                        (["--shipped", str(paths[0]), "--retrained", str(tmp_path / "missing.pt")], "--retrained"),
+                        (["--shipped", str(paths[0]), "--retrained", str(paths[1])], "test")]:
+        data = root if words != "test" else tmp_path / "no_test_split"
+        with pytest.raises(SystemExit) as refused:  # one line, before any training
+            reproduce.main([str(data), *args])
+        err = capsys.readouterr().err.strip()
+        assert refused.value.code == 2 and words in err and len(err.splitlines()) == 1, err
