@@ -10,8 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from birds_lpft.utils.cli import check_output_file, fail
-from birds_lpft.utils.outputs import write_text
+from birds_lpft.utils.cli import check_output_file, fail, publish
 
 
 def mean_se(accs: list[float]) -> dict:
@@ -114,9 +113,7 @@ def main(argv: list[str] | None = None) -> str:
         fail(p.prog, f"every row must hold {args.folds} folds x {len(args.seed)} seeds; give the runs' --seed "
                      "and --folds")
     text = markdown(compare_rows(rows, args.seed), args.folds, args.seed)
-    print(text, end="")
-    if args.out is not None:
-        write_text(args.out, text)
+    publish(text, args.out)
     return text
 
 

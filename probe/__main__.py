@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 from birds_lpft.data.sets import DataError
@@ -44,11 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cli.check_output_file(PROG, "--out", args.out, cli.layout_inputs(args.data_dir), example="table.md")
     for name in args.backbones or [args.backbone]:  # every backbone resolved now: a typo costs nothing
         flag = "--backbones" if args.backbones else "--backbone"
-        try:
-            args.cfg = ProbeConfig(backbone=name, image_size=args.image_size, precision=args.precision,
-                                   seed=args.seed)
-        except ValueError as err:
-            cli.fail(PROG, f"{flag}: {err}")
+        args.cfg = cli.read_or_fail(PROG, flag, partial(ProbeConfig, backbone=name, image_size=args.image_size,
+                                                        precision=args.precision, seed=args.seed))
     return args
 
 

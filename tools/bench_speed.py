@@ -26,7 +26,7 @@ from birds_lpft.extract import autocast
 from birds_lpft.models.net import build_net
 from birds_lpft.recipe import PRESETS, FinetuneConfig, recipe
 from birds_lpft.tools.bench_report import markdown
-from birds_lpft.utils.cli import check_output_dir, check_output_file, fail, run_interruptible
+from birds_lpft.utils.cli import check_output_dir, check_output_file, fail, publish, run_interruptible
 from birds_lpft.utils.outputs import copy_file, write_text
 from birds_lpft.utils.settings import ConfigError, require
 
@@ -188,9 +188,8 @@ def _speed(args: argparse.Namespace) -> str:
                 print(f"round {r + 1} {tag}: " + ", ".join(f"{k} {v:.1f}" for k, v in runs[tag][-1].items()
                                                           if k != "folds"), flush=True)
     text = speed_table(runs)
-    print(f"\n{text}")
-    if args.out is not None:
-        write_text(args.out, text + "\n")
+    print()
+    publish(text, args.out)
     return text
 
 
@@ -283,7 +282,5 @@ def backbones_main(argv: list[str]) -> str:
     text = (f"{first.image_size} px, 1 + {first.views} views per image, {first.cache_dtype} cache, trunk batch "
             f"{first.extract_batch_size}, tail batch {first.batch_size}; random initialisation\n\n"
             + markdown(header, rows))
-    print(text)
-    if a.out is not None:
-        write_text(a.out, text + "\n")
+    publish(text, a.out)
     return text

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from birds_lpft.classifier import Classifier
 from birds_lpft.recipe import PRESETS, grader_recipe
-from birds_lpft.utils.cli import check_output_dir, fail
+from birds_lpft.utils.cli import check_output_dir, fail, read_or_fail
 from birds_lpft.utils.outputs import copy_file, write_text
 
 from finetune.levers import lever_modules
@@ -339,10 +339,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", help="the recipe the file trains (default: the one the checkpoint stores)")
     args = p.parse_args(argv)
     check_output_dir(PROG, "--out", args.out)
-    try:
-        model = Classifier.load(args.model)  # refuse to ship a file that is not a loadable checkpoint
-    except ValueError as err:
-        fail(PROG, f"--model: {err}")
+    model = read_or_fail(PROG, "--model", lambda: Classifier.load(args.model))  # ship only a loadable checkpoint
     recipe = recipe_of(model, args.preset)
     code = build_source(recipe=recipe)
     compile(code, "classification.py", "exec")

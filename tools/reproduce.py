@@ -21,18 +21,10 @@ import torch
 
 from birds_lpft.classifier import Classifier
 from birds_lpft.data.sets import DataError, LabelledImages, load_split_dir, read_gt
-from birds_lpft.utils.cli import check_output_file, fail
+from birds_lpft.utils.cli import check_output_file, fail, read_or_fail
 from birds_lpft.utils.timing import peak_rss_mb
 
 from solution import train_classifier
-
-
-def _load(prog: str, flag: str, path: Path) -> Classifier:
-    """The checkpoint, or one line naming ``flag`` and what is wrong with the file (exit 2)."""
-    try:
-        return Classifier.load(path)
-    except ValueError as err:
-        fail(prog, f"{flag}: {err}")
 
 
 def compare(retrained: Classifier, shipped: Classifier, test: LabelledImages) -> dict:
@@ -55,8 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.out and args.retrained:  # nothing is retrained, so --out would be silently left unwritten
         p.error("--out saves a retrained model; with --retrained nothing is trained")
     check_output_file(p.prog, "--out", args.out, inputs=[args.shipped])
-    shipped = _load(p.prog, "--shipped", args.shipped)  # every input checked before the long work
-    retrained = _load(p.prog, "--retrained", args.retrained) if args.retrained else None
+    shipped = read_or_fail(p.prog, "--shipped", lambda: Classifier.load(args.shipped))  # before the long work
+    retrained = read_or_fail(p.prog, "--retrained", lambda: Classifier.load(args.retrained)) if args.retrained else None
     try:
         test = load_split_dir(args.data_dir, "test", num_classes=shipped.net_cfg.num_classes)
     except DataError as err:

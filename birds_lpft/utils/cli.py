@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import NoReturn, TypeVar
 
-from birds_lpft.utils.outputs import output_dir_problem, output_file_problem
+from birds_lpft.utils.outputs import output_dir_problem, output_file_problem, write_text
 from birds_lpft.utils.settings import is_override
 
 T = TypeVar("T")
@@ -24,6 +24,23 @@ def fail(prog: str, message: str) -> NoReturn:
     """``prog: error: message`` on stderr, exit status 2."""
     print(f"{prog}: error: {message}", file=sys.stderr)
     sys.exit(USAGE_ERROR)
+
+
+def read_or_fail(prog: str, flag: str, read: Callable[[], T]) -> T:
+    """``read()`` (a checkpoint or a setting that ``flag`` names), or on its ``ValueError`` one line
+    ``prog: error: flag: why`` and exit 2: every command refuses what it was given the same way."""
+    try:
+        return read()
+    except ValueError as err:
+        fail(prog, f"{flag}: {err}")
+
+
+def publish(text: str, out: os.PathLike | None) -> None:
+    """Print a table a measuring command made and, with ``out``, write the same text there (atomically)."""
+    text = text.rstrip("\n") + "\n"
+    print(text, end="")
+    if out is not None:
+        write_text(out, text)
 
 
 def check_output_file(prog: str, flag: str, path: os.PathLike | None, inputs: Iterable = (),
