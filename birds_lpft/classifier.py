@@ -54,7 +54,7 @@ class Classifier(nn.Module):
 
     @property
     def data_cfg(self) -> DataConfig:
-        return self.recipe.predict_data_config()
+        return self.recipe.data_config()
 
     def name_of(self, class_id: int) -> str:
         return self.class_names[class_id] if self.class_names is not None else str(class_id)

@@ -1,7 +1,7 @@
 """``python -m finetune.cv DATA_DIR [--candidates SPEC ...]``: score recipes by stratified k-fold cross-validation.
 
 Only the training images are read, in the same seeded folds for every candidate (``PRESET[:field=value,...]``, e.g.
-``full:ema_decay=0.998``). The trunk cache is extracted once per trunk setting and shared by every fold and candidate
+``full:cotuning=2.3``). The trunk cache is extracted once per trunk setting and shared by every fold and candidate
 with it; per fold only stage one and the tail are fitted, and the held-out fold is scored as ``classify`` would, under
 every cached TTA scheme and by ``finetune.cv_readouts``. Several --seed values repeat the CV on the one cache. Prints
 each candidate's folds, mean +- SE and seconds, paired with the first fold by fold; writes only --out (.json or .md).
@@ -37,7 +37,7 @@ from birds_lpft.utils.outputs import write_text
 from birds_lpft.utils.settings import ConfigError
 
 from finetune.cv_cache import TrunkCache, build_cache, held_out_logits, tta_logits
-from finetune.cv_readouts import SizeReadouts, member_readouts, scheme_name, tta_schemes
+from finetune.cv_readouts import member_readouts, scheme_name, tta_schemes
 from finetune.cv_report import compare_rows, format_row, markdown, mean_se
 from finetune.datamodule import TrunkCacheData
 from finetune.levers import LeverInputs
@@ -74,10 +74,6 @@ def run_fold(cache: TrunkCache, images: LabelledImages, cfg: FinetuneConfig, tra
     data = TrunkCacheData.from_stacks(labels, cache.centre, cache.views[:cfg.views], train_idx, cfg, pooled=pooled)
     run = train_tops(candidate_net(cache.net, cfg), data, cfg, inputs=inputs, progress=progress,
                      accelerator="cpu", devices=1)
-    if cfg.test_size is not None:
-        from finetune.levers.test_size import recalibrate_cached
-
-        recalibrate_cached(run.net, cache.centre, cache.sizes[cfg.test_size][0], train_idx, cfg.precision)
     logits = held_out_logits(run.net, cache, val_idx, cfg)
 
     def accuracy(crops, flip, member=None, of=logits) -> float:
@@ -87,9 +83,6 @@ def run_fold(cache: TrunkCache, images: LabelledImages, cfg: FinetuneConfig, tra
         return accuracy(cfg.tta_crops, cfg.tta_flip, member, held_out_logits(net, cache, val_idx, cfg))
 
     readouts = member_readouts(run, cfg, score)
-    if cache.sizes and len(run.net.tops()) == 1 and cfg.test_size is None:  # SizeReadouts reads one top
-        readouts.update(SizeReadouts(run.net, cfg, (cache.centre, cache.mirror), cache.sizes)(train_idx, val_idx,
-                                                                                                 labels))
     return {"acc": accuracy(cfg.tta_crops, cfg.tta_flip), "other": accuracy(cfg.tta_crops, not cfg.tta_flip),
             "first": readouts.get("member 1 alone", accuracy(cfg.tta_crops, cfg.tta_flip, 0)), "readouts": readouts,
             "schemes": {scheme_name(c, f): accuracy(c, f) for c, f in tta_schemes(tuple(cache.crops))}}
@@ -146,8 +139,8 @@ def trunk_key(cfg: FinetuneConfig) -> tuple:
 
 
 def cross_validate(images: LabelledImages, candidates: list[tuple[str, FinetuneConfig]], folds, *,
-                   weights: str = "required", weights_kwargs: dict | None = None, progress: bool = False,
-                   sizes: tuple[int, ...] = ()) -> list[dict]:
+                   weights: str = "required", weights_kwargs: dict | None = None, progress: bool = False
+                   ) -> list[dict]:
     """Score every candidate on the same folds, building each trunk cache once. Returns rows in input order."""
     groups: dict[tuple, list[int]] = {}
     for i, (_, cfg) in enumerate(candidates):
@@ -156,10 +149,8 @@ def cross_validate(images: LabelledImages, candidates: list[tuple[str, FinetuneC
     for members in groups.values():
         first = candidates[members[0]][1]
         crops = tuple(sorted({c for i in members for c in candidates[i][1].tta_crops}))
-        wanted = {size for i in members if (size := candidates[i][1].test_size) is not None}
-        sizes_here = tuple(sorted(set(sizes) | wanted))
         cache = build_cache(images, first, max(candidates[i][1].views for i in members), weights, progress, crops,
-                            sizes_here, weights_kwargs or {})
+                            weights_kwargs or {})
         print(f"trunk cache for {[candidates[i][0] for i in members]}: {cache.seconds:.0f}s", flush=True)
         for i in members:
             row = score_candidate(*candidates[i], cache, images, folds, progress, weights, weights_kwargs or {})
@@ -181,8 +172,6 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[tuple[s
     p.add_argument("--seed", type=int, nargs="+", default=[0],
                    help="fold assignment seed; several give repeated CV (k folds per seed, one shared cache)")
     p.add_argument("--out", type=Path, help="also write the table: .json or .md")
-    p.add_argument("--test-sizes", type=int, nargs="+", default=[], metavar="SIZE",
-                   help="also score each fold's network on centre views at these input sizes")
     add_weights_args(p)
     p.add_argument("--progress", action="store_true", help="progress bars")
     args = p.parse_args(argv)
@@ -222,7 +211,7 @@ def run(args: argparse.Namespace, candidates: list[tuple[str, FinetuneConfig]], 
             for spec in {cfg.backbone: cfg.spec for _, cfg in candidates}.values():
                 load_pretrained(spec, **weights)
         rows = cross_validate(images, candidates, folds, weights=args.weights_mode, weights_kwargs=weights,
-                              progress=args.progress, sizes=tuple(args.test_sizes))
+                              progress=args.progress)
     except (DataError, WeightsError, TrainingDiverged) as err:
         sys.exit(f"error: {err}")
     compare_rows(rows, args.seed)

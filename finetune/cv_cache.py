@@ -13,7 +13,7 @@ import torch
 from birds_lpft.data.sets import LabelledImages
 from birds_lpft.extract import autocast
 from birds_lpft.models.net import BirdNet
-from birds_lpft.models.preprocess import EvalTransform, Mirrored, data_config, with_crop_fraction
+from birds_lpft.models.preprocess import EvalTransform, Mirrored, with_crop_fraction
 from birds_lpft.models.weights import pretrained_net
 from birds_lpft.predict import top_logits, tta_mean
 from birds_lpft.recipe import FinetuneConfig
@@ -31,29 +31,24 @@ class TrunkCache:
     views: list[torch.Tensor]
     seconds: float
     crops: dict[float, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # TTA crop: (view, mirror)
-    sizes: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # test size: (centre, mirror)
 
 
 def build_cache(images: LabelledImages, cfg: FinetuneConfig, views: int, weights: str, progress: bool,
-                crops: tuple[float, ...] = (), sizes: tuple[int, ...] = (), weights_kwargs: dict | None = None
-                ) -> TrunkCache:
-    """Centre, mirrored centre and ``views`` augmented views of every image, with the pretrained network, each
-    TTA crop in ``crops`` with its mirror, and the centre view with its mirror at each input size in ``sizes``:
-    one pass over the images, each decoded once."""
+                crops: tuple[float, ...] = (), weights_kwargs: dict | None = None) -> TrunkCache:
+    """Centre, mirrored centre and ``views`` augmented views of every image, with the pretrained network, and each
+    TTA crop in ``crops`` with its mirror: one pass over the images, each decoded once."""
     start = time.perf_counter()
     net = pretrained_net(replace(cfg, members=1).net_config(images.num_classes), weights, **(weights_kwargs or {}))
     data_cfg = cfg.data_config()
     centre, *augmented = cache_views(data_cfg, replace(cfg, views=views))
     plan = [centre, View("mirrored centre", Mirrored(centre.transform)), *augmented]
     extra_views = [(f"crop {f}", EvalTransform(with_crop_fraction(data_cfg, f))) for f in crops]
-    extra_views += [(f"size {s}", EvalTransform(data_config(cfg.spec, s))) for s in sizes]
     for name, transform in extra_views:
         plan += [View(name, transform), View(f"{name} mirrored", Mirrored(transform))]
     stacks = dict(zip((v.name for v in plan), extract_views(net, images, plan, cfg, progress=progress), strict=True))
     pairs = {name: (stacks[name], stacks[f"{name} mirrored"]) for name, _ in extra_views}
     return TrunkCache(net, stacks["centre view"], stacks["mirrored centre"], [stacks[v.name] for v in augmented],
-                      time.perf_counter() - start, {f: pairs[f"crop {f}"] for f in crops},
-                      {s: pairs[f"size {s}"] for s in sizes})
+                      time.perf_counter() - start, {f: pairs[f"crop {f}"] for f in crops})
 
 
 STANDARD = 0.0  # held_out_logits' key of the standard centre view (whatever crop fraction the weights use)
@@ -66,8 +61,6 @@ def held_out_logits(net: BirdNet, cache: TrunkCache, rows: np.ndarray,
     ``classify``'s precision, for the standard centre view (key ``STANDARD``) and every cached TTA crop."""
     net.eval()
     stacks = {STANDARD: (cache.centre, cache.mirror), **cache.crops}
-    if cfg.test_size is not None:  # the recipe predicts at another size: its centre view there, and its mirror
-        stacks = {STANDARD: cache.sizes[cfg.test_size]}
     out: dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]] = {key: ([], []) for key in stacks}
     for i in range(0, len(rows), 64):
         batch = torch.as_tensor(rows[i:i + 64])

@@ -1,6 +1,6 @@
 """The Lightning pieces of stage two: the module that trains tail + head on cached trunk activations, the
-freezing callback and the warm-up + cosine learning-rate schedule. Optional levers (weight averaging, mixing,
-Co-Tuning, a contrastive term, distillation, L2-SP) are ``finetune.levers``."""
+freezing callback and the warm-up + cosine learning-rate schedule. The optional levers (Co-Tuning,
+distillation) are ``finetune.levers``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from contextlib import ExitStack
 from typing import cast
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import BaseFinetuning, Callback
@@ -84,14 +83,13 @@ class LPFTModule(L.LightningModule):
         super().__init__()
         self.net = net
         self.cfg = cfg
-        self.member_index = member  # which top, and its own data order and mixing draws
+        self.member_index = member  # which top, and its own data order
         self.inputs = inputs if inputs is not None else LeverInputs()
         self.terms = nn.ModuleList()  # the levers' loss terms, made in setup once the cache is there
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_val_accuracy = -1.0
         self.history: list[dict[str, float]] = []
         self.samples_seen = 0  # cached views that went through the tail in training steps
-        self.mix_rng = np.random.default_rng(cfg.seed + member)  # own stream: the global RNGs stay untouched
 
     @property
     def top(self) -> TailHead:
@@ -121,11 +119,7 @@ class LPFTModule(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         acts, y = batch
         self.samples_seen += len(y)
-        if self.cfg.mix != "none":
-            from finetune.levers.mixing import mixed_step  # a lever: loaded only by the recipes that mix
-
-            logits, loss = mixed_step(self, acts, y)
-        elif len(self.terms):
+        if len(self.terms):
             logits, loss = self._step_with_terms(acts, y)
         else:
             logits = self(acts)
@@ -166,8 +160,7 @@ class LPFTModule(L.LightningModule):
     def param_groups(self) -> list[dict]:
         """AdamW groups: the tail at ``lr_tail``, pooling and head at ``lr_head``; no decay on 1-d parameters."""
         top = self.top
-        tail_decay = 0.0 if self.cfg.l2sp > 0 else self.cfg.weight_decay  # L2-SP decays it towards pretrained
-        parts = [(list(top.tail.parameters()), self.cfg.lr_tail, tail_decay),
+        parts = [(list(top.tail.parameters()), self.cfg.lr_tail, self.cfg.weight_decay),
                  ([*top.pool.parameters(), *top.head.parameters()], self.cfg.lr_head, self.cfg.weight_decay)]
         for term in self.terms:  # ModuleList types its items as plain Modules; each is a levers.terms.LossTerm
             term_groups = term.param_groups(self.cfg.lr_tail, self.cfg.lr_head)  # type: ignore[operator]

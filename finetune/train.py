@@ -63,14 +63,6 @@ def make_trainer(cfg: FinetuneConfig, progress: bool, *, validate: bool, log_dir
     """A Trainer that writes nothing unless ``log_dir`` is given: no logger, no checkpoints, no sanity pass.
     Device flags (accelerator, devices, strategy, num_nodes) pass through ``trainer_kwargs``."""
     callbacks = [TrunkFreeze(), CpuBf16Kernels()]
-    if cfg.ema_decay > 0 or cfg.swa > 0:
-        from finetune.levers.averaging import WeightAverage  # a lever: loaded only by the recipes that average
-
-        callbacks.append(WeightAverage(cfg.ema_decay, cfg.swa))
-    if cfg.l2sp > 0:
-        from finetune.levers.l2sp import TowardsPretrained
-
-        callbacks.append(TowardsPretrained(cfg.l2sp))
     kwargs: dict[str, Any] = dict(
         max_epochs=cfg.epochs, logger=_loggers(log_dir), enable_checkpointing=False, enable_model_summary=False,
         num_sanity_val_steps=0, limit_train_batches=cfg.limit_train_batches, limit_val_batches=1.0 if validate else 0,
@@ -136,7 +128,7 @@ def cached_accuracy(net: BirdNet, views: CachedViews, trainer: L.Trainer | None 
 @dataclass
 class Training:
     """What :func:`train_tops` did: one module per trained top, the probe, the seconds of the epochs alone, and
-    the shipped network (``members`` itself, or the student or soup made from it)."""
+    the shipped network (``members`` itself, or the student distilled from it)."""
 
     modules: list[LPFTModule]
     fitted: FittedProbe
@@ -151,7 +143,7 @@ def train_tops(net: BirdNet, data: TrunkCacheData, cfg: FinetuneConfig, *, input
                progress: bool = True, verbose: bool = False, log_dir: Path | None = None,
                **trainer_kwargs) -> Training:
     """Stage one, then the tail + head of every top of ``net`` (one fit each) on ``data``, then where the recipe asks
-    the student distilled from them or their weight soup (``Training.net``): the one training path of the
+    the student distilled from them (``Training.net``): the one training path of the
     fine-tune, cross-validation and the benchmark. The first fit's ``setup`` extracts the cache unless ``data``
     holds one; each fit starts from the same random state."""
     inputs = inputs if inputs is not None else LeverInputs()
@@ -168,10 +160,8 @@ def train_tops(net: BirdNet, data: TrunkCacheData, cfg: FinetuneConfig, *, input
             assert stage.start_state is not None  # keep_start: StageOne kept it in the first fit
             final = one_network(cfg, net, stage.start_state)
             run(final, 0, replace(inputs, teacher=net))
-        elif cfg.shipped_members < cfg.members:
-            final = soup_of(cfg, net)
     broken = nonfinite(dict(final.named_parameters()))
-    if broken:  # an average or a last step that the losses did not show
+    if broken:  # a last step that the losses did not show
         raise TrainingDiverged(f"training diverged: {len(broken)} trained tensors are not finite (first: "
                                f"{broken[0]}); lower lr_tail and lr_head")
     seconds = run.seconds - data.setup_seconds - stage.seconds
@@ -206,22 +196,13 @@ class _Fits:
 
 
 def one_network(cfg: FinetuneConfig, net: BirdNet, state: dict) -> BirdNet:
-    """A one-top network of ``net``'s shape holding ``state``'s trunk and first top: the student or the soup's
-    vessel. Built on a forked generator, so the training's random streams stay as they were."""
+    """A one-top network of ``net``'s shape holding ``state``'s trunk and first top: the student before its
+    fit. Built on a forked generator, so the training's random streams stay as they were."""
     with torch.random.fork_rng(devices=[]):
         one = build_net(replace(cfg.net_config(net.head.out_features), members=1))
     one.load_state_dict({k: v for k, v in state.items() if not k.startswith("extra.")})
     device = next(net.parameters()).device
     return one.to(device).eval()
-
-
-def soup_of(cfg: FinetuneConfig, net: BirdNet) -> BirdNet:
-    """The uniform soup of ``net``'s tops, as one network (``finetune.levers.averaging``)."""
-    from finetune.levers.averaging import uniform_soup  # a lever: loaded only by the recipes that use it
-
-    soup = one_network(cfg, net, net.state_dict())
-    uniform_soup(net.tops(), into=soup.top())
-    return soup
 
 
 def fine_tune(train: LabelledImages, cfg: FinetuneConfig, weights: str = "required", *,
@@ -244,12 +225,6 @@ def fine_tune(train: LabelledImages, cfg: FinetuneConfig, weights: str = "requir
         data = TrunkCacheData(train, net, cfg, stopwatch=sw, cache_budget=cache_budget, progress=progress)
         run = train_tops(net, data, cfg, inputs=inputs, progress=progress, verbose=verbose, log_dir=log_dir,
                          **trainer_kwargs)
-        if cfg.test_size is not None:
-            from finetune.levers.test_size import recalibrate  # a lever: loaded only by the recipes that use it
-
-            with sw("test size"):
-                assert data.fit_index is not None and data.fit_centre is not None  # the data's setup made them
-                recalibrate(run.net, train.subset(data.fit_index), data.fit_centre, cfg, progress)
         sw.seconds["probe"] = run.stage_one_seconds
         sw.seconds["fine-tune"] = run.seconds
     return _result(train, cfg, data, run, sw)

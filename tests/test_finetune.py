@@ -27,7 +27,8 @@ from birds_lpft.models.net import NetConfig, build_net
 from birds_lpft.models.preprocess import EvalTransform, Mirrored, data_config, with_crop_fraction
 from birds_lpft.models.zoo import get_spec
 from birds_lpft.predict import predict_logits
-from birds_lpft.recipe import PRESETS, ProbeFit, recipe
+from birds_lpft.recipe import LAST_WITH_RETIRED, PRESETS, RETIRED, ProbeFit, recipe
+from birds_lpft.utils.settings import ConfigError
 
 from probe.linear import fit_probe, init_head_from_probe, linear_probe
 
@@ -499,6 +500,24 @@ def test_older_checkpoints_still_load_and_predict_as_before(tmp_path, version, w
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(loaded.net(x), clf.net(x))
+
+
+@pytest.mark.parametrize("name, on", [("swa", 0.5), ("mix", "cutmix"), ("test_size", 96)])
+def test_retired_levers_load_at_their_off_values_and_are_refused_on(tmp_path, name, on):
+    clf = _classifier(3, 14, 64, True, dropout=0.0)
+    clf.save(tmp_path / "m.pt")
+    ckpt = torch.load(tmp_path / "m.pt", weights_only=True)
+    ckpt["recipe"].update(RETIRED)  # what a checkpoint saved before they left holds
+    torch.save(ckpt, tmp_path / "old.pt")
+    assert Classifier.load(tmp_path / "old.pt").recipe == clf.recipe
+    ckpt["recipe"][name] = on
+    torch.save(ckpt, tmp_path / "on.pt")
+    why = rf"{name}: a lever retired after commit {LAST_WITH_RETIRED}.*; {name}=.* git checkout {LAST_WITH_RETIRED}"
+    with pytest.raises(ValueError, match=rf"on\.pt: not a valid checkpoint: its recipe's {why}"):
+        Classifier.load(tmp_path / "on.pt")
+    with pytest.raises(ConfigError, match=why):
+        recipe(f"full:{name}={on}")
+    assert recipe(f"full:{name}={RETIRED[name]!r}") == PRESETS["full"]
 
 
 @pytest.mark.parametrize("tta_flip", [True, False])

@@ -1,5 +1,5 @@
 """The accuracy levers and the cross-validation that chooses among them: folds, one trunk cache per trunk
-setting, bf16 against fp32 tails, EMA, mixup/cutmix, GeM. Random-init networks and generated images only."""
+setting, bf16 against fp32 tails, GeM. Random-init networks and generated images only."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from birds_lpft.data.synthetic import make_synthetic, write_grader_layout
 from birds_lpft.models.net import GeM, NetConfig, _GeMPool, build_net
@@ -22,8 +21,6 @@ import finetune.cv_cache as cv_cache
 import finetune.cv_report as cv_report
 import finetune.stage_one as finetune_stage_one
 from finetune.datamodule import TrunkCacheData
-from finetune.levers.averaging import WeightAverage
-from finetune.levers.mixing import mix_batch
 
 from conftest import calibrate_batchnorm
 
@@ -92,7 +89,7 @@ def test_cache_is_built_once_per_trunk_setting(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cv_cache, "extract_views", counted)
     base = f"fast:image_size={SIZE},limit_train_batches=1,batch_size=8"
     rows = cv.main([str(tmp_path), "--random-init", "--folds", "2", "--out", str(tmp_path / "cv.json"),
-                    "--candidates", f"{base},views=2", f"{base},views=1,ema_decay=0.9", f"{base},members=2",
+                    "--candidates", f"{base},views=2", f"{base},views=1,cotuning=0.5", f"{base},members=2",
                     "fast:image_size=48,limit_train_batches=1,batch_size=8"])
     # one pass for the three 32 px candidates (centre, mirror, 2 views), one for the 48 px one (1 view)
     assert sorted(calls) == sorted([(SIZE, ("centre view", "mirrored centre", "view 1/2", "view 2/2"), 18),
@@ -200,9 +197,9 @@ def test_tta_logits_average_the_chosen_views_and_members():
 
 
 def test_candidates_parse_with_types_checked():
-    spec, cfg = cv.parse_candidate("full:crop_scale=(0.2, 1.0),ema_decay=0.998,mix=cutmix,members=2")
-    assert cfg == replace(PRESETS["full"], crop_scale=(0.2, 1.0), ema_decay=0.998, mix="cutmix", members=2)
-    for bad in ("full:epochs=2.5", "full:nope=1", "full:mix=3", "nothere"):
+    spec, cfg = cv.parse_candidate("full:crop_scale=(0.2, 1.0),pooling=avg,cotuning=0.5,members=2")
+    assert cfg == replace(PRESETS["full"], crop_scale=(0.2, 1.0), pooling="avg", cotuning=0.5, members=2)
+    for bad in ("full:epochs=2.5", "full:nope=1", "full:pooling=3", "full:mix=cutmix", "nothere"):
         with pytest.raises(ValueError):
             cv.parse_candidate(bad)
 
@@ -235,53 +232,6 @@ def test_bf16_and_fp32_tails_agree_on_a_fixed_batch():
 
 def test_presets_train_in_bf16_where_native_and_v1_stays_fp32():
     assert PRESETS["v1"].train_precision == "fp32" and PRESETS["full"].train_precision == "auto"
-
-
-# --------------------------------------------------------------------------- EMA
-
-
-class _Module(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.top = nn.Linear(2, 1)
-
-
-def test_weight_average_is_the_exponential_moving_average():
-    decay, module = 0.5, _Module()
-    callback = WeightAverage(decay)
-    callback.on_fit_start(None, module)
-    values = [torch.full((1, 2), v) for v in (1.0, 3.0, 5.0, 9.0)]
-    expected = module.top.weight.detach().clone()
-    for n, v in enumerate(values):
-        with torch.no_grad():
-            module.top.weight.copy_(v)
-        callback.on_train_batch_end(None, module, None, None, n)
-        d = min(decay, (1 + n) / (10 + n))  # the warm-up: the first weights are forgotten fast
-        expected = v.clone() if n == 0 else d * expected + (1 - d) * v  # AveragedModel copies on its first update
-        torch.testing.assert_close(callback.average.module.weight, expected)
-    callback.on_train_end(None, module)  # the average replaces the trained weights
-    torch.testing.assert_close(module.top.weight.detach(), expected)
-
-
-# --------------------------------------------------------------------------- mixing
-
-
-@pytest.mark.parametrize("mode", ["mixup", "cutmix"])
-def test_mix_batch(mode):
-    rng = np.random.default_rng(0)
-    acts, y = torch.randn(8, 4, 6, 6), torch.arange(8)
-    mixed, ya, yb, share = mix_batch(acts, y, mode, 1.0, rng)
-    assert torch.equal(ya, y) and sorted(yb.tolist()) == list(range(8)) and 0.5 <= share <= 1.0
-    partner = acts[yb]
-    if mode == "mixup":
-        torch.testing.assert_close(mixed, share * acts + (1 - share) * partner)
-    else:
-        from_partner = (mixed == partner) & (mixed != acts)
-        kept = (mixed == acts).all(dim=1)  # (B, h, w): the positions kept from the image itself
-        assert share == pytest.approx(kept[0].float().mean().item(), abs=1e-6)
-        assert from_partner.any() or share == 1.0
-    same, *_ = mix_batch(acts, y, mode, 0.0, rng)  # alpha 0: nothing mixed
-    assert torch.equal(same, acts)
 
 
 # --------------------------------------------------------------------------- GeM

@@ -197,7 +197,7 @@ def _usage_error(capsys, main, argv) -> str:
     (["epochs=0"], "epochs"),
     (["--epochs", "0"], "epochs"),
     (["batch_size=0"], "batch_size"),
-    (["mix=foo"], "mix"),
+    (["pooling=foo"], "pooling"),
     (["lr_head=-1e-3"], "lr_head"),
     (["--image-size", "8"], "image_size"),
     (["nope=1"], "nope"),

@@ -2,7 +2,7 @@
 
 Config dataclasses check their fields in ``__post_init__``, so a bad value fails where it is set, before any work.
 Command lines change a config only through :func:`overridden`, which checks each value against the field's type
-(``lr_tail=6e-4``, ``crop_scale=(0.2, 1.0)``, ``mix=cutmix``, ``probe.Cs=(0.01,)`` for a nested config).
+(``lr_tail=6e-4``, ``crop_scale=(0.2, 1.0)``, ``pooling=gem``, ``probe.Cs=(0.01,)`` for a nested config).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def plain(value):
 
 
 def parse_value(text: str):
-    """A Python literal (numbers, tuples, None, True), else the text itself (``mix=cutmix``)."""
+    """A Python literal (numbers, tuples, None, True), else the text itself (``pooling=gem``)."""
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):

@@ -1,8 +1,7 @@
-"""Optional training levers, kept apart from the model and the training loop. Each is off by default, switched on by
-one ``FinetuneConfig`` field and imported only by a run that asks for it, so a grader file carries only its recipe's:
-``averaging`` (EMA or SWA in a fit, the members' uniform soup), ``mixing`` (mixup / CutMix of cached activations), the
-loss terms of :func:`loss_terms` (``cotuning``, ``contrastive``, ``distill``), ``l2sp`` (decay towards the pretrained
-tail) and ``test_size`` (prediction at a larger input).
+"""Optional training levers, kept apart from the model and the training loop: the loss terms of :func:`loss_terms`
+(``cotuning``, ``distill``), the two that came nearest to beating the shipped recipe (docs/experiments.md). Each is
+off by default, switched on by one ``FinetuneConfig`` field and imported only by a run that asks for it, so a grader
+file carries only its recipe's.
 """
 
 from __future__ import annotations
@@ -17,13 +16,8 @@ from birds_lpft.models.net import BirdNet, TailHead
 
 # Each lever's module, and the test of a recipe that says the recipe runs it.
 USED_BY = {
-    "averaging": lambda cfg: cfg.ema_decay > 0 or cfg.swa > 0 or cfg.shipped_members < cfg.members,
-    "mixing": lambda cfg: cfg.mix != "none",
     "cotuning": lambda cfg: cfg.cotuning > 0,
-    "contrastive": lambda cfg: cfg.supcon > 0,
     "distill": lambda cfg: cfg.distill > 0,
-    "l2sp": lambda cfg: cfg.l2sp > 0,
-    "test_size": lambda cfg: cfg.test_size is not None,
 }
 
 
@@ -54,10 +48,6 @@ def loss_terms(cfg, top: TailHead, train_set, inputs: LeverInputs, trainer: L.Tr
         rel = relationship(top, head, train_set.stacks[0], train_set.rows, train_set.labels,
                            top.head.out_features, trainer)
         terms.append(CoTuning(head, rel, cfg.cotuning))
-    if cfg.supcon > 0:
-        from finetune.levers.contrastive import SupCon
-
-        terms.append(SupCon(top.head.in_features, cfg.supcon, cfg.seed).to(next(top.parameters()).device))
     if cfg.distill > 0 and inputs.teacher is not None:  # the teachers' own fits come first, without it
         from finetune.levers.distill import Distill
 
