@@ -63,7 +63,7 @@ class Classifier(nn.Module):
                        progress: bool = False) -> Predictions:
         """Logits (N, K) and the unreadable files; each of those gets a warning and a guess."""
         return predict_logits(self.net, sources, names, self.data_cfg, tta_flip=self.recipe.tta_flip,
-                              tta_crops=self.recipe.tta_crops, precision=precision, progress=progress)
+                              precision=precision, progress=progress)
 
     def predict(self, sources: Sequence[Source], names: Sequence[str], *, precision: str = "auto",
                 progress: bool = False) -> np.ndarray:

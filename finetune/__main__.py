@@ -107,8 +107,7 @@ def run(args: argparse.Namespace, cfg: FinetuneConfig, written: Written) -> None
     if test is not None:
         with sw("test"):
             accuracy = result.classifier.score(test, precision=result.cfg.precision, progress=progress)
-        crops = f", crops {'+'.join(map(str, cfg.tta_crops))}" if cfg.tta_crops else ""
-        print(f"test accuracy: {accuracy:.4f} ({len(test)} images, flip TTA {'on' if cfg.tta_flip else 'off'}{crops})")
+        print(f"test accuracy: {accuracy:.4f} ({len(test)} images, flip TTA {'on' if cfg.tta_flip else 'off'})")
     if args.out:
         result.classifier.save(args.out)
         written.add(args.out)

@@ -2,8 +2,8 @@
 
 Only the training images are read, in the same seeded folds for every candidate (``PRESET[:field=value,...]``, e.g.
 ``full:cotuning=2.3``). The trunk cache is extracted once per trunk setting and shared by every fold and candidate
-with it; per fold only stage one and the tail are fitted, and the held-out fold is scored as ``classify`` would, under
-every cached TTA scheme and by ``finetune.cv_readouts``. Several --seed values repeat the CV on the one cache. Prints
+with it; per fold only stage one and the tail are fitted, and the held-out fold is scored as ``classify`` would, with
+flip TTA on and off, and each member apart. Several --seed values repeat the CV on the one cache. Prints
 each candidate's folds, mean +- SE and seconds, paired with the first fold by fold; writes only --out (.json or .md).
 """
 
@@ -37,14 +37,13 @@ from birds_lpft.utils.outputs import write_text
 from birds_lpft.utils.settings import ConfigError
 
 from finetune.cv_cache import TrunkCache, build_cache, held_out_logits, tta_logits
-from finetune.cv_readouts import member_readouts, scheme_name, tta_schemes
 from finetune.cv_report import compare_rows, format_row, markdown, mean_se
 from finetune.datamodule import TrunkCacheData
 from finetune.levers import LeverInputs
 from finetune.module import TrainingDiverged
 from finetune.process import process_state_kept
 from finetune.stage_one import pooled_from_trunk
-from finetune.train import lever_inputs, train_tops
+from finetune.train import Training, lever_inputs, train_tops
 
 
 def parse_candidate(spec: str) -> tuple[str, FinetuneConfig]:
@@ -67,25 +66,36 @@ def run_fold(cache: TrunkCache, images: LabelledImages, cfg: FinetuneConfig, tra
              val_idx: np.ndarray, progress: bool, pooled: torch.Tensor | None = None,
              inputs: LeverInputs | None = None) -> dict:
     """Stage one and the tail on the fold's training images (``train_tops``, the fine-tune's own path), then the
-    held-out accuracy with the candidate's TTA ('acc'), with flip TTA toggled ('other'), of the first member alone
-    ('first'), under every cached TTA scheme ('schemes'), and ``finetune.cv_readouts``' ('readouts'). ``pooled``:
-    :func:`centre_features` for this candidate if computed for all folds already (None: the fold's own, the same)."""
+    held-out accuracy with the candidate's flip TTA ('acc'), with flip TTA toggled ('other'), and
+    :func:`member_readouts`' ('readouts'). ``pooled``: :func:`centre_features` for this candidate if computed for all
+    folds already (None: the fold's own, the same)."""
     labels = images.labels
     data = TrunkCacheData.from_stacks(labels, cache.centre, cache.views[:cfg.views], train_idx, cfg, pooled=pooled)
     run = train_tops(candidate_net(cache.net, cfg), data, cfg, inputs=inputs, progress=progress,
                      accelerator="cpu", devices=1)
     logits = held_out_logits(run.net, cache, val_idx, cfg)
 
-    def accuracy(crops, flip, member=None, of=logits) -> float:
-        return float((tta_logits(of, crops, flip, member).argmax(1).numpy() == labels[val_idx]).mean())
+    def accuracy(flip: bool, member: int | None = None, of: torch.Tensor = logits) -> float:
+        return float((tta_logits(of, flip, member).argmax(1).numpy() == labels[val_idx]).mean())
 
     def score(net: BirdNet, member: int | None = None) -> float:
-        return accuracy(cfg.tta_crops, cfg.tta_flip, member, held_out_logits(net, cache, val_idx, cfg))
+        return accuracy(cfg.tta_flip, member, held_out_logits(net, cache, val_idx, cfg))
 
-    readouts = member_readouts(run, cfg, score)
-    return {"acc": accuracy(cfg.tta_crops, cfg.tta_flip), "other": accuracy(cfg.tta_crops, not cfg.tta_flip),
-            "first": readouts.get("member 1 alone", accuracy(cfg.tta_crops, cfg.tta_flip, 0)), "readouts": readouts,
-            "schemes": {scheme_name(c, f): accuracy(c, f) for c, f in tta_schemes(tuple(cache.crops))}}
+    return {"acc": accuracy(cfg.tta_flip), "other": accuracy(not cfg.tta_flip),
+            "readouts": member_readouts(run, cfg, score)}
+
+
+def member_readouts(run: Training, cfg: FinetuneConfig, score) -> dict[str, float]:
+    """What a fold's trained members score beside the shipped network, at no training cost (``score(net,
+    member=None)``: held-out accuracy with the candidate's TTA, of every top averaged or of top ``member`` alone):
+    a student's teacher or an ensemble, and an ensemble's first member alone."""
+    out = {}
+    members = run.members
+    if members is not run.net:
+        out["teacher" if cfg.distill > 0 else "ensemble of the members"] = score(members)
+    if len(members.tops()) > 1:
+        out["member 1 alone"] = score(members, 0)
+    return out
 
 
 def candidate_net(base: BirdNet, cfg: FinetuneConfig) -> BirdNet:
@@ -123,12 +133,8 @@ def score_candidate(spec: str, cfg: FinetuneConfig, cache: TrunkCache, images: L
     row = {"candidate": spec, **mean_se([o["acc"] for o in folds_out]),
            "mean_other_tta": float(np.mean([o["other"] for o in folds_out])),
            "seconds": time.perf_counter() - start, "cache_seconds": cache.seconds, "config": cfg.to_dict()}
-    if cfg.members > 1:
-        row["first_member"] = mean_se([o["first"] for o in folds_out])
     if folds_out[0]["readouts"]:
         row["readouts"] = {name: mean_se([o["readouts"][name] for o in folds_out]) for name in folds_out[0]["readouts"]}
-    if cache.crops:
-        row["tta"] = {name: mean_se([o["schemes"][name] for o in folds_out]) for name in folds_out[0]["schemes"]}
     return row
 
 
@@ -148,8 +154,7 @@ def cross_validate(images: LabelledImages, candidates: list[tuple[str, FinetuneC
     rows: list[dict | None] = [None] * len(candidates)
     for members in groups.values():
         first = candidates[members[0]][1]
-        crops = tuple(sorted({c for i in members for c in candidates[i][1].tta_crops}))
-        cache = build_cache(images, first, max(candidates[i][1].views for i in members), weights, progress, crops,
+        cache = build_cache(images, first, max(candidates[i][1].views for i in members), weights, progress,
                             weights_kwargs or {})
         print(f"trunk cache for {[candidates[i][0] for i in members]}: {cache.seconds:.0f}s", flush=True)
         for i in members:

@@ -48,14 +48,10 @@ def _paired(folds: list[float], first: dict, seeds: list[int]) -> dict:
 def format_row(row: dict) -> str:
     folds = " ".join(f"{a:.4f}" for a in row["folds"])
     line = f"{row['candidate']:<40} {row['mean']:.4f} +- {row['se']:.4f}  [{folds}]  {row['seconds']:.0f}s"
-    if "first_member" in row:
-        line += f"  (member 1 alone: {row['first_member']['mean']:.4f} +- {row['first_member']['se']:.4f})"
     if "seed_means" in row:
         line += "\n    per seed " + "  ".join(f"{s}: {m:.4f}" for s, m in row["seed_means"].items())
     if "vs_first" in row:
         line += "\n    " + _versus(row["vs_first"])
-    for name, r in row.get("tta", {}).items():
-        line += f"\n    TTA {name:<28} {r['mean']:.4f} +- {r['se']:.4f}"
     for name, r in row.get("readouts", {}).items():
         versus = _versus(r["vs_first"]) if "vs_first" in r else ""  # paired once every row is in
         line += f"\n    readout {name:<32} {r['mean']:.4f} +- {r['se']:.4f}  {versus}"

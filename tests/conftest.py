@@ -85,9 +85,9 @@ def calibrate_batchnorm(net: nn.Module, x: torch.Tensor) -> nn.Module:
 
 
 def make_classifier(net: BirdNet, net_cfg: NetConfig, image_size: int, tta_flip: bool = True,
-                    names: list[str] | None = None, tta_crops: tuple[float, ...] = ()) -> Classifier:
+                    names: list[str] | None = None) -> Classifier:
     """A :class:`Classifier` of ``net`` whose recipe builds ``net_cfg``'s network, predicting at ``image_size``."""
     recipe = FinetuneConfig(backbone=net_cfg.backbone, image_size=image_size, split=net_cfg.split,
                             dropout=net_cfg.dropout, pooling=net_cfg.pooling, members=net_cfg.members,
-                            tta_flip=tta_flip, tta_crops=tuple(tta_crops))
+                            tta_flip=tta_flip)
     return Classifier(net, recipe, names)

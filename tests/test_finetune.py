@@ -24,11 +24,10 @@ from birds_lpft.data.sets import load_split_dir, stratified_split
 from birds_lpft.data.synthetic import make_synthetic, write_grader_layout
 from birds_lpft.extract import extract
 from birds_lpft.models.net import NetConfig, build_net
-from birds_lpft.models.preprocess import EvalTransform, Mirrored, data_config, with_crop_fraction
+from birds_lpft.models.preprocess import EvalTransform, Mirrored, data_config
 from birds_lpft.models.zoo import get_spec
-from birds_lpft.predict import predict_logits
 from birds_lpft.recipe import LAST_WITH_RETIRED, PRESETS, RETIRED, ProbeFit, recipe
-from birds_lpft.utils.settings import ConfigError
+from birds_lpft.utils.settings import ConfigError, plain
 
 from probe.linear import fit_probe, init_head_from_probe, linear_probe
 
@@ -443,18 +442,16 @@ def test_view_batches_come_one_view_at_a_time_and_repeat_pass_for_pass():
 # --------------------------------------------------------------------------- the checkpoint
 
 
-def _classifier(k: int, split: int, image_size: int, tta_flip: bool, dropout: float = 0.3,
-                tta_crops: tuple[float, ...] = ()) -> Classifier:
+def _classifier(k: int, split: int, image_size: int, tta_flip: bool, dropout: float = 0.3) -> Classifier:
     torch.manual_seed(k * 100 + split)
     net_cfg = NetConfig("mobilenet_v2", k, split, dropout)
     net = calibrate_batchnorm(build_net(net_cfg), torch.randn(8, 3, image_size, image_size))
-    return make_classifier(net, net_cfg, image_size, tta_flip, tta_crops=tta_crops)
+    return make_classifier(net, net_cfg, image_size, tta_flip)
 
 
-@pytest.mark.parametrize("k, split, image_size, tta_flip, tta_crops",
-                         [(3, 14, 64, True, ()), (7, 16, 96, False, (1.0,)), (4, 14, 64, True, (0.75, 1.0))])
-def test_checkpoint_round_trip(tmp_path, k, split, image_size, tta_flip, tta_crops):
-    original = _classifier(k, split, image_size, tta_flip, tta_crops=tta_crops)
+@pytest.mark.parametrize("k, split, image_size, tta_flip", [(3, 14, 64, True), (7, 16, 96, False), (4, 14, 64, True)])
+def test_checkpoint_round_trip(tmp_path, k, split, image_size, tta_flip):
+    original = _classifier(k, split, image_size, tta_flip)
     path = tmp_path / "m.pt"
     original.save(path)
 
@@ -462,7 +459,7 @@ def test_checkpoint_round_trip(tmp_path, k, split, image_size, tta_flip, tta_cro
     loaded = Classifier.load(path)
     assert isinstance(loaded, Classifier) and not loaded.training and not loaded.net.training
     assert (loaded.net_cfg, loaded.data_cfg, loaded.recipe) == (original.net_cfg, original.data_cfg, original.recipe)
-    assert (loaded.recipe.tta_flip, loaded.recipe.tta_crops) == (tta_flip, tta_crops)
+    assert loaded.recipe.tta_flip == tta_flip
     assert len(loaded.net.trunk) == split and loaded.net.head.out_features == k
     assert loaded.data_cfg.image_size == image_size
     for name, value in original.net.state_dict().items():
@@ -502,15 +499,15 @@ def test_older_checkpoints_still_load_and_predict_as_before(tmp_path, version, w
         assert torch.equal(loaded.net(x), clf.net(x))
 
 
-@pytest.mark.parametrize("name, on", [("swa", 0.5), ("mix", "cutmix"), ("test_size", 96)])
+@pytest.mark.parametrize("name, on", [("swa", 0.5), ("mix", "cutmix"), ("test_size", 96), ("tta_crops", (0.75, 1.0))])
 def test_retired_levers_load_at_their_off_values_and_are_refused_on(tmp_path, name, on):
     clf = _classifier(3, 14, 64, True, dropout=0.0)
     clf.save(tmp_path / "m.pt")
     ckpt = torch.load(tmp_path / "m.pt", weights_only=True)
-    ckpt["recipe"].update(RETIRED)  # what a checkpoint saved before they left holds
+    ckpt["recipe"].update(plain(RETIRED))  # what a checkpoint saved before they left holds
     torch.save(ckpt, tmp_path / "old.pt")
     assert Classifier.load(tmp_path / "old.pt").recipe == clf.recipe
-    ckpt["recipe"][name] = on
+    ckpt["recipe"][name] = plain(on)
     torch.save(ckpt, tmp_path / "on.pt")
     why = rf"{name}: a lever retired after commit {LAST_WITH_RETIRED}.*; {name}=.* git checkout {LAST_WITH_RETIRED}"
     with pytest.raises(ValueError, match=rf"on\.pt: not a valid checkpoint: its recipe's {why}"):
@@ -518,29 +515,6 @@ def test_retired_levers_load_at_their_off_values_and_are_refused_on(tmp_path, na
     with pytest.raises(ConfigError, match=why):
         recipe(f"full:{name}={on}")
     assert recipe(f"full:{name}={RETIRED[name]!r}") == PRESETS["full"]
-
-
-@pytest.mark.parametrize("tta_flip", [True, False])
-def test_multi_crop_tta_is_the_mean_of_each_crops_logits(tta_flip):
-    """Each crop (and its mirror) is one more view whose logits are averaged; the standard view is the
-    evaluation preset's, and a crop is the same preset at another crop fraction."""
-    clf = _classifier(3, 14, 64, tta_flip, tta_crops=(0.75, 1.0))
-    images = make_synthetic(num_classes=2, per_class=3, size=90, seed=4)
-    both = clf.predict_logits(images.sources, images.names, precision="fp32").logits
-    alone = []
-    for data_cfg in (clf.data_cfg, with_crop_fraction(clf.data_cfg, 0.75), with_crop_fraction(clf.data_cfg, 1.0)):
-        alone.append(predict_logits(clf.net, images.sources, images.names, data_cfg, tta_flip=tta_flip,
-                                    precision="fp32", progress=False).logits)
-    assert torch.allclose(both, torch.stack(alone).mean(0), atol=1e-5)
-    assert not torch.allclose(alone[0], alone[2], atol=1e-3)  # the crops are different views
-
-
-def test_crop_fraction_one_keeps_the_whole_shorter_side():
-    cfg = data_config(get_spec("mobilenet_v2"), 64)
-    assert with_crop_fraction(cfg, cfg.crop_fraction) == cfg
-    assert with_crop_fraction(cfg, 1.0).resize_size == 64
-    with pytest.raises(ValueError, match="crop fraction"):
-        with_crop_fraction(cfg, 0.0)
 
 
 class _RunsCodeWhenUnpickled:

@@ -48,13 +48,6 @@ def data_config(spec: BackboneSpec, image_size: int | None = None) -> DataConfig
     return replace(native, image_size=int(image_size), resize_size=int(round(image_size / native.crop_fraction)))
 
 
-def with_crop_fraction(cfg: DataConfig, fraction: float) -> DataConfig:
-    """The same preprocessing with a centre crop covering ``fraction`` of the shorter side (a TTA view)."""
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"a crop fraction must be in (0, 1], got {fraction}")
-    return replace(cfg, resize_size=max(cfg.image_size, int(round(cfg.image_size / fraction))))
-
-
 class EvalTransform:
     """The evaluation preset: resize the shorter side, centre-crop, normalise: PIL RGB -> (3, S, S) float.
 
@@ -73,22 +66,6 @@ class EvalTransform:
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         return self.transforms(img)
-
-
-class TTATransform:
-    """The evaluation preset at several crops of the same decoded image: PIL RGB -> (V, 3, S, S) float.
-
-    View 0 is :class:`EvalTransform`'s; view i covers ``crops[i - 1]`` of the shorter side (see
-    :func:`with_crop_fraction`). Decoding keeps the largest resize any view needs.
-    """
-
-    def __init__(self, cfg: DataConfig, crops: tuple[float, ...]):
-        self.views = [EvalTransform(cfg)] + [EvalTransform(with_crop_fraction(cfg, c)) for c in crops]
-        self.min_side = max(v.min_side for v in self.views)
-        self.mean = cfg.mean
-
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        return torch.stack([view(img) for view in self.views])
 
 
 class TrainTransform:
