@@ -199,7 +199,6 @@ def _speed(args: argparse.Namespace) -> str:
 TORCHVISION = ("mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "resnet18", "resnet50", "convnext_tiny",
                "regnet_y_400mf", "efficientnet_v2_s")
 MACHINES_GIB = (8, 16, 64)
-BUDGET_SHARE = 0.6  # finetune.cache's default budget: this share of the memory available
 
 
 def photos(n: int, seed: int = 0) -> LabelledImages:
@@ -244,7 +243,7 @@ def tail_rate(net, cfg: FinetuneConfig, steps: int = 20) -> float:
 
 def backbone_costs(cfg: FinetuneConfig, images: LabelledImages) -> list:
     """One backbone's row: split, extraction views/s, tail views/s, cache MiB per 1,000 images, images that fit."""
-    from finetune.cache import bytes_per_view, cache_views, extract_views
+    from finetune.cache import DEFAULT_BUDGET_SHARE, bytes_per_view, cache_views, extract_views
 
     torch.manual_seed(0)
     net = build_net(replace(cfg, members=1).net_config(50)).eval()  # the costs are one network's
@@ -254,7 +253,7 @@ def backbone_costs(cfg: FinetuneConfig, images: LabelledImages) -> list:
     extract_views(net, images, views, cfg, progress=False)
     extraction = len(images) * len(views) / (time.perf_counter() - start)
     per_image = bytes_per_view(net, cfg) * len(views)
-    fits = [f"{int(BUDGET_SHARE * gib * 2**30 // per_image):,}" for gib in MACHINES_GIB]
+    fits = [f"{int(DEFAULT_BUDGET_SHARE * gib * 2**30 // per_image):,}" for gib in MACHINES_GIB]
     row = [cfg.backbone, cfg.trunk_split, f"{extraction:.1f}", f"{tail_rate(net, cfg):.1f}",
            f"{1000 * per_image / 2**20:.0f}", *fits]
     print(f"{cfg.backbone}: done", flush=True)

@@ -25,6 +25,8 @@ from pathlib import Path
 from birds_lpft.data.sets import list_image_files
 from birds_lpft.tools.grader_check import PROJECT_GUARD, child_env, child_result, sandbox
 
+from finetune.cache import parse_size
+
 CHILD = PROJECT_GUARD + r"""
 import json, time
 t = time.perf_counter()
@@ -60,11 +62,11 @@ def run(python: str, submission: Path, images: Path, limit_as: str | None) -> tu
 
 
 def kib(text: str) -> str:
-    """'6GiB' -> ulimit -v's KiB."""
-    m = re.fullmatch(r"(\d+)\s*([KMG])i?B?", text.strip(), re.IGNORECASE)
-    if not m:
-        raise argparse.ArgumentTypeError(f"write a size like 6GiB, not {text!r}")
-    return str(int(m.group(1)) * 1024 ** "KMG".index(m.group(2).upper()))
+    """'6GiB' -> ulimit -v's KiB (the sizes ``finetune.cache.parse_size`` reads)."""
+    try:
+        return str(parse_size(text) // 1024)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import warnings
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 from torch import nn
 
 from birds_lpft.models.net import BirdNet, NetConfig, build_net, nonfinite
-from birds_lpft.models.zoo import BackboneSpec, source_head_of
+from birds_lpft.models.zoo import BackboneSpec, name_sha256_prefix, source_head_of
 
 KNOWN_OFFLINE = ("mobilenet_v2",)  # the weights python -m probe.weights provisions without a download
 
@@ -71,9 +70,9 @@ def verify(path: Path, spec: BackboneSpec) -> Path:
     that torchvision's file names carry (``name-7f5810bc.pth``); a name with neither is taken as it is."""
     if spec.sha256 is not None and path.name == spec.weights_file:
         return verify_sha256(path, spec.sha256)
-    prefix = re.search(r"-([0-9a-f]{6,})\.", path.name)
-    if prefix and not sha256_of(path).startswith(prefix.group(1)):
-        raise WeightsError(f"{path}: its sha256 does not start with {prefix.group(1)}, as its name says it must: "
+    prefix = name_sha256_prefix(path.name)
+    if prefix and not sha256_of(path).startswith(prefix):
+        raise WeightsError(f"{path}: its sha256 does not start with {prefix}, as its name says it must: "
                            "a corrupt or different file; download the official file again.")
     return path
 

@@ -27,6 +27,12 @@ KNOWN_SHA256 = {"mobilenet_v2-b0353104.pth": "b03531047ffacf1e2488318dcd2aba1126
 PROBE_SIDE = 64  # the dry forward's input side: small, and a multiple of every family's total stride
 
 
+def name_sha256_prefix(file_name: str) -> str | None:
+    """The first hex digits of its sha256 that a torchvision weights file's name carries (``name-7f5810bc.pth``)."""
+    found = re.search(r"-([0-9a-f]{6,})\.", file_name)
+    return found.group(1) if found else None
+
+
 @dataclass(frozen=True)
 class BackboneSpec:
     """How to build, split and feed one backbone, derived from the model itself.
@@ -57,9 +63,7 @@ class BackboneSpec:
 
     @property
     def sha256_prefix(self) -> str | None:
-        """torchvision's file names carry the first hex digits of their sha256 (``name-7f5810bc.pth``)."""
-        found = re.search(r"-([0-9a-f]{6,})\.", self.weights_file or "")
-        return found.group(1) if found else None
+        return name_sha256_prefix(self.weights_file or "")
 
     def build(self) -> nn.Module:
         """The model with random weights: never downloads."""
