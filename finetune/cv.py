@@ -3,8 +3,9 @@
 Only the training images are read, in the same seeded folds for every candidate (``PRESET[:field=value,...]``, e.g.
 ``full:cotuning=2.3``). The trunk cache is extracted once per trunk setting and shared by every fold and candidate
 with it; per fold only stage one and the tail are fitted, and the held-out fold is scored as ``classify`` would, with
-flip TTA on and off, and each member apart. Several --seed values repeat the CV on the one cache. Prints
-each candidate's folds, mean +- SE and seconds, paired with the first fold by fold; writes only --out (.json or .md).
+flip TTA on and off, and its teacher or ensemble and first member apart. Several --seed values repeat the CV on the
+one cache. Prints each candidate's folds, mean +- SE and seconds, paired with the first fold by fold; writes only
+--out (.json or .md).
 """
 
 from __future__ import annotations

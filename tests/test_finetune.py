@@ -4,6 +4,7 @@ that write nothing but ``--out``. Random-init networks and generated images only
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
@@ -26,7 +27,7 @@ from birds_lpft.extract import extract
 from birds_lpft.models.net import NetConfig, build_net
 from birds_lpft.models.preprocess import EvalTransform, Mirrored, data_config
 from birds_lpft.models.zoo import get_spec
-from birds_lpft.recipe import LAST_WITH_RETIRED, PRESETS, RETIRED, ProbeFit, recipe
+from birds_lpft.recipe import LAST_WITH_RETIRED, PRESETS, RETIRED, FinetuneConfig, ProbeFit, recipe
 from birds_lpft.utils.settings import ConfigError, plain
 
 from probe.linear import fit_probe, init_head_from_probe, linear_probe
@@ -499,7 +500,16 @@ def test_older_checkpoints_still_load_and_predict_as_before(tmp_path, version, w
         assert torch.equal(loaded.net(x), clf.net(x))
 
 
-@pytest.mark.parametrize("name, on", [("swa", 0.5), ("mix", "cutmix"), ("test_size", 96), ("tta_crops", (0.75, 1.0))])
+RETIRED_ON = {"mix": "cutmix", "mix_alpha": 0.4, "ema_decay": 0.998, "swa": 0.5, "average": "weights", "supcon": 0.2,
+              "l2sp": 1.0, "test_size": 96, "tta_crops": (0.75, 1.0)}
+
+
+def test_retired_names_are_no_fields_and_each_has_a_case_below():
+    assert set(RETIRED) == set(RETIRED_ON)  # a field of that name would be dropped from every stored recipe
+    assert not set(RETIRED) & {f.name for f in dataclasses.fields(FinetuneConfig)}
+
+
+@pytest.mark.parametrize("name, on", sorted(RETIRED_ON.items()))
 def test_retired_levers_load_at_their_off_values_and_are_refused_on(tmp_path, name, on):
     clf = _classifier(3, 14, 64, True, dropout=0.0)
     clf.save(tmp_path / "m.pt")

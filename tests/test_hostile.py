@@ -189,7 +189,7 @@ def _variants(good: dict) -> dict[str, object]:
         "recipe not a dict": {**good, "recipe": [1, 2]},
         "probe not a dict": {**good, "recipe": {**recipe, "probe": [1]}},
         "deep recipe": {**good, "recipe": {**recipe, "probe": {"a": {"b": {"c": {"d": 1}}}}}},
-        "long list": {**good, "recipe": {**recipe, "tta_crops": [1.0] * 10**4}},
+        "long list": {**good, "recipe": {**recipe, "probe": {"Cs": [0.01] * 10**4}}},
         "unknown field": {**good, "recipe": {**recipe, "evil": 1}},
         "negative epochs": {**good, "recipe": {**recipe, "epochs": -5}},
         "unknown backbone": {**good, "recipe": {**recipe, "backbone": "no_such_net"}},

@@ -4,6 +4,7 @@ without this project. Random-init networks and generated images only."""
 
 from __future__ import annotations
 
+import argparse
 import ast
 import importlib
 import io
@@ -536,3 +537,11 @@ def test_grader_check_passes_a_healthy_upload_here(tmp_path):
                            str(upload)], cwd=tmp_path, env=_child_env(tmp_path), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_trace_writes_memory_limit_reads_sizes_and_refuses_slips():
+    trace_writes = pytest.importorskip("birds_lpft.tools.trace_writes")
+    assert trace_writes.kib("6GiB") == str(6 * 2**20) and trace_writes.kib("512M") == str(512 * 2**10)
+    for slip in ("6", "1000", "0", "lots"):  # a bare number is bytes: far too little for ulimit -v
+        with pytest.raises(argparse.ArgumentTypeError):
+            trace_writes.kib(slip)

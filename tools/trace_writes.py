@@ -62,11 +62,14 @@ def run(python: str, submission: Path, images: Path, limit_as: str | None) -> tu
 
 
 def kib(text: str) -> str:
-    """'6GiB' -> ulimit -v's KiB (the sizes ``finetune.cache.parse_size`` reads)."""
+    """'6GiB' -> ulimit -v's KiB (the sizes ``finetune.cache.parse_size`` reads); under 1 MiB is a slip."""
     try:
-        return str(parse_size(text) // 1024)
+        size = parse_size(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+    if size < 2**20:
+        raise argparse.ArgumentTypeError(f"{text!r} is under 1 MiB, too little to run Python; write e.g. 6GiB")
+    return str(size // 1024)
 
 
 def main(argv: list[str] | None = None) -> None:
