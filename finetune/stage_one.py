@@ -15,7 +15,6 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from birds_lpft.extract import autocast
 from birds_lpft.models.net import BirdNet
 from birds_lpft.recipe import FinetuneConfig
 
@@ -25,16 +24,13 @@ from finetune.distributed import gather_rows
 
 
 @torch.inference_mode()
-def pooled_from_trunk(net: BirdNet, acts: torch.Tensor, rows: np.ndarray | None = None, precision: str = "fp32",
-                      batch_size: int = 16) -> torch.Tensor:
-    """(N, F) fp32 pooled features of cached trunk activations (N, C, h, w), or of their ``rows``, through the
-    net's first top in eval mode, under ``precision``'s autocast (fp32: stage one's; the recipe's: prediction's)."""
+def pooled_from_trunk(net: BirdNet, acts: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """(N, F) fp32 pooled features of cached trunk activations (N, C, h, w) through the net's first top in eval
+    mode: what stage one's probe is fitted on."""
     net.eval()
     out = []
-    for i in range(0, len(acts) if rows is None else len(rows), batch_size):
-        batch = acts[i:i + batch_size] if rows is None else acts[torch.as_tensor(rows[i:i + batch_size])]
-        with autocast(precision):
-            out.append(net.forward_head(net.forward_tail(batch), pre_logits=True).float())
+    for i in range(0, len(acts), batch_size):
+        out.append(net.forward_head(net.forward_tail(acts[i:i + batch_size]), pre_logits=True).float())
     return torch.cat(out)
 
 
