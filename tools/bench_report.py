@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from unittest.mock import patch
 
 import numpy as np
 import torch
@@ -121,20 +122,12 @@ def scratch_in(folder: Path) -> Iterator[Path]:
     """Keep the run's scratch files inside ``folder``: the temp dir (``TMPDIR``, for multiprocessing's and
     torch's short-lived files) and matplotlib's config and caches (``MPLCONFIGDIR``: ``import lightning`` may
     import it through torchmetrics), both under ``folder/.scratch``, which is removed afterwards. The child
-    processes inherit both."""
+    processes inherit both; ``tempfile`` recomputes its folder from ``TMPDIR`` while inside."""
     scratch = folder / ".scratch"
     (scratch / "tmp").mkdir(parents=True, exist_ok=True)
-    saved = {k: os.environ.get(k) for k in ("MPLCONFIGDIR", "TMPDIR")}
-    saved_tempdir = tempfile.tempdir
-    os.environ.update(MPLCONFIGDIR=str(scratch / "mpl"), TMPDIR=str(scratch / "tmp"))
-    tempfile.tempdir = None  # recomputed from $TMPDIR on next use
+    env = {"MPLCONFIGDIR": str(scratch / "mpl"), "TMPDIR": str(scratch / "tmp")}
     try:
-        yield scratch
+        with patch.dict(os.environ, env), patch.object(tempfile, "tempdir", None):
+            yield scratch
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        tempfile.tempdir = saved_tempdir
         shutil.rmtree(scratch, ignore_errors=True)

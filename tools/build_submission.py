@@ -276,25 +276,18 @@ def _table(plan: Plan, root: Path) -> str:
     return "MODULES = {\n" + "\n".join(rows) + "\n}\n"
 
 
-def with_shipped_recipe(source: str, recipe: dict) -> str:
-    """The entry's source with its ``SHIPPED_RECIPE`` line holding ``recipe``: what the grader file's
-    ``train_classifier(fast_train=False)`` trains."""
+def with_shipped_recipe(plan: Plan, recipe: dict, entry: str) -> Plan:
+    """The plan with the entry's ``SHIPPED_RECIPE`` line holding ``recipe`` (what the grader file's
+    ``train_classifier(fast_train=False)`` trains), less the levers neither of the configs the file trains uses:
+    a grader file carries only what its model's recipe needs."""
+    source = plan.modules[entry].source
     if source.count(RECIPE_LINE) != 1:
         raise SystemExit(f"build: the entry must hold the line {RECIPE_LINE.strip()!r} exactly once")
-    return source.replace(RECIPE_LINE, f"SHIPPED_RECIPE: dict | None = {recipe!r}\n")
-
-
-def tailored(plan: Plan, recipes: list) -> Plan:
-    """The plan without the levers none of ``recipes`` (the configs the file trains) uses: a grader file carries
-    only what its model's recipe needs."""
-    unneeded = set(lever_modules()) - {name for cfg in recipes for name in lever_modules(cfg)}
+    plan.modules[entry].source = source.replace(RECIPE_LINE, f"SHIPPED_RECIPE: dict | None = {recipe!r}\n")
+    used = {name for cfg in (grader_recipe(False, recipe), grader_recipe(True, recipe)) for name in lever_modules(cfg)}
+    unneeded = set(lever_modules()) - used
     return Plan(plan.modules, {k: v for k, v in plan.classify.items() if k not in unneeded},
                 {k: v for k, v in plan.training.items() if k not in unneeded})
-
-
-def _with_recipe(plan: Plan, recipe: dict, entry: str) -> Plan:
-    plan.modules[entry].source = with_shipped_recipe(plan.modules[entry].source, recipe)
-    return tailored(plan, [grader_recipe(False, recipe), grader_recipe(True, recipe)])
 
 
 def build_source(root: Path = ROOT, entry: str = ENTRY, recipe: dict | None = None) -> str:
@@ -302,7 +295,7 @@ def build_source(root: Path = ROOT, entry: str = ENTRY, recipe: dict | None = No
     shipped model's), its entry's ``SHIPPED_RECIPE`` holds that recipe and it carries only the levers it uses."""
     plan = plan_modules(root, entry)
     if recipe is not None:
-        plan = _with_recipe(plan, recipe, entry)
+        plan = with_shipped_recipe(plan, recipe, entry)
     table = _table(plan, root)
     names = {**plan.classify, **plan.training}
     embedded = {name: (plan.modules[name].is_package, plan.modules[name].source) for name in names}
