@@ -148,51 +148,35 @@ def train_tops(net: BirdNet, data: TrunkCacheData, cfg: FinetuneConfig, *, input
     holds one; each fit starts from the same random state."""
     inputs = inputs if inputs is not None else LeverInputs()
     stage = StageOne(keep_start=cfg.distill > 0)
-    fits = [(net, member, inputs) for member in range(len(net.tops()))]
-    run = _Fits(data, cfg, [stage, *trainer_kwargs.pop("callbacks", [])], progress, verbose, log_dir, trainer_kwargs)
+    callbacks = [stage, *trainer_kwargs.pop("callbacks", [])]
+    fits: list[tuple[LPFTModule, L.Trainer, float]] = []  # (module, trainer, seconds) of each fit
+
+    def fit(net: BirdNet, member: int, inputs: LeverInputs) -> None:
+        data.member = member
+        module = LPFTModule(net, cfg, member, inputs)
+        with process_state_kept():
+            trainer = make_trainer(cfg, progress, validate=data.validates, log_dir=log_dir, verbose=verbose,
+                                   callbacks=callbacks, **trainer_kwargs)
+            fits.append((module, trainer, fit_module(module, trainer, verbose, datamodule=data)))
+
     # Each step reuses the memory the last one freed instead of faulting in fresh pages, and what was kept goes
     # back to the OS at the end. A setting of this process: ranks that Lightning spawns train without it, slower.
     with reusing_freed_memory():
-        for fit in fits:
-            run(*fit)
+        for member in range(len(net.tops())):
+            fit(net, member, inputs)
         final = net
         if cfg.distill > 0:
             assert stage.start_state is not None  # keep_start: StageOne kept it in the first fit
             final = one_network(cfg, net, stage.start_state)
-            run(final, 0, replace(inputs, teacher=net))
+            fit(final, 0, replace(inputs, teacher=net))
     broken = nonfinite(dict(final.named_parameters()))
     if broken:  # a last step that the losses did not show
         raise TrainingDiverged(f"training diverged: {len(broken)} trained tensors are not finite (first: "
                                f"{broken[0]}); lower lr_tail and lr_head")
-    seconds = run.seconds - data.setup_seconds - stage.seconds
-    assert run.trainer is not None  # every net has a top, so one fit at least ran
+    modules, trainers, seconds = zip(*fits, strict=True)  # every net has a top, so one fit at least ran
     fitted = cast(FittedProbe, stage.fitted)  # None only in the main process of a ddp_spawn run (its ranks fit it)
-    return Training(run.modules, fitted, stage.seconds, seconds, run.trainer, final.eval(), net)
-
-
-class _Fits:
-    """One Lightning fit per call, on the same data and callbacks: :func:`train_tops`' loop body."""
-
-    def __init__(self, data: TrunkCacheData, cfg: FinetuneConfig, callbacks: list, progress: bool, verbose: bool,
-                 log_dir: Path | None, trainer_kwargs: dict):
-        self.data = data
-        self.cfg = cfg
-        self.callbacks = callbacks
-        self.progress = progress
-        self.verbose = verbose
-        self.log_dir = log_dir
-        self.trainer_kwargs = trainer_kwargs
-        self.modules: list[LPFTModule] = []
-        self.seconds = 0.0
-        self.trainer: L.Trainer | None = None
-
-    def __call__(self, net: BirdNet, member: int, inputs: LeverInputs) -> None:
-        self.data.member = member
-        self.modules.append(LPFTModule(net, self.cfg, member, inputs))
-        with process_state_kept():
-            self.trainer = make_trainer(self.cfg, self.progress, validate=self.data.validates, log_dir=self.log_dir,
-                                        verbose=self.verbose, callbacks=self.callbacks, **self.trainer_kwargs)
-            self.seconds += fit_module(self.modules[-1], self.trainer, self.verbose, datamodule=self.data)
+    return Training(list(modules), fitted, stage.seconds, sum(seconds) - data.setup_seconds - stage.seconds,
+                    trainers[-1], final.eval(), net)
 
 
 def one_network(cfg: FinetuneConfig, net: BirdNet, state: dict) -> BirdNet:
@@ -227,7 +211,11 @@ def fine_tune(train: LabelledImages, cfg: FinetuneConfig, weights: str = "requir
                          **trainer_kwargs)
         sw.seconds["probe"] = run.stage_one_seconds
         sw.seconds["fine-tune"] = run.seconds
-    return _result(train, cfg, data, run, sw)
+    val_acc = cached_accuracy(run.net, data.val_set, run.trainer) if data.val_set is not None else None
+    classifier = Classifier(run.net.cpu(), cfg, train.class_names).eval()
+    return FinetuneResult(classifier, cfg, run.fitted, val_acc, [row for m in run.modules for row in m.history],
+                          data.cache_bytes, len(train), sum(m.samples_seen for m in run.modules), data.shards,
+                          run.trainer.is_global_zero, sw)
 
 
 def lever_inputs(cfg: FinetuneConfig, weights: str, **weights_kwargs) -> LeverInputs:
@@ -235,14 +223,3 @@ def lever_inputs(cfg: FinetuneConfig, weights: str, **weights_kwargs) -> LeverIn
     if cfg.cotuning == 0:
         return LeverInputs()
     return LeverInputs(source_head=pretrained_source_head(cfg.spec, weights, **weights_kwargs))
-
-
-def _result(train: LabelledImages, cfg: FinetuneConfig, data: TrunkCacheData, run: Training,
-            sw: Stopwatch) -> FinetuneResult:
-    """The one place a run's result is assembled: the classifier and what was measured."""
-    net = run.net
-    val_acc = cached_accuracy(net, data.val_set, run.trainer) if data.val_set is not None else None
-    classifier = Classifier(net.cpu(), cfg, train.class_names).eval()
-    return FinetuneResult(classifier, cfg, run.fitted, val_acc, [row for m in run.modules for row in m.history],
-                          data.cache_bytes, len(train), sum(m.samples_seen for m in run.modules), data.shards,
-                          run.trainer.is_global_zero, sw)
