@@ -44,59 +44,40 @@ from finetune.levers import LeverInputs
 from finetune.module import TrainingDiverged
 from finetune.process import process_state_kept
 from finetune.stage_one import pooled_from_trunk
-from finetune.train import Training, lever_inputs, train_tops
-
-
-def parse_candidate(spec: str) -> tuple[str, FinetuneConfig]:
-    """'PRESET[:field=value,...]' -> (spec, config), every value checked (``birds_lpft.recipe.recipe``)."""
-    return spec, recipe(spec)
-
-
-def stratified_folds(labels: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """k seeded stratified (train, held-out) index pairs; the held-out parts are disjoint and cover every image."""
-    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-    return [(np.sort(tr), np.sort(va)) for tr, va in splitter.split(np.zeros(len(labels)), labels)]
+from finetune.train import lever_inputs, train_tops
 
 
 def repeated_folds(labels: np.ndarray, k: int, seeds: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Repeated k-fold CV: the k folds of every seed in turn (k x len(seeds) pairs), seed by seed."""
-    return [fold for seed in seeds for fold in stratified_folds(labels, k, seed)]
+    """Repeated stratified k-fold CV: k seeded (train, held-out) index pairs per seed, seed by seed; each seed's
+    held-out parts are disjoint and cover every image."""
+    splits = [StratifiedKFold(n_splits=k, shuffle=True, random_state=seed) for seed in seeds]
+    return [(np.sort(tr), np.sort(va)) for s in splits for tr, va in s.split(np.zeros(len(labels)), labels)]
 
 
 def run_fold(cache: TrunkCache, images: LabelledImages, cfg: FinetuneConfig, train_idx: np.ndarray,
              val_idx: np.ndarray, progress: bool, pooled: torch.Tensor | None = None,
              inputs: LeverInputs | None = None) -> dict:
     """Stage one and the tail on the fold's training images (``train_tops``, the fine-tune's own path), then the
-    held-out accuracy with the candidate's flip TTA ('acc'), with flip TTA toggled ('other'), and
-    :func:`member_readouts`' ('readouts'). ``pooled``: :func:`centre_features` for this candidate if computed for all
-    folds already (None: the fold's own, the same)."""
+    held-out accuracy with the candidate's flip TTA ('acc'), with flip TTA toggled ('other'), and what the trained
+    members score beside the shipped network at no training cost ('readouts': a student's teacher or an ensemble,
+    and an ensemble's first member alone). ``pooled``: :func:`centre_features` for this candidate if computed for
+    all folds already (None: the fold's own, the same)."""
     labels = images.labels
     data = TrunkCacheData.from_stacks(labels, cache.centre, cache.views[:cfg.views], train_idx, cfg, pooled=pooled)
     run = train_tops(candidate_net(cache.net, cfg), data, cfg, inputs=inputs, progress=progress,
                      accelerator="cpu", devices=1)
-    logits = held_out_logits(run.net, cache, val_idx, cfg)
 
-    def accuracy(flip: bool, member: int | None = None, of: torch.Tensor = logits) -> float:
-        return float((tta_logits(of, flip, member).argmax(1).numpy() == labels[val_idx]).mean())
+    def accuracy(logits: torch.Tensor, flip: bool = cfg.tta_flip, member: int | None = None) -> float:
+        return float((tta_logits(logits, flip, member).argmax(1).numpy() == labels[val_idx]).mean())
 
-    def score(net: BirdNet, member: int | None = None) -> float:
-        return accuracy(cfg.tta_flip, member, held_out_logits(net, cache, val_idx, cfg))
-
-    return {"acc": accuracy(cfg.tta_flip), "other": accuracy(not cfg.tta_flip),
-            "readouts": member_readouts(run, cfg, score)}
-
-
-def member_readouts(run: Training, cfg: FinetuneConfig, score) -> dict[str, float]:
-    """What a fold's trained members score beside the shipped network, at no training cost (``score(net,
-    member=None)``: held-out accuracy with the candidate's TTA, of every top averaged or of top ``member`` alone):
-    a student's teacher or an ensemble, and an ensemble's first member alone."""
-    out = {}
-    members = run.members
-    if members is not run.net:
-        out["teacher" if cfg.distill > 0 else "ensemble of the members"] = score(members)
-    if len(members.tops()) > 1:
-        out["member 1 alone"] = score(members, 0)
-    return out
+    shipped = held_out_logits(run.net, cache, val_idx, cfg)
+    members = shipped if run.members is run.net else held_out_logits(run.members, cache, val_idx, cfg)
+    readouts = {}
+    if run.members is not run.net:
+        readouts["teacher" if cfg.distill > 0 else "ensemble of the members"] = accuracy(members)
+    if len(run.members.tops()) > 1:
+        readouts["member 1 alone"] = accuracy(members, member=0)
+    return {"acc": accuracy(shipped), "other": accuracy(shipped, not cfg.tta_flip), "readouts": readouts}
 
 
 def candidate_net(base: BirdNet, cfg: FinetuneConfig) -> BirdNet:
@@ -182,7 +163,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[tuple[s
     p.add_argument("--progress", action="store_true", help="progress bars")
     args = p.parse_args(argv)
     try:
-        candidates = [parse_candidate(s) for s in args.candidates]
+        candidates = [(spec, recipe(spec)) for spec in args.candidates]
     except ConfigError as err:
         fail(PROG, f"--candidates: {err}")
     args.weights_mode = weights_mode(PROG, args)

@@ -32,16 +32,16 @@ SIZE = 32
 
 def test_folds_are_stratified_disjoint_covering_and_seeded():
     labels = np.repeat(np.arange(4), [10, 11, 12, 13])
-    folds = cv.stratified_folds(labels, 5, seed=3)
+    folds = cv.repeated_folds(labels, 5, [3])
     held = [va for _, va in folds]
     assert len(folds) == 5 and sorted(np.concatenate(held).tolist()) == list(range(len(labels)))
     for tr, va in folds:
         assert not set(tr) & set(va) and len(tr) + len(va) == len(labels)
         for k, n in zip(range(4), (10, 11, 12, 13), strict=True):  # every class in every fold, in proportion
             assert abs(np.sum(labels[va] == k) - n / 5) <= 1
-    again = cv.stratified_folds(labels, 5, seed=3)
+    again = cv.repeated_folds(labels, 5, [3])
     assert all(np.array_equal(a[1], b[1]) for a, b in zip(folds, again, strict=True))
-    other = cv.stratified_folds(labels, 5, seed=4)
+    other = cv.repeated_folds(labels, 5, [4])
     assert not all(np.array_equal(a[1], b[1]) for a, b in zip(folds, other, strict=True))
 
 
@@ -49,7 +49,7 @@ def test_repeated_folds_are_each_seeds_folds_in_turn():
     labels = np.repeat(np.arange(3), [8, 9, 10])
     folds = cv.repeated_folds(labels, 4, [5, 2])
     assert len(folds) == 8
-    for got, want in zip(folds, cv.stratified_folds(labels, 4, 5) + cv.stratified_folds(labels, 4, 2), strict=True):
+    for got, want in zip(folds, cv.repeated_folds(labels, 4, [5]) + cv.repeated_folds(labels, 4, [2]), strict=True):
         assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
     for part in (folds[:4], folds[4:]):  # each seed's held-out parts cover every image once
         assert sorted(np.concatenate([va for _, va in part]).tolist()) == list(range(len(labels)))
@@ -171,11 +171,11 @@ def test_tta_logits_average_the_chosen_views_and_members():
 
 
 def test_candidates_parse_with_types_checked():
-    spec, cfg = cv.parse_candidate("full:crop_scale=(0.2, 1.0),pooling=avg,cotuning=0.5,members=2")
+    cfg = cv.recipe("full:crop_scale=(0.2, 1.0),pooling=avg,cotuning=0.5,members=2")
     assert cfg == replace(PRESETS["full"], crop_scale=(0.2, 1.0), pooling="avg", cotuning=0.5, members=2)
     for bad in ("full:epochs=2.5", "full:nope=1", "full:pooling=3", "full:mix=cutmix", "nothere"):
         with pytest.raises(ValueError):
-            cv.parse_candidate(bad)
+            cv.recipe(bad)
 
 
 # --------------------------------------------------------------------------- bf16 tail
