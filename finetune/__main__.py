@@ -133,14 +133,10 @@ class HeadDigests(Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.digests:  # an ensemble's later fits start from the same heads
-            mine = torch.tensor([int(head_digest(cast(BirdNet, pl_module.net)), 16)])  # LPFTModule's net
+            head = cast(BirdNet, pl_module.net).head  # LPFTModule's net
+            data = torch.cat([head.weight.detach().flatten(), head.bias.detach()]).cpu().numpy().tobytes()
+            mine = torch.tensor([int(hashlib.sha256(data).hexdigest()[:15], 16)])  # 15 hex digits fit an int64
             self.digests = [f"{v:015x}" for v in gather_rows(trainer, mine).tolist()]
-
-
-def head_digest(net: BirdNet) -> str:
-    """15 hex digits (they fit an int64, which the ranks gather) of the sha256 of the head's weights."""
-    data = torch.cat([net.head.weight.detach().flatten(), net.head.bias.detach()]).cpu().numpy().tobytes()
-    return hashlib.sha256(data).hexdigest()[:15]
 
 
 def report(result: FinetuneResult, head_digests: list[str], verbose: bool) -> None:

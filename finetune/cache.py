@@ -107,35 +107,22 @@ class ViewBatches:
 
 
 def extract_views(net: BirdNet, images: LabelledImages, views: Sequence[View], cfg: FinetuneConfig,
-                  desc: str = "trunk cache", progress: bool = True, device: torch.device | str = "cpu",
-                  out_device: torch.device | str = "cpu", echo: bool | None = None,
-                  first_batch=None, prefetch: bool = True) -> list[torch.Tensor]:
+                  **extract_kwargs) -> list[torch.Tensor]:
     """One (N, C, h, w) stack of trunk activations per view, in ``cfg.cache_dtype``, from one pass over the images
-    (:class:`ViewBatches`); with ``prefetch`` a thread makes the next view's batch meanwhile (the same numbers).
-    ``first_batch`` is ``birds_lpft.extract.extract``'s."""
+    (:class:`ViewBatches`), a thread making the next view's batch meanwhile (the same numbers). ``extract_kwargs``
+    go to ``birds_lpft.extract.extract`` (``desc``, ``progress``, ``device``, ``out_device``, ``echo``, ...)."""
+    dtype = getattr(torch, cfg.cache_dtype)
     if len(images) == 0:
-        dtype = getattr(torch, cfg.cache_dtype)
-        return [torch.empty(0, dtype=dtype, device=out_device) for _ in views]
-    acts, _ = extract(
-        net.forward_trunk, ViewBatches(images, views, cfg.extract_batch_size), precision=cfg.precision,
-        out_dtype=getattr(torch, cfg.cache_dtype), desc=desc, progress=progress, device=device,
-        out_device=out_device, echo=echo, first_batch=first_batch, prefetch=prefetch,
-    )
+        return [torch.empty(0, dtype=dtype, device=extract_kwargs.get("out_device", "cpu")) for _ in views]
+    kwargs = {"desc": "trunk cache", "prefetch": True, **extract_kwargs}
+    batches = ViewBatches(images, views, cfg.extract_batch_size)
+    acts, _ = extract(net.forward_trunk, batches, precision=cfg.precision, out_dtype=dtype, **kwargs)
     return acts
 
 
 def bytes_per_view(net: BirdNet, cfg: FinetuneConfig) -> int:
     """Cache bytes of one view of one image: the trunk's output at ``cfg.image_size`` in the cache dtype."""
     return trunk_bytes(net, cfg.image_size, getattr(torch, cfg.cache_dtype))
-
-
-def available_memory() -> int | None:
-    """Bytes the kernel says can be allocated without swapping (MemAvailable); None where unknown."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return None
 
 
 def parse_size(text: str) -> int:
@@ -147,9 +134,14 @@ def parse_size(text: str) -> int:
 
 
 def default_budget() -> int | None:
-    """``DEFAULT_BUDGET_SHARE`` of the memory available now, or None (no check) where that is unknown."""
-    available = available_memory()
-    return None if available is None else int(available * DEFAULT_BUDGET_SHARE)
+    """``DEFAULT_BUDGET_SHARE`` of the bytes the kernel says can be allocated now without swapping (MemAvailable),
+    or None (no check) where that is unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    return int(available * DEFAULT_BUDGET_SHARE)
 
 
 def check_budget(nbytes: int, budget: int | None, *, images: int, views: int, image_size: int,

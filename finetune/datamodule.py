@@ -161,24 +161,18 @@ class TrunkCacheData(L.LightningDataModule):
         self.samples_per_epoch = None if trainer.world_size == 1 else min(t for t, _ in sizes)
 
     def train_dataloader(self) -> DataLoader:
+        """Shuffled batches of cached views, seeded per rank and ensemble member; under DDP an epoch draws
+        ``samples_per_epoch``; pinned memory when a CPU cache feeds an accelerator."""
         assert self.train_set is not None and self.trainer is not None  # inside fit, after setup
-        return cached_loader(self.train_set, self.cfg, self.trainer.global_rank, self.samples_per_epoch, self.member,
-                             self.pin_memory)
+        generator = torch.Generator().manual_seed(self.cfg.seed + self.trainer.global_rank + 1000 * self.member)
+        sampler = RandomSampler(self.train_set, num_samples=self.samples_per_epoch, generator=generator)
+        # The loader draws a base seed per epoch from the same generator, before the sampler's shuffle, as
+        # DataLoader(shuffle=True, generator=...) does, so one process draws exactly the v1 recipe's batches.
+        return DataLoader(self.train_set, batch_size=self.cfg.batch_size, sampler=sampler, generator=generator,
+                          pin_memory=self.pin_memory)
 
     def val_dataloader(self) -> DataLoader | list:
         return val_loader_of(self.val_set) if self.val_set is not None else []
-
-
-def cached_loader(train_set: CachedViews, cfg: FinetuneConfig, rank: int = 0, samples_per_epoch: int | None = None,
-                  member: int = 0, pin_memory: bool = False) -> DataLoader:
-    """Shuffled batches of cached views, seeded per rank and ensemble member; ``samples_per_epoch`` caps an
-    epoch (None: all); ``pin_memory`` when a CPU cache feeds an accelerator."""
-    generator = torch.Generator().manual_seed(cfg.seed + rank + 1000 * member)
-    sampler = RandomSampler(train_set, num_samples=samples_per_epoch, generator=generator)
-    # The loader draws a base seed per epoch from the same generator, before the sampler's shuffle, as
-    # DataLoader(shuffle=True, generator=...) does, so one process draws exactly the v1 recipe's batches.
-    return DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, generator=generator,
-                      pin_memory=pin_memory)
 
 
 def val_loader_of(val_set: CachedViews) -> DataLoader:

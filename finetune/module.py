@@ -35,14 +35,6 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ste
     return schedulers.SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
 
 
-def freeze_batchnorm_stats(module: nn.Module) -> None:
-    """Put every BatchNorm layer in eval mode: running statistics are used and never updated, because small
-    fine-tuning batches from one dataset give noisier statistics than ImageNet's. Affine weights still learn."""
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
-
-
 class TrunkFreeze(BaseFinetuning):
     """Freeze the whole network but the top in training (its tail, pooling and head), which trains from the
     start: the trunk's activations are cached, and an ensemble's other members train in their own fits."""
@@ -96,9 +88,12 @@ class LPFTModule(L.LightningModule):
         return self.net.tops()[self.member_index]
 
     def train(self, mode: bool = True) -> LPFTModule:
-        # Called before fit and by Lightning after each validation loop: re-pin BatchNorm every time.
+        # Called before fit and by Lightning after each validation loop: re-pin BatchNorm every time (eval mode:
+        # small batches from one dataset estimate the statistics worse than ImageNet did; affine weights still learn).
         super().train(mode)
-        freeze_batchnorm_stats(self.net)
+        for m in self.net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
         return self
 
     def forward(self, acts: torch.Tensor) -> torch.Tensor:
@@ -119,19 +114,15 @@ class LPFTModule(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         acts, y = batch
         self.samples_seen += len(y)
-        if len(self.terms):
-            logits, loss = self._step_with_terms(acts, y)
-        else:
-            logits = self(acts)
-            loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
+        logits, loss = self._logits_and_loss(acts, y)
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"training diverged: the loss is {loss.item()} at step {self.global_step + 1} "
                                    f"of member {self.member_index + 1}; lower lr_tail and lr_head")
         self._log("train", loss, (logits.argmax(1) == y).float().mean(), len(y))
         return loss
 
-    def _step_with_terms(self, acts: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits, loss) with the levers' terms added; the forward is the top's own, step by step, so that
+    def _logits_and_loss(self, acts: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, loss) with the levers' terms (if any) added; the forward is the top's own, step by step, so that
         each term can read the maps (B, F, h, w) and the pooled features (B, F) it needs."""
         top = self.top
         maps = top.forward_tail(acts)
@@ -160,13 +151,13 @@ class LPFTModule(L.LightningModule):
     def param_groups(self) -> list[dict]:
         """AdamW groups: the tail at ``lr_tail``, pooling and head at ``lr_head``; no decay on 1-d parameters."""
         top = self.top
-        parts = [(list(top.tail.parameters()), self.cfg.lr_tail, self.cfg.weight_decay),
-                 ([*top.pool.parameters(), *top.head.parameters()], self.cfg.lr_head, self.cfg.weight_decay)]
+        parts = [(list(top.tail.parameters()), self.cfg.lr_tail),
+                 ([*top.pool.parameters(), *top.head.parameters()], self.cfg.lr_head)]
         for term in self.terms:  # ModuleList types its items as plain Modules; each is a levers.terms.LossTerm
-            term_groups = term.param_groups(self.cfg.lr_tail, self.cfg.lr_head)  # type: ignore[operator]
-            parts += [(params, lr, self.cfg.weight_decay) for params, lr in term_groups]
+            parts += term.param_groups(self.cfg.lr_tail, self.cfg.lr_head)  # type: ignore[operator]
+        weight_decay = self.cfg.weight_decay
         groups = []
-        for params, lr, weight_decay in parts:
+        for params, lr in parts:
             params = [p for p in params if p.requires_grad]
             decay = [p for p in params if p.ndim > 1]  # conv and linear weights; not biases, BatchNorm or GeM's p
             no_decay = [p for p in params if p.ndim <= 1]

@@ -30,14 +30,6 @@ class Prediction:
     error: str | None = None
 
 
-def expand(inputs: list[Path]) -> list[Path]:
-    """Files as given; a folder becomes its files (sorted, hidden ones skipped)."""
-    files: list[Path] = []
-    for path in inputs:
-        files += list_image_files(path) if path.is_dir() else [path]
-    return files
-
-
 def predict_files(model: Classifier, files: list[Path], k: int, progress: bool = False) -> list[Prediction]:
     """Top-k species of every file, through ``Classifier.predict_logits`` (``classify``'s path)."""
     if not files:
@@ -102,7 +94,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace, written: Written) -> list[Prediction]:
     try:
         model = Classifier.load(args.model)
-        files = expand(args.inputs)
+        files = [f for path in args.inputs for f in (list_image_files(path) if path.is_dir() else [path])]
     except (ValueError, DataError) as err:
         sys.exit(f"error: {err}")
     progress = not args.no_progress and any(path.is_dir() for path in args.inputs)

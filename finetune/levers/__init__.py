@@ -14,16 +14,11 @@ from torch import nn
 
 from birds_lpft.models.net import BirdNet, TailHead
 
-# Each lever's module, and the test of a recipe that says the recipe runs it.
-USED_BY = {
-    "cotuning": lambda cfg: cfg.cotuning > 0,
-    "distill": lambda cfg: cfg.distill > 0,
-}
-
 
 def lever_modules(cfg=None) -> list[str]:
     """The lever modules ``cfg`` runs (every lever's without one): what a grader file for it must carry."""
-    return [f"finetune.levers.{name}" for name, used in USED_BY.items() if cfg is None or used(cfg)]
+    used = {"cotuning": cfg is None or cfg.cotuning > 0, "distill": cfg is None or cfg.distill > 0}
+    return [f"finetune.levers.{name}" for name, on in used.items() if on]
 
 
 @dataclass
