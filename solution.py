@@ -7,7 +7,6 @@ they are imported only inside ``train_classifier``, without the temp-dir probe f
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -54,13 +53,3 @@ def classify(model_path: str, test_img_dir: str) -> dict[str, int]:
         return {}
     return {p.name: int(k) for p, k in zip(files, model.predict(files, [p.name for p in files]), strict=True)}
 
-
-if __name__ == "__main__":  # pragma: no cover - a manual smoke run: python solution.py DATA_DIR MODEL
-    import sys
-
-    from birds_lpft.data.sets import read_gt
-
-    data = sys.argv[1]
-    model_path = sys.argv[2]
-    train_classifier(read_gt(os.path.join(data, "train", "gt.csv")), os.path.join(data, "train", "images"))
-    print(classify(model_path, os.path.join(data, "test", "images")))
