@@ -119,14 +119,10 @@ def module_path(root: Path, name: str) -> Path | None:
     return None
 
 
-def _is_main_guard(node: ast.stmt) -> bool:
-    return isinstance(node, ast.If) and ast.unparse(node.test) == "__name__ == '__main__'"
-
-
 def _import_statements(tree: ast.Module, is_entry: bool) -> Iterator[tuple[ast.Import | ast.ImportFrom, bool]]:
     """Every import statement at any depth, with whether it sits in the entry's training function."""
     for node in tree.body:
-        if _is_main_guard(node):
+        if isinstance(node, ast.If) and ast.unparse(node.test) == "__name__ == '__main__'":
             continue  # never runs in the uploaded file: the module is imported, not run
         training = is_entry and isinstance(node, ast.FunctionDef) and node.name == TRAINING_FUNCTION
         for sub in ast.walk(node):
@@ -147,7 +143,8 @@ def _targets(node: ast.Import | ast.ImportFrom, package: str, where: str) -> lis
 
 
 def read_module(root: Path, name: str, entry: str) -> Module:
-    """Parse one project module and sort each import it makes into project edges and external packages."""
+    """Parse one project module and sort each import it makes into project edges and external packages (refused
+    where the grader lacks the package, or the project the module)."""
     path = module_path(root, name)
     module = Module(name, path, path.name == "__init__.py", importlib.util.decode_source(path.read_bytes()))
     package = name if module.is_package else name.rpartition(".")[0]
@@ -156,19 +153,14 @@ def read_module(root: Path, name: str, entry: str) -> Module:
         for target, required in _targets(node, package, where):
             top = target.partition(".")[0]
             if module_path(root, top) is None:
+                if top not in GRADER_PACKAGES and top not in sys.stdlib_module_names:
+                    raise SystemExit(f"build: {where}:{node.lineno} imports {top!r}, which the grader does not have.")
                 module.external.append((top, node.lineno, training))
             elif module_path(root, target) is not None:
                 module.edges.append((target, node.lineno, training))
             elif required:
                 raise SystemExit(f"build: {where}:{node.lineno} imports {target}, which is not a project module.")
-    _check_grader_has(module, where)
     return module
-
-
-def _check_grader_has(module: Module, where: str) -> None:
-    for package, line, _ in module.external:
-        if package not in GRADER_PACKAGES and package not in sys.stdlib_module_names:
-            raise SystemExit(f"build: {where}:{line} imports {package!r}, which the grader does not have.")
 
 
 # --------------------------------------------------------------------------- the two parts
