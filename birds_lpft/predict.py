@@ -63,5 +63,5 @@ def predict_logits(net: BirdNet, sources: Sequence[Source], names: Sequence[str]
     dataset = ImageDataset(sources, names, EvalTransform(data_cfg), on_error="blank")
     loader = make_loader(dataset, max(1, batch_size // (2 if tta_flip else 1)))
     # No prefetching thread: under the grader's versions it did not make classify faster.
-    logits, _ = extract(tta_averaged(net, tta_flip), loader, precision=precision, desc="classify", progress=progress)
+    logits = extract(tta_averaged(net, tta_flip), loader, precision=precision, desc="classify", progress=progress)
     return Predictions(logits, dict(dataset.failures))

@@ -116,8 +116,7 @@ def extract_views(net: BirdNet, images: LabelledImages, views: Sequence[View], c
         return [torch.empty(0, dtype=dtype, device=extract_kwargs.get("out_device", "cpu")) for _ in views]
     kwargs = {"desc": "trunk cache", "prefetch": True, **extract_kwargs}
     batches = ViewBatches(images, views, cfg.extract_batch_size)
-    acts, _ = extract(net.forward_trunk, batches, precision=cfg.precision, out_dtype=dtype, **kwargs)
-    return acts
+    return extract(net.forward_trunk, batches, precision=cfg.precision, out_dtype=dtype, **kwargs)
 
 
 def bytes_per_view(net: BirdNet, cfg: FinetuneConfig) -> int:

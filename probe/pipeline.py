@@ -56,7 +56,7 @@ def pooled_features(net: BirdNet, images: LabelledImages, cfg: ProbeConfig, desc
                     progress: bool = True) -> torch.Tensor:
     """(N, F) pooled backbone features of the centre view, computed in RAM; ``progress``: a bar and a summary."""
     dataset = ImageDataset(images.sources, images.names, EvalTransform(cfg.data_config()))
-    feats, _ = extract(
+    feats = extract(
         lambda x: net.forward_head(net.forward_features(x), pre_logits=True),
         make_loader(dataset, cfg.extract_batch_size),
         precision=cfg.precision, desc=desc, progress=progress, prefetch=True,  # decoding overlaps the forward

@@ -409,7 +409,7 @@ def _one_pass_per_view(net, images, views, cfg) -> list[torch.Tensor]:
         dataset = ImageDataset(images.sources, images.names, view.transform)
         loader = DataLoader(dataset, batch_size=cfg.extract_batch_size)
         out.append(extract(net.forward_trunk, loader, precision=cfg.precision, out_dtype=torch.float16,
-                           progress=False)[0])
+                           progress=False))
     return out
 
 

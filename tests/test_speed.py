@@ -14,7 +14,7 @@ from birds_lpft.memory import release_freed_memory
 
 
 def test_prefetched_keeps_order_and_raises_the_threads_error():
-    assert list(prefetched(range(50), depth=2)) == list(range(50))
+    assert list(prefetched(range(50))) == list(range(50))
 
     def broken():
         yield 1
@@ -29,7 +29,7 @@ def test_prefetched_keeps_order_and_raises_the_threads_error():
 
 def test_leaving_a_prefetched_loop_early_stops_its_thread():
     before = threading.active_count()
-    for item in prefetched(iter(range(10**6)), depth=2):
+    for item in prefetched(iter(range(10**6))):
         if item == 3:
             break
     assert threading.active_count() == before
