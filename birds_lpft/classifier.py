@@ -78,10 +78,6 @@ class Classifier(nn.Module):
         accuracy = float(np.mean(predicted == images.labels))
         return {"probabilities": probs, "predictions": predicted, "accuracy": accuracy}
 
-    def score(self, images: LabelledImages, *, precision: str = "auto", progress: bool = False) -> float:
-        """Accuracy on a labelled set (see :meth:`evaluate`)."""
-        return self.evaluate(images, precision=precision, progress=progress)["accuracy"]
-
     def checkpoint(self) -> dict:
         """A plain dict (tensors, str, numbers, lists), loadable with ``weights_only=True``."""
         return {

@@ -25,17 +25,15 @@ from birds_lpft.models.net import BirdNet
 from birds_lpft.models.weights import WeightsError
 from birds_lpft.recipe import FinetuneConfig, add_recipe_args, alias_overrides, recipe
 from birds_lpft.utils.cli import (
-    Written,
     add_weights_args,
     check_output_dir,
     check_output_file,
     fail,
     layout_inputs,
     run_interruptible,
-    split_positionals,
     weights_mode,
 )
-from birds_lpft.utils.settings import ConfigError
+from birds_lpft.utils.settings import ConfigError, is_override
 from birds_lpft.utils.timing import Stopwatch, peak_rss_mb
 
 from finetune.cache import CacheBudgetError, default_budget, parse_size
@@ -65,7 +63,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, FinetuneConf
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--verbose", action="store_true", help="also Lightning's own messages and the full config")
     args = p.parse_intermixed_args(argv)  # field=value may come before or after the flags
-    paths, overrides = split_positionals(args.args)
+    paths = [t for t in args.args if not is_override(t)]
+    overrides = [t for t in args.args if is_override(t)]
     if len(paths) > 1:
         fail(PROG, f"one DATA_DIR at most, got {paths}; overrides are field=value")
     args.data_dir = Path(paths[0]) if paths else None
@@ -86,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     run_interruptible(lambda written: run(args, cfg, written), PROG)
 
 
-def run(args: argparse.Namespace, cfg: FinetuneConfig, written: Written) -> None:
+def run(args: argparse.Namespace, cfg: FinetuneConfig, written: list) -> None:
     sw = Stopwatch()
     progress = not args.no_progress
     budget = args.cache_budget if args.cache_budget is not None else default_budget()
@@ -106,11 +105,11 @@ def run(args: argparse.Namespace, cfg: FinetuneConfig, written: Written) -> None
     report(result, digests.digests, args.verbose)
     if test is not None:
         with sw("test"):
-            accuracy = result.classifier.score(test, precision=result.cfg.precision, progress=progress)
+            accuracy = result.classifier.evaluate(test, precision=result.cfg.precision, progress=progress)["accuracy"]
         print(f"test accuracy: {accuracy:.4f} ({len(test)} images, flip TTA {'on' if cfg.tta_flip else 'off'})")
     if args.out:
         result.classifier.save(args.out)
-        written.add(args.out)
+        written.append(args.out)
         print(f"checkpoint written to {args.out}")
     print(f"time: {sw.report()}, {result.stopwatch.report()}; peak RSS {peak_rss_mb():.0f} MiB")
 

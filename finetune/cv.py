@@ -26,7 +26,6 @@ from birds_lpft.models.net import BirdNet, build_net
 from birds_lpft.models.weights import WeightsError, load_pretrained
 from birds_lpft.recipe import FinetuneConfig, recipe
 from birds_lpft.utils.cli import (
-    Written,
     add_weights_args,
     check_output_file,
     fail,
@@ -186,7 +185,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return run_interruptible(lambda written: run(args, candidates, written), PROG)
 
 
-def run(args: argparse.Namespace, candidates: list[tuple[str, FinetuneConfig]], written: Written) -> list[dict]:
+def run(args: argparse.Namespace, candidates: list[tuple[str, FinetuneConfig]], written: list) -> list[dict]:
     try:
         images = load_split_dir(args.data_dir, "train")
         if args.folds > np.bincount(images.labels).min():
@@ -206,7 +205,7 @@ def run(args: argparse.Namespace, candidates: list[tuple[str, FinetuneConfig]], 
     if args.out:
         text = json.dumps(rows, indent=2) if args.out.suffix == ".json" else markdown(rows, args.folds, args.seed)
         write_text(args.out, text)
-        written.add(args.out)
+        written.append(args.out)
     return rows
 
 

@@ -17,7 +17,7 @@ import torch
 
 from birds_lpft.classifier import Classifier
 from birds_lpft.data.sets import DataError, list_image_files
-from birds_lpft.utils.cli import Written, check_output_file, fail, printable, run_interruptible
+from birds_lpft.utils.cli import check_output_file, fail, printable, run_interruptible
 from birds_lpft.utils.outputs import atomic_write
 
 
@@ -91,7 +91,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def run(args: argparse.Namespace, written: Written) -> list[Prediction]:
+def run(args: argparse.Namespace, written: list) -> list[Prediction]:
     try:
         model = Classifier.load(args.model)
         files = [f for path in args.inputs for f in (list_image_files(path) if path.is_dir() else [path])]
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace, written: Written) -> list[Prediction]:
         print(format_line(r))
     if args.csv:
         write_csv(args.csv, results, min(args.top_k, model.net_cfg.num_classes))
-        written.add(args.csv)
+        written.append(args.csv)
     return results
 
 

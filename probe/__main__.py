@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     cli.run_interruptible(lambda written: run(args, written), PROG)
 
 
-def run(args: argparse.Namespace, written: cli.Written) -> None:
+def run(args: argparse.Namespace, written: list) -> None:
     sw = Stopwatch()
     try:
         with sw("read data"):
@@ -77,12 +77,12 @@ def run(args: argparse.Namespace, written: cli.Written) -> None:
     print(f"time: {sw.report()}, {result.stopwatch.report()}; peak RSS {peak_rss_mb():.0f} MiB")
 
 
-def run_compare(args: argparse.Namespace, train, test, written: cli.Written) -> None:
+def run_compare(args: argparse.Namespace, train, test, written: list) -> None:
     rows = compare(train, test, args.backbones, args.cfg, random_init=args.random_init, progress=not args.no_progress)
     print(markdown(rows), end="")
     if args.out is not None:
         write_table(args.out, rows)
-        written.add(args.out)
+        written.append(args.out)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from birds_lpft.data.synthetic import load_data
 from birds_lpft.models.weights import WeightsError
 from birds_lpft.recipe import PRESETS, FinetuneConfig, add_recipe_args, alias_overrides, recipe
 from birds_lpft.tools import bench_report, bench_speed
-from birds_lpft.utils.cli import Written, check_output_dir, fail, run_interruptible
+from birds_lpft.utils.cli import check_output_dir, fail, run_interruptible
 from birds_lpft.utils.settings import ConfigError, plain
 from birds_lpft.utils.timing import peak_rss_mb
 
@@ -117,16 +117,16 @@ def run_bench(args: argparse.Namespace, configs: dict[str, FinetuneConfig]) -> d
     return results
 
 
-def run(args: argparse.Namespace, configs: dict[str, FinetuneConfig], written: Written) -> dict:
+def run(args: argparse.Namespace, configs: dict[str, FinetuneConfig], written: list) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     with bench_report.scratch_in(args.out):
         try:
             results = run_bench(args, configs)
         except (DataError, WeightsError) as err:
             sys.exit(f"error: {err}")
-    written.add(args.out / CHECKPOINT)
+    written.append(args.out / CHECKPOINT)
     bench_report.write(args.out, str(args.data_dir), results)
-    written.add(args.out / "report.md")
+    written.append(args.out / "report.md")
     return results
 
 

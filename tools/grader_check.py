@@ -159,7 +159,8 @@ def run_child(python: str, data: Path, places: dict[str, Path]) -> tuple[dict, f
 def own_accuracy(model: Path, data: Path) -> float:
     """The project's own evaluation of the same model on ``data/test``."""
     classifier = Classifier.load(model)
-    return classifier.score(load_split_dir(data, "test", num_classes=classifier.net_cfg.num_classes))
+    test = load_split_dir(data, "test", num_classes=classifier.net_cfg.num_classes)
+    return classifier.evaluate(test)["accuracy"]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import NoReturn, TypeVar
 
 from birds_lpft.utils.outputs import output_dir_problem, output_file_problem, write_text
-from birds_lpft.utils.settings import is_override
 
 T = TypeVar("T")
 USAGE_ERROR = 2  # argparse's exit status for a bad command line
@@ -90,34 +89,17 @@ def layout_inputs(data_dir: os.PathLike | None) -> list[Path]:
     return [root / "classes.txt"] + [s / "gt.csv" for s in splits] + [s / "images" for s in splits]
 
 
-class Written:
-    """The files a command has written so far, for an honest interrupt message."""
-
-    def __init__(self) -> None:
-        self.paths: list[str] = []
-
-    def add(self, path: os.PathLike) -> None:
-        self.paths.append(os.fspath(path))
-
-    def summary(self) -> str:
-        return "nothing was written" if not self.paths else f"already written: {', '.join(self.paths)}"
-
-
-def run_interruptible(body: Callable[[Written], T], prog: str) -> T:
-    """Run a command's body; Ctrl-C prints ``prog: interrupted; nothing was written`` (or what was) and exits 130
-    instead of a traceback. Writes are atomic, so an interrupted one left the old file in place."""
-    written = Written()
+def run_interruptible(body: Callable[[list[os.PathLike]], T], prog: str) -> T:
+    """Run a command's body, which appends each file it writes to the list it is given; Ctrl-C prints ``prog:
+    interrupted; nothing was written`` (or what was) and exits 130 instead of a traceback. Writes are atomic, so an
+    interrupted one left the old file in place."""
+    written: list[os.PathLike] = []
     try:
         return body(written)
     except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted; {written.summary()}", file=sys.stderr)
+        done = f"already written: {', '.join(map(os.fspath, written))}" if written else "nothing was written"
+        print(f"\n{prog}: interrupted; {done}", file=sys.stderr)
         sys.exit(INTERRUPTED)
-
-
-def split_positionals(tokens: Iterable[str]) -> tuple[list[str], list[str]]:
-    """(plain arguments, ``field=value`` overrides) of a command's positional tokens, in order."""
-    tokens = list(tokens)
-    return [t for t in tokens if not is_override(t)], [t for t in tokens if is_override(t)]
 
 
 def printable(name: str) -> str:
