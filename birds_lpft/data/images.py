@@ -45,8 +45,9 @@ def open_rgb(source: Source, name: str | None = None, *, min_side: int | None = 
     label = name or ("<bytes>" if isinstance(source, bytes) else str(source))
     try:
         with _opened(source, label) as img:
-            if min_side is not None:
-                _draft(img, min_side)
+            request = _decoding(img, min_side)[0]  # a JPEG decoded at a reduced DCT scale (see _draft_request)
+            if request is not None:
+                img.draft("RGB", request)
             _check_pixels(img, label)
             img.load()
             upright = _orientation(img, label)  # read before _reduced, whose copy has no EXIF
@@ -114,16 +115,10 @@ def _opened(source: Source, label: str) -> Iterator[Image.Image]:
         yield img
 
 
-def _draft(img: Image.Image, min_side: int) -> None:
-    """Let a JPEG ``2 * OVERSAMPLE`` times larger than needed or more decode at a reduced DCT scale that keeps
-    ``OVERSAMPLE`` times the needed side, so the resize still antialiases from real pixels."""
-    request = _draft_request(img, min_side) if img.format == "JPEG" else None
-    if request is not None:
-        img.draft("RGB", request)
-
-
 def _draft_request(img: Image.Image, min_side: int) -> tuple[int, int] | None:
-    """The size :func:`_draft` asks a JPEG's decoder for, or None where the image is too small to draft."""
+    """The size a JPEG's decoder is asked for: one ``2 * OVERSAMPLE`` times larger than needed or more decodes at a
+    reduced DCT scale that keeps ``OVERSAMPLE`` times the needed side, so the resize still antialiases from real
+    pixels; None where the image is too small to draft."""
     w, h = img.size
     scale = OVERSAMPLE * min_side / max(1, min(w, h))
     return (math.ceil(w * scale), math.ceil(h * scale)) if scale <= 0.5 else None

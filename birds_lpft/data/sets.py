@@ -13,8 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-# Re-exported: callers import the data layer from here ("as" tells the linter GT_HEADER, unused here, is exported).
-from birds_lpft.data.labels import GT_HEADER as GT_HEADER
 from birds_lpft.data.labels import MAX_CLASS_ID, DataError, check_labels, check_name, parse_label, read_gt
 
 # An image source is a file on disk or encoded bytes held in RAM (the generated demo set).

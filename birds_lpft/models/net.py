@@ -164,13 +164,9 @@ class EnsembleNet(BirdNet):
     def tops(self) -> list[TailHead]:
         return [self.member(i) for i in range(self.members)]
 
-    def member_logits(self, a: torch.Tensor) -> torch.Tensor:
-        """Trunk activations (B, C, h', w') -> every member's logits, (members, B, K) in fp32."""
-        return torch.stack([self.member(i)(a).float() for i in range(self.members)])
-
     def forward_from_trunk(self, a: torch.Tensor) -> torch.Tensor:
-        """Trunk activations (B, C, h', w') -> logits (B, K), averaged over the members."""
-        return self.member_logits(a).mean(0)
+        """Trunk activations (B, C, h', w') -> logits (B, K), every member's in fp32, averaged."""
+        return torch.stack([self.member(i)(a).float() for i in range(self.members)]).mean(0)
 
 
 @dataclass(frozen=True)

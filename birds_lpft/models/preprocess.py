@@ -12,7 +12,6 @@ from dataclasses import dataclass, replace
 from typing import cast
 
 import torch
-from PIL import Image
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
@@ -31,10 +30,6 @@ class DataConfig:
     std: tuple[float, float, float]
     interpolation: str = "bilinear"
 
-    @property
-    def crop_fraction(self) -> float:
-        return self.image_size / self.resize_size
-
 
 def data_config(spec: BackboneSpec, image_size: int | None = None) -> DataConfig:
     """Preprocessing of the backbone's pretrained weights, optionally at another ``image_size`` with the weights'
@@ -45,37 +40,31 @@ def data_config(spec: BackboneSpec, image_size: int | None = None) -> DataConfig
     native = DataConfig(d["image_size"], d["resize_size"], mean, std, InterpolationMode(d["interpolation"]).value)
     if image_size is None or image_size == native.image_size:
         return native
-    return replace(native, image_size=int(image_size), resize_size=int(round(image_size / native.crop_fraction)))
+    resize_size = int(round(image_size / (native.image_size / native.resize_size)))  # the weights' crop fraction
+    return replace(native, image_size=int(image_size), resize_size=resize_size)
 
 
-class EvalTransform:
+class EvalTransform(transforms.Compose):
     """The evaluation preset: resize the shorter side, centre-crop, normalise: PIL RGB -> (3, S, S) float.
 
     ``mean`` is kept for a blank stand-in image.
     """
 
     def __init__(self, cfg: DataConfig):
-        self.min_side = cfg.resize_size
-        self.mean = cfg.mean
-        self.transforms = transforms.Compose([
+        super().__init__([
             transforms.Resize(cfg.resize_size, interpolation=InterpolationMode(cfg.interpolation), antialias=True),
             transforms.CenterCrop(cfg.image_size),
             transforms.ToTensor(),
             transforms.Normalize(cfg.mean, cfg.std),
         ])
+        self.min_side = cfg.resize_size
+        self.mean = cfg.mean
 
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        return self.transforms(img)
 
-
-class TrainTransform:
+class TrainTransform(transforms.Compose):
     """The training preset: random resized crop (``scale``: its area range), flip, colour jitter, normalise."""
 
     def __init__(self, cfg: DataConfig, *, scale: tuple[float, float], jitter: float):
-        # The smallest crop (area share scale[0], aspect ratio 3/4) must stay at least image_size wide, so a crop
-        # is never upsampled from a JPEG drafted smaller.
-        self.min_side = math.ceil(cfg.image_size / math.sqrt(scale[0] * 3 / 4))
-        self.mean = cfg.mean
         steps = [
             transforms.RandomResizedCrop(
                 cfg.image_size, scale=scale, interpolation=InterpolationMode(cfg.interpolation), antialias=True
@@ -84,11 +73,11 @@ class TrainTransform:
         ]
         if jitter > 0:
             steps.append(transforms.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter))
-        steps += [transforms.ToTensor(), transforms.Normalize(cfg.mean, cfg.std)]
-        self.transforms = transforms.Compose(steps)
-
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        return self.transforms(img)
+        super().__init__(steps + [transforms.ToTensor(), transforms.Normalize(cfg.mean, cfg.std)])
+        # The smallest crop (area share scale[0], aspect ratio 3/4) must stay at least image_size wide, so a crop
+        # is never upsampled from a JPEG drafted smaller.
+        self.min_side = math.ceil(cfg.image_size / math.sqrt(scale[0] * 3 / 4))
+        self.mean = cfg.mean
 
 
 def mirror(x: torch.Tensor) -> torch.Tensor:
@@ -96,13 +85,10 @@ def mirror(x: torch.Tensor) -> torch.Tensor:
     return torch.flip(x, dims=[-1])
 
 
-class Mirrored:
+class Mirrored(transforms.Compose):
     """A preset followed by :func:`mirror` of its tensor (a cached view of flip TTA)."""
 
     def __init__(self, preset):
-        self.preset = preset
+        super().__init__([preset, mirror])
         self.min_side = preset.min_side
         self.mean = preset.mean
-
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        return mirror(self.preset(img))

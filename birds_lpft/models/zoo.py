@@ -58,10 +58,6 @@ class BackboneSpec:
     hub_id: str | None = None
 
     @property
-    def source(self) -> str:
-        return "timm" if self.name.startswith(TIMM) else "torchvision"
-
-    @property
     def sha256_prefix(self) -> str | None:
         return name_sha256_prefix(self.weights_file or "")
 
@@ -221,24 +217,15 @@ def _dry_run(blocks: nn.Sequential, side: int) -> tuple[list[int], int]:
 
 
 def _weights_info(name: str) -> dict:
-    entry = weights_entry(name)
+    """The torchvision weights' preprocessing and file: the project's pinned entry, else the model's DEFAULT."""
+    enum = models.get_model_weights(name)
+    entry = enum[PINNED[name]] if name in PINNED else enum.DEFAULT
     t = entry.transforms()
     data = {"image_size": int(t.crop_size[0]), "resize_size": int(t.resize_size[0]),
             "mean": tuple(float(v) for v in t.mean), "std": tuple(float(v) for v in t.std),
             "interpolation": t.interpolation.value}
     filename = entry.url.rsplit("/", 1)[-1]
     return {"data": data, "weights_file": filename, "url": entry.url, "sha256": KNOWN_SHA256.get(filename)}
-
-
-def weights_entry(name: str, filename: str | None = None) -> models.WeightsEnum:
-    """The torchvision weights of ``name``: the one whose file is ``filename`` when given (a user's own file),
-    else the project's pinned entry, else the model's DEFAULT."""
-    enum = models.get_model_weights(name)
-    if filename is not None:
-        for entry in enum:
-            if entry.url.rsplit("/", 1)[-1] == filename:
-                return entry
-    return enum[PINNED[name]] if name in PINNED else enum.DEFAULT
 
 
 def _timm_weights(timm, model: nn.Module) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import resource
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 
 class Stopwatch:
@@ -26,26 +26,15 @@ class Stopwatch:
         return ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items())
 
 
-def proc_status_mb(field: str) -> float | None:
-    """A memory field of ``/proc/self/status`` (e.g. 'VmRSS', 'VmHWM') in MiB; None where there is no /proc."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return None
-
-
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MiB.
 
-    Prefers ``VmHWM``: Linux carries a parent's peak across fork+exec into ``ru_maxrss``, so a child of a large
-    parent would report the parent's peak there; ``VmHWM`` counts this process image alone.
+    Prefers ``VmHWM`` of ``/proc/self/status``: Linux carries a parent's peak across fork+exec into ``ru_maxrss``,
+    so a child of a large parent would report the parent's peak there; ``VmHWM`` counts this process image alone.
     """
-    peak = proc_status_mb("VmHWM")
-    if peak is not None:
-        return peak
+    with suppress(OSError), open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
