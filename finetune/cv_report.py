@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from birds_lpft.utils.cli import check_output_file, fail, publish
+from birds_lpft.utils.outputs import markdown_table
 
 
 def mean_se(accs: list[float]) -> dict:
@@ -68,18 +69,16 @@ def _versus(d: dict) -> str:
 def markdown(rows: list[dict], k: int, seeds: list[int]) -> str:
     n = k * len(seeds)
     seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))}: {n} folds"
-    lines = [f"{k}-fold stratified CV ({seed_text}), training images only; time = the candidate's folds "
-             "(its shared trunk cache is built once per trunk setting, shown apart); 'vs first' = the paired "
-             "difference from the first row, in points.", "",
-             "| candidate | mean | SE | vs first | " + " | ".join(f"fold {i + 1}" for i in range(n))
-             + " | seconds | cache s |",
-             "|---|---:|---:|---:|" + "---:|" * n + "---:|---:|"]
+    intro = (f"{k}-fold stratified CV ({seed_text}), training images only; time = the candidate's folds (its shared "
+             "trunk cache is built once per trunk setting, shown apart); 'vs first' = the paired difference from the "
+             "first row, in points.")
+    header = ["candidate", "mean", "SE", "vs first", *(f"fold {i + 1}" for i in range(n)), "seconds", "cache s"]
+    cells = []
     for r in rows:
-        times = " | ".join(_seconds(r.get(k)) for k in ("seconds", "cache_seconds"))
-        lines.append(_markdown_line(f"`{r['candidate']}`", r, f" {times} |"))
+        cells.append([*_cells(f"`{r['candidate']}`", r), *(_seconds(r.get(k)) for k in ("seconds", "cache_seconds"))])
         for name, readout in r.get("readouts", {}).items():
-            lines.append(_markdown_line(f"`{r['candidate']}`, read off: {name}", readout, " - | - |"))
-    return "\n".join(lines) + "\n"
+            cells.append([*_cells(f"`{r['candidate']}`, read off: {name}", readout), "-", "-"])
+    return f"{intro}\n\n{markdown_table(header, cells)}\n"
 
 
 def _seconds(value: float | None) -> str:
@@ -87,11 +86,10 @@ def _seconds(value: float | None) -> str:
     return "-" if value is None or not np.isfinite(value) else f"{value:.0f}"
 
 
-def _markdown_line(name: str, r: dict, tail: str) -> str:
+def _cells(name: str, r: dict) -> list[str]:
     d = r.get("vs_first")
     versus = f"{100 * d['mean']:+.2f} +- {100 * d['se']:.2f}" if d else "-"
-    return f"| {name} | {r['mean']:.4f} | {r['se']:.4f} | {versus} | " + " | ".join(f"{a:.4f}" for a in r["folds"]) \
-        + " |" + tail
+    return [name, f"{r['mean']:.4f}", f"{r['se']:.4f}", versus, *(f"{a:.4f}" for a in r["folds"])]
 
 
 def main(argv: list[str] | None = None) -> str:

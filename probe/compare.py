@@ -18,7 +18,7 @@ from birds_lpft.models.net import NetConfig, build_net, trunk_bytes
 from birds_lpft.models.weights import WeightsError, cache_path, has_pretrained, missing
 from birds_lpft.models.zoo import get_spec
 from birds_lpft.recipe import TRAIN_IMAGE_SIZE
-from birds_lpft.utils.outputs import write_text
+from birds_lpft.utils.outputs import markdown_table, write_text
 
 from probe.pipeline import ProbeConfig, run_probe
 
@@ -69,13 +69,10 @@ def _cell(row: dict, key: str) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(heading for heading, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for row in rows:
-        if "error" in row:
-            lines.append(f"| {row['backbone']} | " + " | ".join("-" for _ in COLUMNS[1:-1]) + f" | {row['error']} |")
-        else:
-            lines.append("| " + " | ".join(_cell(row, key) for _, key in COLUMNS) + " |")
-    return "\n".join(lines) + "\n"
+    """The table; a backbone that could not be built has its reason in the last column."""
+    cells = [[row["backbone"], *("-" for _ in COLUMNS[1:-1]), row["error"]] if "error" in row
+             else [_cell(row, key) for _, key in COLUMNS] for row in rows]
+    return markdown_table((heading for heading, _ in COLUMNS), cells) + "\n"
 
 
 def write_table(path: Path, rows: list[dict]) -> None:

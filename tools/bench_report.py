@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from birds_lpft.extract import bf16_supported
-from birds_lpft.utils.outputs import write_text
+from birds_lpft.utils.outputs import markdown_table, write_text
 
 HEADER = ("step", "val acc", "test acc", "seconds", "wall s", "images/s", "peak RSS MiB")
 NOTES = """\
@@ -63,12 +63,6 @@ def _acc(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def markdown(header, rows) -> str:
-    """A Markdown table, the first column left-aligned and the others right-aligned."""
-    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-    return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
-
-
 def most_confused(pipeline: dict, names: list[str], top: int = 10) -> list[dict]:
     """The (true, predicted) species pairs with the most test mistakes, most first (fastai's ``most_confused``)."""
     labels = pipeline["test_labels"]
@@ -103,14 +97,14 @@ def write(out: Path, title: str, results: dict) -> None:
     if "test_predictions" in first:
         results["most_confused"] = most_confused(first, results["classes"])
         results["top_losses"] = top_losses(first, results["classes"])
-    table = markdown(HEADER, table_rows(results))
+    table = markdown_table(HEADER, table_rows(results))
     print("\n" + table)
     write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     parts = [f"# Benchmark: {title}", "", table, "", NOTES, ""]
     if results.get("most_confused"):
         rows = [(p["true"], p["predicted"], p["count"], p["of_true"]) for p in results["most_confused"]]
         parts += ["## Most-confused species (test)", "",
-                  markdown(("true species", "predicted as", "mistakes", "of its test images"), rows), ""]
+                  markdown_table(("true species", "predicted as", "mistakes", "of its test images"), rows), ""]
     machine = json.dumps({"config": results["config"], "environment": results["environment"]}, indent=2)
     parts += ["## Config and machine", "", "```json", machine, "```", ""]
     write_text(out / "report.md", "\n".join(parts))

@@ -25,9 +25,8 @@ from birds_lpft.data.sets import DataError, LabelledImages, load_split_dir
 from birds_lpft.extract import autocast
 from birds_lpft.models.net import build_net
 from birds_lpft.recipe import PRESETS, FinetuneConfig, recipe
-from birds_lpft.tools.bench_report import markdown
 from birds_lpft.utils.cli import check_output_dir, check_output_file, fail, publish, run_interruptible
-from birds_lpft.utils.outputs import copy_file, write_text
+from birds_lpft.utils.outputs import copy_file, markdown_table, write_text
 from birds_lpft.utils.settings import ConfigError, require
 
 PROG = "python -m tools.bench"
@@ -132,7 +131,7 @@ def speed_table(runs: dict[str, list[dict]]) -> str:
     if "folds" in runs[next(iter(runs))][0]:
         scores = [" / ".join(" ".join(f"{a:.4f}" for a in r["folds"]) for r in rs) for rs in runs.values()]
         rows.append(["fold scores", *scores, *([""] if "old" in runs else [])])
-    return markdown(header, rows)
+    return markdown_table(header, rows)
 
 
 def speed_main(argv: list[str]) -> str:
@@ -280,6 +279,6 @@ def backbones_main(argv: list[str]) -> str:
     first = configs[0]
     text = (f"{first.image_size} px, 1 + {first.views} views per image, {first.cache_dtype} cache, trunk batch "
             f"{first.extract_batch_size}, tail batch {first.batch_size}; random initialisation\n\n"
-            + markdown(header, rows))
+            + markdown_table(header, rows))
     publish(text, a.out)
     return text

@@ -3,10 +3,12 @@
 :func:`atomic_write` fsyncs a temporary file in the target's folder and ``os.replace``-s it over the target, so a
 reader, a full disk, a Ctrl-C, a crash or a racing writer sees the old file or one complete new one, never a stub or a
 mix. :func:`output_file_problem` and :func:`output_dir_problem` say why a destination could not be written, up front.
+:func:`markdown_table` is the one table format the tools print and write.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -50,16 +52,12 @@ def _mode_for(target: Path) -> int:
 
 def _fsync_dir(folder: Path) -> None:
     """Make the rename itself durable (POSIX); a no-op where folders cannot be opened (Windows)."""
-    try:
+    with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def write_text(path: str | os.PathLike, text: str, *, encoding: str = "utf-8") -> None:
@@ -72,6 +70,13 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """``Path.write_bytes``, atomically."""
     with atomic_write(path) as f:
         f.write(data)
+
+
+def markdown_table(header: Iterable, rows: Iterable[Iterable]) -> str:
+    """A Markdown table, without a final newline: the first column left-aligned, the others (figures) right-aligned."""
+    header = list(header)
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
 
 
 def copy_file(source: str | os.PathLike, target: str | os.PathLike) -> None:
