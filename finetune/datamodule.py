@@ -167,7 +167,7 @@ class TrunkCacheData(L.LightningDataModule):
         generator = torch.Generator().manual_seed(self.cfg.seed + self.trainer.global_rank + 1000 * self.member)
         sampler = RandomSampler(self.train_set, num_samples=self.samples_per_epoch, generator=generator)
         # The loader draws a base seed per epoch from the same generator, before the sampler's shuffle, as
-        # DataLoader(shuffle=True, generator=...) does, so one process draws exactly the v1 recipe's batches.
+        # DataLoader(shuffle=True, generator=...) does: passing it keeps every recipe's batches, and so its model.
         return DataLoader(self.train_set, batch_size=self.cfg.batch_size, sampler=sampler, generator=generator,
                           pin_memory=self.pin_memory)
 

@@ -35,9 +35,9 @@ def pooled_from_trunk(net: BirdNet, acts: torch.Tensor, batch_size: int = 16) ->
 
 class StageOne(Callback):
     """Fits the probe on the fit images' centre views and sets every head of the network from it, once, when the
-    first fit's data module has its cache; later fits (an ensemble's
-    other members, a distilled student) keep the same probe. ``fitted`` and ``seconds`` say what it did; with
-    ``keep_start``, ``start_state`` is the network's state dict right after it (pretrained, probe heads)."""
+    first fit's data module has its cache; later fits (an ensemble's other members, a distilled student) keep the
+    same probe. ``fitted`` and ``seconds`` say what it did; with ``keep_start``, ``start_state`` is the network's
+    state dict right after it (pretrained, probe heads)."""
 
     def __init__(self, keep_start: bool = False):
         super().__init__()
