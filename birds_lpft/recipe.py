@@ -86,7 +86,6 @@ class FinetuneConfig:
     members: int = 1  # tails + heads trained one after the other on one cache, each its own data order
     cotuning: float = 0.0  # weight of Co-Tuning's loss on the pretrained ImageNet head (0: off)
     distill: float = 0.0  # weight of distilling the trained members into one fresh student, shipped (0: off)
-    val_fraction: float = 0.0  # held-out share per class for stage two's validation (0: trains on every image)
     probe: ProbeFit = field(default_factory=ProbeFit)  # how stage one fits the probe that initialises the head
     tta_flip: bool = True  # predict with each image's mirror too
     precision: str = "auto"  # of extraction and prediction: bf16 where the hardware runs it natively, else fp32
@@ -121,7 +120,6 @@ class FinetuneConfig:
         check_number("weight_decay", self.weight_decay, 0, 10)
         check_number("warmup_fraction", self.warmup_fraction, 0, 1, high_open=True)
         check_number("label_smoothing", self.label_smoothing, 0, 1, high_open=True)
-        check_number("val_fraction", self.val_fraction, 0, 1, high_open=True)
         limit = self.limit_train_batches
         if type(limit) is int:
             check_int("limit_train_batches", limit, 1)
@@ -186,21 +184,22 @@ class FinetuneConfig:
         return overridden(cls(), without_retired(flat))
 
 
-# Levers that did not beat the shipped recipe in cross-validation (docs/experiments.md) and left the code after
-# this commit, with their off values: a recipe stored before then names them all, and off they change nothing.
-LAST_WITH_RETIRED = "ae9c2c5"
-RETIRED = {"mix": "none", "mix_alpha": 1.0, "ema_decay": 0.0, "swa": 0.0, "average": "logits", "supcon": 0.0,
-           "l2sp": 0.0, "test_size": None, "tta_crops": ()}
+# Fields that left the code, with their off values: a recipe stored before then names them, and off they change
+# nothing. On, each is refused in one line naming the last commit that runs it, and why it left.
+LEVER = ("ae9c2c5", "a lever that did not beat the shipped recipe in cross-validation (docs/experiments.md)")
+VALIDATION = ("152c5a6", "stage two's validation split (the benchmark holds its images out itself)")
+RETIRED = {"mix": ("none", *LEVER), "mix_alpha": (1.0, *LEVER), "ema_decay": (0.0, *LEVER), "swa": (0.0, *LEVER),
+           "average": ("logits", *LEVER), "supcon": (0.0, *LEVER), "l2sp": (0.0, *LEVER), "test_size": (None, *LEVER),
+           "tta_crops": ((), *LEVER), "val_fraction": (0.0, *VALIDATION)}
 
 
 def without_retired(changes: dict) -> dict:
-    """``changes`` less the retired levers at their off values; one that is on is a ConfigError saying where it
+    """``changes`` less the retired fields at their off values; one that is on is a ConfigError saying where it
     still runs."""
-    for name, off in RETIRED.items():
+    for name, (off, commit, why) in RETIRED.items():
         value = changes.get(name, off)
-        require(plain(value) == plain(off), name, f"a lever retired after commit {LAST_WITH_RETIRED}, as it did not "
-                f"beat the shipped recipe in cross-validation (docs/experiments.md); {name}={value!r} needs that "
-                f"code: git checkout {LAST_WITH_RETIRED}")
+        require(plain(value) == plain(off), name, f"retired after commit {commit}: {why}; {name}={value!r} needs "
+                f"that code: git checkout {commit}")
     return {k: v for k, v in changes.items() if k not in RETIRED}
 
 

@@ -148,8 +148,6 @@ def report(result: FinetuneResult, head_digests: list[str], verbose: bool) -> No
     probe_val = "n/a" if fitted.val_accuracy is None else f"{fitted.val_accuracy:.4f}"
     print(f"stage one: C {fitted.C:g}, probe validation accuracy {probe_val}; probe head digest per rank: "
           f"{' '.join(head_digests)}")
-    if result.val_accuracy is not None:
-        print(f"stage two validation accuracy: {result.val_accuracy:.4f} (best epoch)")
     per_image = result.cache_bytes / max(1, len(result.shards[0]) if result.shards else result.cache_images)
     print(f"trunk cache (rank 0): {result.cache_bytes / 2**20:.0f} MiB, {per_image * 1000 / 2**20:.0f} MiB per 1,000 "
           f"images with {cfg.views + 1} views each")

@@ -8,14 +8,13 @@ once whatever the number of ranks, and trains on it (``use_distributed_sampler=F
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
-from birds_lpft.data.sets import LabelledImages, stratified_split
+from birds_lpft.data.sets import LabelledImages
 from birds_lpft.models.net import BirdNet
 from birds_lpft.recipe import FinetuneConfig
 from birds_lpft.utils.timing import Stopwatch
@@ -24,19 +23,12 @@ from finetune.cache import CachedViews, bytes_per_view, cache_views, check_budge
 from finetune.distributed import gather_rows, shards_by_rank
 
 
-def stage_two_split(labels: np.ndarray, cfg: FinetuneConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(fit, validation) indices of stage two: a seeded stratified split, or every image and none."""
-    if cfg.val_fraction > 0:
-        return stratified_split(labels, cfg.val_fraction, cfg.seed)
-    return np.arange(len(labels)), np.array([], dtype=np.int64)
-
-
 class TrunkCacheData(L.LightningDataModule):
     """This rank's cached trunk views of ``images`` for stage two, and the centre views stage one needs.
 
     Every rank is given all of ``images`` and keeps its shard; ``cache_budget`` is the bytes the cache may use on this
-    machine (None: no check). After ``setup``: ``train_set``, ``val_set``, ``fit_centre`` and ``fit_index`` (this
-    rank's centre activations of its fit images and their indices in ``images``), ``labels``, ``shards`` (each rank's
+    machine (None: no check). After ``setup``: ``train_set``, ``fit_centre`` and ``fit_index`` (this rank's centre
+    activations of its images and their indices in ``images``), ``labels``, ``shards`` (each rank's
     image indices), ``cache_bytes`` and ``setup_seconds``. :meth:`from_stacks` builds one from a cache made once for
     many fits (cross-validation's folds).
     """
@@ -52,7 +44,6 @@ class TrunkCacheData(L.LightningDataModule):
         self.progress = progress
         self.labels = images.labels if images is not None else None
         self.train_set: CachedViews | None = None
-        self.val_set: CachedViews | None = None
         self.fit_centre: torch.Tensor | None = None
         self.fit_index: np.ndarray | None = None
         self.fit_pooled: torch.Tensor | None = None  # stage one's features of the fit images, if given
@@ -65,15 +56,13 @@ class TrunkCacheData(L.LightningDataModule):
 
     @classmethod
     def from_stacks(cls, labels: np.ndarray, centre: torch.Tensor, views: list[torch.Tensor], rows: np.ndarray,
-                    cfg: FinetuneConfig, val_set: CachedViews | None = None,
-                    pooled: torch.Tensor | None = None) -> TrunkCacheData:
-        """Train on ``rows`` of stacks cached for every image (no copy), validating on ``val_set`` if given.
+                    cfg: FinetuneConfig, pooled: torch.Tensor | None = None) -> TrunkCacheData:
+        """Train on ``rows`` of stacks cached for every image (no copy).
 
         ``pooled``: stage one's (N, F) features of every image's centre view (``finetune.stage_one.pooled_from_trunk``
         with the network this data trains), when the caller computed them once for many fits.
         """
         data = cls(None, None, cfg, progress=False)
-        data.val_set = val_set
         data.labels = labels
         data.train_set = CachedViews([centre, *views], labels[rows], rows=rows)
         data.fit_index = np.asarray(rows)
@@ -89,13 +78,7 @@ class TrunkCacheData(L.LightningDataModule):
     @property
     def cache_bytes(self) -> int:
         """The bytes this rank's cache holds (0 before ``setup``)."""
-        sets = [s for s in (self.train_set, self.val_set) if s is not None]
-        return sum(s.nbytes for s in sets)
-
-    @property
-    def validates(self) -> bool:
-        """Whether a fit on this data has a validation set (known before ``setup``)."""
-        return self.val_set is not None or (self.images is not None and self.cfg.val_fraction > 0)
+        return self.train_set.nbytes if self.train_set is not None else 0
 
     def setup(self, stage: str) -> None:
         if self.train_set is not None:  # fit() calls it again for each ensemble member, and from_stacks is ready
@@ -107,22 +90,17 @@ class TrunkCacheData(L.LightningDataModule):
         assert self.images is not None and self.net is not None and self.labels is not None
         rank = trainer.global_rank
         world = trainer.world_size
-        fit_idx, val_idx = stage_two_split(self.labels, self.cfg)
         shard = np.arange(len(self.images))[rank::world]
-        shard_fit = np.intersect1d(shard, fit_idx)
-        shard_val = np.intersect1d(shard, val_idx)
         device = trainer.strategy.root_device
         self.net.to(device).eval()  # extraction sees the eval network; LPFTModule.on_train_start sets training mode
-        cache_device = self._cache_device(device, len(shard), len(shard_fit), trainer.num_devices)
-        kwargs: dict[str, Any] = dict(progress=self.progress, device=device, out_device=cache_device, echo=True)
+        cache_device = self._cache_device(device, len(shard), trainer.num_devices)
         views = cache_views(self.cfg.data_config(), self.cfg, rank)
-        planned = len(shard_fit) * len(views) + len(shard_val)
-        with self.sw("trunk cache"):  # one pass: each fit image decoded once for its centre and augmented views
-            stacks = extract_views(self.net, self.images.subset(shard_fit), views, self.cfg,
-                                   first_batch=lambda n, s: self._cost(planned, n, s), **kwargs)
-            val_centre = extract_views(self.net, self.images.subset(shard_val), views[:1], self.cfg,
-                                       desc="validation centre view", **kwargs)[0]
-        self._datasets(trainer, stacks, val_centre, shard_fit, shard_val)
+        planned = len(shard) * len(views)
+        with self.sw("trunk cache"):  # one pass: each image decoded once for its centre and augmented views
+            stacks = extract_views(self.net, self.images.subset(shard), views, self.cfg, progress=self.progress,
+                                   device=device, out_device=cache_device, echo=True,
+                                   first_batch=lambda n, s: self._cost(planned, n, s))
+        self._datasets(trainer, stacks, shard)
         self.shards = shards_by_rank(trainer, shard)
         self.pin_memory = device.type == "cuda" and cache_device.type == "cpu"
         self.setup_seconds = time.perf_counter() - start
@@ -136,11 +114,11 @@ class TrunkCacheData(L.LightningDataModule):
                   f"{self.cfg.image_size} px; first batch {rate:.1f} views/s, so about {views / rate:.0f} s to "
                   "extract", flush=True)
 
-    def _cache_device(self, device: torch.device, n_images: int, n_fit: int, ranks_here: int) -> torch.device:
+    def _cache_device(self, device: torch.device, n_images: int, ranks_here: int) -> torch.device:
         """Where the cache goes: an accelerator's memory when it takes at most half of what is free there
         (no copy per batch; the rest is for training), else this machine's RAM, within the budget."""
         assert self.net is not None  # called from setup, which has the network
-        nbytes = (n_images + n_fit * self.cfg.views) * bytes_per_view(self.net, self.cfg)  # centres + views
+        nbytes = n_images * (self.cfg.views + 1) * bytes_per_view(self.net, self.cfg)  # centres + views
         self.planned_bytes = nbytes
         if device.type == "cuda" and nbytes <= 0.5 * torch.cuda.mem_get_info(device)[0]:
             return device
@@ -148,17 +126,14 @@ class TrunkCacheData(L.LightningDataModule):
                      image_size=self.cfg.image_size, ranks_here=ranks_here)
         return torch.device("cpu")
 
-    def _datasets(self, trainer: L.Trainer, stacks: list[torch.Tensor], val_centre: torch.Tensor,
-                  shard_fit: np.ndarray, shard_val: np.ndarray) -> None:
+    def _datasets(self, trainer: L.Trainer, stacks: list[torch.Tensor], shard: np.ndarray) -> None:
         assert self.labels is not None  # called from setup, which has the images
         self.fit_centre = stacks[0]
-        self.fit_index = shard_fit
-        self.train_set = CachedViews(stacks, self.labels[shard_fit])
-        sizes = gather_rows(trainer, torch.tensor([[len(self.train_set), len(shard_val)]])).tolist()
-        if min(v for _, v in sizes) > 0:  # a rank without validation images would leave the others waiting
-            self.val_set = CachedViews([val_centre], self.labels[shard_val])
+        self.fit_index = shard
+        self.train_set = CachedViews(stacks, self.labels[shard])
+        sizes = gather_rows(trainer, torch.tensor([len(self.train_set)])).tolist()
         # DDP needs the same number of steps on every rank: each draws as many samples as the smallest shard.
-        self.samples_per_epoch = None if trainer.world_size == 1 else min(t for t, _ in sizes)
+        self.samples_per_epoch = None if trainer.world_size == 1 else min(sizes)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled batches of cached views, seeded per rank and ensemble member; under DDP an epoch draws
@@ -170,11 +145,3 @@ class TrunkCacheData(L.LightningDataModule):
         # DataLoader(shuffle=True, generator=...) does: passing it keeps every recipe's batches, and so its model.
         return DataLoader(self.train_set, batch_size=self.cfg.batch_size, sampler=sampler, generator=generator,
                           pin_memory=self.pin_memory)
-
-    def val_dataloader(self) -> DataLoader | list:
-        return val_loader_of(self.val_set) if self.val_set is not None else []
-
-
-def val_loader_of(val_set: CachedViews) -> DataLoader:
-    """Cached validation views in order, in batches of 64 (no gradients: larger batches than training)."""
-    return DataLoader(val_set, batch_size=64)

@@ -69,7 +69,7 @@ class CpuBf16Kernels(Callback):
 
 class LPFTModule(L.LightningModule):
     """Trains one top of ``net`` (``net.tops()[member]``: tail, pooling, head) on cached trunk activations
-    (B, C, h, w), keeping the best validation weights in memory (``best_state``) and a per-epoch ``history``."""
+    (B, C, h, w), keeping a per-epoch ``history``."""
 
     def __init__(self, net: BirdNet, cfg: FinetuneConfig, member: int = 0, inputs: LeverInputs | None = None):
         super().__init__()
@@ -78,8 +78,6 @@ class LPFTModule(L.LightningModule):
         self.member_index = member  # which top, and its own data order
         self.inputs = inputs if inputs is not None else LeverInputs()
         self.terms = nn.ModuleList()  # the levers' loss terms, made in setup once the cache is there
-        self.best_state: dict[str, torch.Tensor] | None = None
-        self.best_val_accuracy = -1.0
         self.history: list[dict[str, float]] = []
         self.samples_seen = 0  # cached views that went through the tail in training steps
 
@@ -88,8 +86,8 @@ class LPFTModule(L.LightningModule):
         return self.net.tops()[self.member_index]
 
     def train(self, mode: bool = True) -> LPFTModule:
-        # Called before fit and by Lightning after each validation loop: re-pin BatchNorm every time (eval mode:
-        # small batches from one dataset estimate the statistics worse than ImageNet did; affine weights still learn).
+        # Called before fit and at train start: re-pin BatchNorm every time (eval mode: small batches from one
+        # dataset estimate the statistics worse than ImageNet did; affine weights still learn).
         super().train(mode)
         for m in self.net.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -107,10 +105,6 @@ class LPFTModule(L.LightningModule):
     def on_train_start(self) -> None:
         self.train()  # the data module's setup ran the probe in eval mode inside fit(); dropout back on, BN pinned
 
-    def _log(self, stage: str, loss: torch.Tensor, acc: torch.Tensor, n: int) -> None:
-        self.log_dict({f"{stage}_loss": loss, f"{stage}_acc": acc}, on_step=False, on_epoch=True, prog_bar=True,
-                      batch_size=n, sync_dist=True)  # averaged over the ranks: one all-reduce per epoch
-
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         acts, y = batch
         self.samples_seen += len(y)
@@ -118,7 +112,9 @@ class LPFTModule(L.LightningModule):
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"training diverged: the loss is {loss.item()} at step {self.global_step + 1} "
                                    f"of member {self.member_index + 1}; lower lr_tail and lr_head")
-        self._log("train", loss, (logits.argmax(1) == y).float().mean(), len(y))
+        acc = (logits.argmax(1) == y).float().mean()
+        self.log_dict({"train_loss": loss, "train_acc": acc}, on_step=False, on_epoch=True, prog_bar=True,
+                      batch_size=len(y), sync_dist=True)  # averaged over the ranks: one all-reduce per epoch
         return loss
 
     def _logits_and_loss(self, acts: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,17 +128,6 @@ class LPFTModule(L.LightningModule):
         for term in self.terms:
             loss = loss + term(acts=acts, maps=maps, features=features, logits=logits, y=y)
         return logits, loss
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        acts, y = batch
-        logits = self(acts)
-        self._log("val", F.cross_entropy(logits, y), (logits.argmax(1) == y).float().mean(), len(y))
-
-    def on_validation_epoch_end(self) -> None:
-        acc = self.trainer.callback_metrics.get("val_acc")
-        if acc is not None and not self.trainer.sanity_checking and float(acc) > self.best_val_accuracy:
-            self.best_val_accuracy = float(acc)
-            self.best_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
 
     def on_train_epoch_end(self) -> None:
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.endswith(("_loss", "_acc"))}

@@ -26,8 +26,7 @@ from birds_lpft.utils.timing import Stopwatch
 
 from probe.linear import FittedProbe
 
-from finetune.cache import CachedViews
-from finetune.datamodule import TrunkCacheData, val_loader_of
+from finetune.datamodule import TrunkCacheData
 from finetune.levers import LeverInputs
 from finetune.module import CpuBf16Kernels, LPFTModule, TrainingDiverged, TrunkFreeze
 from finetune.process import process_state_kept, quiet_lightning
@@ -41,7 +40,6 @@ class FinetuneResult:
     classifier: Classifier
     cfg: FinetuneConfig
     fitted: FittedProbe
-    val_accuracy: float | None
     history: list[dict[str, float]]
     cache_bytes: int
     cache_images: int
@@ -58,15 +56,15 @@ def trainer_precision(cfg: FinetuneConfig, accelerator: str) -> str:
     return "bf16-mixed" if resolve_precision(cfg.train_precision, device) == "bf16" else "32-true"
 
 
-def make_trainer(cfg: FinetuneConfig, progress: bool, *, validate: bool, log_dir: Path | None = None,
-                 verbose: bool = False, **trainer_kwargs) -> L.Trainer:
-    """A Trainer that writes nothing unless ``log_dir`` is given: no logger, no checkpoints, no sanity pass.
-    Device flags (accelerator, devices, strategy, num_nodes) pass through ``trainer_kwargs``."""
+def make_trainer(cfg: FinetuneConfig, progress: bool, *, log_dir: Path | None = None, verbose: bool = False,
+                 **trainer_kwargs) -> L.Trainer:
+    """A Trainer that writes nothing unless ``log_dir`` is given: no logger, no checkpoints. Device flags
+    (accelerator, devices, strategy, num_nodes) pass through ``trainer_kwargs``."""
     callbacks = [TrunkFreeze(), CpuBf16Kernels()]
     kwargs: dict[str, Any] = dict(
         max_epochs=cfg.epochs, logger=_loggers(log_dir), enable_checkpointing=False, enable_model_summary=False,
-        num_sanity_val_steps=0, limit_train_batches=cfg.limit_train_batches, limit_val_batches=1.0 if validate else 0,
-        deterministic="warn", enable_progress_bar=progress, use_distributed_sampler=False,
+        limit_train_batches=cfg.limit_train_batches, deterministic="warn", enable_progress_bar=progress,
+        use_distributed_sampler=False,
         precision=trainer_precision(cfg, trainer_kwargs.get("accelerator", "cpu")),
     )
     kwargs["callbacks"] = callbacks + list(trainer_kwargs.pop("callbacks", []))  # extras never replace ours
@@ -92,8 +90,7 @@ def _loggers(log_dir: Path | None) -> list | bool:
 
 
 def fit_module(module: LPFTModule, trainer: L.Trainer, verbose: bool = False, **fit_kwargs) -> float:
-    """``trainer.fit`` with BatchNorm pinned, Lightning quiet and the best validation weights restored; returns
-    its seconds."""
+    """``trainer.fit`` with BatchNorm pinned and Lightning quiet; returns its seconds."""
     start = time.perf_counter()
     module.train()  # Lightning >= 2.2 keeps the mode it is given; ours pins BatchNorm and enables dropout
     with quiet_lightning(verbose):
@@ -105,24 +102,8 @@ def fit_module(module: LPFTModule, trainer: L.Trainer, verbose: bool = False, **
             raise
     if trainer.interrupted:  # Lightning 2.4 (the grader's) returns from fit() after Ctrl-C as if it had finished
         raise KeyboardInterrupt
-    if module.best_state is not None:
-        module.net.load_state_dict(module.best_state)
     module.net.eval()
     return time.perf_counter() - start
-
-
-@torch.inference_mode()
-def cached_accuracy(net: BirdNet, views: CachedViews, trainer: L.Trainer | None = None) -> float:
-    """Accuracy of ``net`` (an ensemble: its averaged logits) on cached trunk activations; under DDP each rank
-    scores its shard and the counts are summed."""
-    net.eval()
-    device = next(net.parameters()).device
-    batches = val_loader_of(views)
-    correct = sum(int((net.forward_from_trunk(a.to(device)).argmax(1).cpu() == y).sum()) for a, y in batches)
-    counts = torch.tensor([correct, len(views)], dtype=torch.float64)
-    if trainer is not None and trainer.world_size > 1:
-        counts = trainer.strategy.reduce(counts.to(trainer.strategy.root_device), reduce_op="sum").cpu()
-    return float(counts[0] / counts[1])
 
 
 @dataclass
@@ -133,7 +114,7 @@ class Training:
     modules: list[LPFTModule]
     fitted: FittedProbe
     stage_one_seconds: float
-    seconds: float  # training steps (and validation), without the cache's extraction and stage one
+    seconds: float  # training steps, without the cache's extraction and stage one
     trainer: L.Trainer  # the last fit's: rank and world size of a distributed run
     net: BirdNet
     members: BirdNet  # every trained top (the distillation's teacher)
@@ -155,7 +136,7 @@ def train_tops(net: BirdNet, data: TrunkCacheData, cfg: FinetuneConfig, *, input
         data.member = member
         module = LPFTModule(net, cfg, member, inputs)
         with process_state_kept():
-            trainer = make_trainer(cfg, progress, validate=data.validates, log_dir=log_dir, verbose=verbose,
+            trainer = make_trainer(cfg, progress, log_dir=log_dir, verbose=verbose,
                                    callbacks=callbacks, **trainer_kwargs)
             fits.append((module, trainer, fit_module(module, trainer, verbose, datamodule=data)))
 
@@ -211,9 +192,8 @@ def fine_tune(train: LabelledImages, cfg: FinetuneConfig, weights: str = "requir
                          **trainer_kwargs)
         sw.seconds["probe"] = run.stage_one_seconds
         sw.seconds["fine-tune"] = run.seconds
-    val_acc = cached_accuracy(run.net, data.val_set, run.trainer) if data.val_set is not None else None
     classifier = Classifier(run.net.cpu(), cfg, train.class_names).eval()
-    return FinetuneResult(classifier, cfg, run.fitted, val_acc, [row for m in run.modules for row in m.history],
+    return FinetuneResult(classifier, cfg, run.fitted, [row for m in run.modules for row in m.history],
                           data.cache_bytes, len(train), sum(m.samples_seen for m in run.modules), data.shards,
                           run.trainer.is_global_zero, sw)
 

@@ -58,7 +58,7 @@ def test_bench_run_end_to_end_writes_only_the_report(tmp_path, watched, capsys):
         assert 0 < step["seconds"] < step["wall_seconds"] and step["peak_rss_mib"] > 0
     assert {"load network", "trunk cache", "probe", "fine-tune"} <= set(pipeline["stages"])
     assert [h["epoch"] for h in pipeline["history"]] == [1] and pipeline["cache_mib"] > 0
-    assert results["config"]["fast"]["val_fraction"] == 0.2 and results["config"]["v1"]["image_size"] == 64
+    assert pipeline["val_images"] == 6 and results["config"]["v1"]["image_size"] == 64  # 2 of each class's 8
     assert classify["images"] == 12 and classify["accuracy"] == pytest.approx(pipeline["test_accuracy"])
     assert results["classes"] == [s.replace("_", " ") for s in SPECIES]
     wrong = sum(p != y for p, y in zip(pipeline["test_predictions"], pipeline["test_labels"], strict=True))

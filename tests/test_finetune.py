@@ -27,7 +27,7 @@ from birds_lpft.extract import extract
 from birds_lpft.models.net import NetConfig, build_net
 from birds_lpft.models.preprocess import EvalTransform, Mirrored, data_config
 from birds_lpft.models.zoo import get_spec
-from birds_lpft.recipe import LAST_WITH_RETIRED, PRESETS, RETIRED, FinetuneConfig, ProbeFit, recipe
+from birds_lpft.recipe import PRESETS, RETIRED, FinetuneConfig, ProbeFit, recipe
 from birds_lpft.utils.settings import ConfigError, plain
 
 from probe.linear import fit_probe, init_head_from_probe, linear_probe
@@ -36,7 +36,7 @@ import finetune.__main__ as finetune_cli
 import finetune.stage_one as finetune_stage_one
 import finetune.train as finetune_train
 from finetune.cache import CachedViews, View, ViewBatches, cache_views, extract_views
-from finetune.datamodule import TrunkCacheData, stage_two_split
+from finetune.datamodule import TrunkCacheData
 from finetune.module import LPFTModule, TrunkFreeze, warmup_cosine
 from finetune.stage_one import pooled_from_trunk
 from finetune.train import FinetuneResult, fine_tune, train_tops
@@ -76,12 +76,10 @@ def _bn_buffers(net: nn.Module) -> list[str]:
 
 
 class Spy(L.Callback):
-    """Records, during ``fit``, what the trainer really trains: grads, modes, learning rates, val weights."""
+    """Records, during ``fit``, what the trainer really trains: grads, modes, learning rates."""
 
     def __init__(self):
         self.steps: list[dict] = []
-        self.val: list[tuple[float, dict[str, torch.Tensor]]] = []
-        self.final: dict[str, torch.Tensor] | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         # the rates this step uses: the scheduler has stepped after the previous batch, not yet after this one
@@ -99,20 +97,11 @@ class Spy(L.Callback):
             "step": trainer.global_step - 1,
         })
 
-    def on_validation_epoch_end(self, trainer, pl_module):
-        # Runs just before LPFTModule's own hook, on the same weights and the same metric.
-        if not trainer.sanity_checking:
-            self.val.append((float(trainer.callback_metrics["val_acc"]), _state(pl_module.net)))
 
-    def on_train_end(self, trainer, pl_module):
-        self.final = _state(pl_module.net)  # before fit_module restores the best validation weights
-
-
-def train_tail(net, stacks, cfg, val_set=None, **kwargs):
+def train_tail(net, stacks, cfg, **kwargs):
     """Stage one and the tail on cached stacks through ``train_tops`` (the fine-tune's own path); its module."""
     labels = stacks.labels.numpy()
-    data = TrunkCacheData.from_stacks(labels, stacks.stacks[0], stacks.stacks[1:], np.arange(len(labels)), cfg,
-                                      val_set)
+    data = TrunkCacheData.from_stacks(labels, stacks.stacks[0], stacks.stacks[1:], np.arange(len(labels)), cfg)
     return train_tops(net, data, cfg, **kwargs).modules[0]
 
 
@@ -247,24 +236,6 @@ def test_fit_probe_chooses_C_on_a_split_then_refits_on_everything():
     assert fitted.C in cfg.Cs and set(fitted.val_scores) == set(cfg.Cs) and 0.0 <= fitted.val_accuracy <= 1.0
     expected = linear_probe(fitted.C, random_state=0).fit(feats, labels)
     np.testing.assert_allclose(fitted.probe.decision_function(feats), expected.decision_function(feats), atol=1e-10)
-
-
-def test_stage_two_validation_split_and_the_probe_sees_only_training_images(monkeypatch):
-    labels = np.repeat(np.arange(3), 8)
-    fit_idx, val_idx = stage_two_split(labels, replace(TINY, val_fraction=0.25))
-    assert len(val_idx) == 6 and sorted([*fit_idx, *val_idx]) == list(range(24))
-    split = stratified_split(labels, 0.25, TINY.seed)
-    assert np.array_equal(fit_idx, split[0]) and np.array_equal(val_idx, split[1])
-    assert np.array_equal(stage_two_split(labels, TINY)[0], np.arange(24))  # val_fraction 0: every image
-
-    seen = []
-    real = finetune_stage_one.fit_probe
-    monkeypatch.setattr(finetune_stage_one, "fit_probe", lambda X, y, *a: seen.append((X, y)) or real(X, y, *a))
-    images = make_synthetic(num_classes=3, per_class=6, size=48, seed=2)
-    fine_tune(images, replace(TINY, val_fraction=0.34), "none", progress=False, **TRAINER)
-    fit_idx, _ = stratified_split(images.labels, 0.34, TINY.seed)
-    (X, y), = seen
-    assert len(X) == len(fit_idx) and np.array_equal(y, images.labels[fit_idx])
 
 
 class HeadCheck(L.Callback):
@@ -501,7 +472,7 @@ def test_older_checkpoints_still_load_and_predict_as_before(tmp_path, version, w
 
 
 RETIRED_ON = {"mix": "cutmix", "mix_alpha": 0.4, "ema_decay": 0.998, "swa": 0.5, "average": "weights", "supcon": 0.2,
-              "l2sp": 1.0, "test_size": 96, "tta_crops": (0.75, 1.0)}
+              "l2sp": 1.0, "test_size": 96, "tta_crops": (0.75, 1.0), "val_fraction": 0.2}
 
 
 def test_retired_names_are_no_fields_and_each_has_a_case_below():
@@ -510,21 +481,22 @@ def test_retired_names_are_no_fields_and_each_has_a_case_below():
 
 
 @pytest.mark.parametrize("name, on", sorted(RETIRED_ON.items()))
-def test_retired_levers_load_at_their_off_values_and_are_refused_on(tmp_path, name, on):
+def test_retired_fields_load_at_their_off_values_and_are_refused_on(tmp_path, name, on):
     clf = _classifier(3, 14, 64, True, dropout=0.0)
     clf.save(tmp_path / "m.pt")
     ckpt = torch.load(tmp_path / "m.pt", weights_only=True)
-    ckpt["recipe"].update(plain(RETIRED))  # what a checkpoint saved before they left holds
+    off, commit, _ = RETIRED[name]
+    ckpt["recipe"].update({k: plain(v[0]) for k, v in RETIRED.items()})  # what a checkpoint saved before holds
     torch.save(ckpt, tmp_path / "old.pt")
     assert Classifier.load(tmp_path / "old.pt").recipe == clf.recipe
     ckpt["recipe"][name] = plain(on)
     torch.save(ckpt, tmp_path / "on.pt")
-    why = rf"{name}: a lever retired after commit {LAST_WITH_RETIRED}.*; {name}=.* git checkout {LAST_WITH_RETIRED}"
+    why = rf"{name}: retired after commit {commit}: .*; {name}=.* needs that code: git checkout {commit}"
     with pytest.raises(ValueError, match=rf"on\.pt: not a valid checkpoint: its recipe's {why}"):
         Classifier.load(tmp_path / "on.pt")
     with pytest.raises(ConfigError, match=why):
         recipe(f"full:{name}={on}")
-    assert recipe(f"full:{name}={RETIRED[name]!r}") == PRESETS["full"]
+    assert recipe(f"full:{name}={off!r}") == PRESETS["full"]
 
 
 class _RunsCodeWhenUnpickled:
@@ -560,7 +532,7 @@ def test_fine_tune_end_to_end_tiny():
     result = fine_tune(train, TINY, "none", progress=False, **TRAINER)
 
     assert isinstance(result, FinetuneResult) and result.cfg == TINY
-    assert result.fitted.C in TINY.probe.Cs and result.val_accuracy is None
+    assert result.fitted.C in TINY.probe.Cs
     clf = result.classifier
     assert isinstance(clf, Classifier) and not clf.net.training
     assert clf.data_cfg == data_config(get_spec("mobilenet_v2"), SIZE) and clf.recipe == TINY
@@ -577,44 +549,6 @@ def test_fine_tune_end_to_end_tiny():
     assert logits.shape == (len(test), 3) and torch.isfinite(logits).all()
     preds = logits.argmax(1).tolist()
     assert len(preds) == len(test) and all(type(p) is int and 0 <= p < 3 for p in preds)
-
-
-def test_fine_tune_with_validation_restores_best_weights(spy):
-    train = make_synthetic(num_classes=3, per_class=6, size=48, seed=2)
-    cfg = replace(TINY, epochs=2, val_fraction=0.34)
-    result = fine_tune(train, cfg, "none", progress=False, **TRAINER)
-
-    accs = [acc for acc, _ in spy.val]
-    assert len(accs) == cfg.epochs
-    assert result.val_accuracy is not None and 0.0 <= result.val_accuracy <= 1.0
-    assert result.val_accuracy == pytest.approx(max(accs), abs=1e-6)  # Lightning logs float32
-    best = spy.val[accs.index(max(accs))][1]
-    restored = result.classifier.net.state_dict()
-    for name, value in best.items():
-        assert torch.equal(restored[name], value), name
-    assert [row["epoch"] for row in result.history] == [1, 2]
-    _, val_idx = stratified_split(train.labels, cfg.val_fraction, cfg.seed)
-    assert result.cache_images == len(train)
-    assert result.cache_bytes == ((len(train) - len(val_idx)) * (cfg.views + 1) + len(val_idx)) * 96 * 4 * 4 * 2
-
-
-def test_train_tail_restores_an_earlier_best_epoch(spy):
-    """Validation labels contradict the training labels, so later epochs never beat the first one."""
-    acts, y = _class_acts(24, 3, seed=6)
-    cfg = replace(TINY, epochs=3, lr_head=1e-2, lr_tail=1e-3)
-    net = build_net(NetConfig("mobilenet_v2", 3, cfg.trunk_split)).eval()
-    module = train_tail(net, CachedViews([acts], y), cfg, CachedViews([acts], (y + 1) % 3), progress=False,
-                        **TRAINER)
-
-    accs = [acc for acc, _ in spy.val]
-    assert len(accs) == 3
-    best_epoch = accs.index(max(accs))
-    assert best_epoch < 2, f"the last epoch was the best ({accs}): restoring would not be observable"
-    assert module.best_val_accuracy == max(accs)
-    restored = net.state_dict()
-    assert not torch.equal(restored["head.weight"], spy.final["head.weight"])  # not the last epoch's weights
-    for name, value in spy.val[best_epoch][1].items():
-        assert torch.equal(restored[name], value), name
 
 
 # --------------------------------------------------------------------------- writes nothing but --out

@@ -24,7 +24,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
-from birds_lpft.data.sets import DataError, read_class_names
+from birds_lpft.data.sets import DataError, read_class_names, stratified_split
 from birds_lpft.data.synthetic import load_data
 from birds_lpft.models.weights import WeightsError
 from birds_lpft.recipe import PRESETS, FinetuneConfig, add_recipe_args, alias_overrides, recipe
@@ -34,6 +34,7 @@ from birds_lpft.utils.settings import ConfigError, plain
 from birds_lpft.utils.timing import peak_rss_mb
 
 CHECKPOINT = "birds_model.pt"
+VAL_FRACTION = 0.2  # each class's share the pipelines hold out, as the probe does to choose C (ProbeFit)
 PROG = "python -m tools.bench"
 COMMANDS = {"speed": bench_speed.speed_main, "backbones": bench_speed.backbones_main}  # and "run", the default
 
@@ -67,13 +68,16 @@ def probe_step(data_dir: Path, weights: str) -> dict:
 
 
 def pipeline_step(data_dir: Path, cfg: FinetuneConfig, weights: str, checkpoint: Path | None) -> dict:
-    """Both stages; the test split's predictions with their probabilities; the checkpoint where asked."""
+    """Both stages on a seeded ``VAL_FRACTION`` of each class less, scored on it as ``classify`` scores; the test
+    split's predictions with their probabilities; the checkpoint where asked."""
     from finetune.train import fine_tune
 
-    train, test = load_data(data_dir)
-    result = fine_tune(train, cfg, weights, progress=False, accelerator="cpu", devices=1)
+    images, test = load_data(data_dir)
+    fit_idx, val_idx = stratified_split(images.labels, VAL_FRACTION, cfg.seed)
+    result = fine_tune(images.subset(fit_idx), cfg, weights, progress=False, accelerator="cpu", devices=1)
     stages = dict(result.stopwatch.seconds)
-    out = {"val_accuracy": result.val_accuracy, "probe_C": result.fitted.C, "stages": stages,
+    val_accuracy = result.classifier.evaluate(images.subset(val_idx), precision=cfg.precision)["accuracy"]
+    out = {"val_accuracy": val_accuracy, "val_images": len(val_idx), "probe_C": result.fitted.C, "stages": stages,
            "seconds": sum(stages.values()), "history": result.history, "cache_mib": result.cache_bytes / 2**20,
            "train_images_per_s": result.trained_samples / stages["fine-tune"], "test_accuracy": None}
     if test is not None:
@@ -144,7 +148,7 @@ def parse_run(argv: list[str]) -> tuple[argparse.Namespace, dict[str, FinetuneCo
     p.add_argument("--random-init", action="store_true", help="no pretrained weights (a smoke run)")
     p.add_argument("--no-progress", action="store_true", help="accepted for the other commands' sake: no bars here")
     args = p.parse_intermixed_args(argv)
-    overrides = ["val_fraction=0.2", *args.overrides, *alias_overrides(args)]  # an 80/20 split: learning curves
+    overrides = [*args.overrides, *alias_overrides(args)]
     try:
         names = [args.preset, *(c for c in args.compare if c != args.preset)]
         configs = {name: recipe(name, overrides) for name in names}

@@ -27,8 +27,8 @@ NOTES = """\
 - seconds: the step's own work (probe and pipelines: making the model, test scoring excluded; classify: the
   `solution.classify` call, model load included); wall s: the step's whole process, start and imports included.
 - images/s: probe: training images end to end; pipelines: cached views trained per second; classify: test images.
-- val acc: the same seeded 20% per class for the probe and the pipelines (theirs on the cached centre view);
-  test acc: each pipeline's own prediction views."""
+- val acc: the same seeded 20% per class, held out of training, for the probe and the pipelines (theirs as
+  `classify` scores); test acc: each pipeline's own prediction views."""
 
 
 def test_outputs(evaluation: dict, test) -> dict:
