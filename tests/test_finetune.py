@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 import birds_lpft.memory as memory
 from birds_lpft.classifier import Classifier
 from birds_lpft.data.images import ImageDataset
-from birds_lpft.data.sets import load_split_dir, stratified_split
+from birds_lpft.data.sets import load_split_dir
 from birds_lpft.data.synthetic import make_synthetic, write_grader_layout
 from birds_lpft.extract import extract
 from birds_lpft.models.net import NetConfig, build_net
