@@ -69,7 +69,7 @@ class FinetuneConfig:
     """Everything that defines a model, each field checked here; the shipped one is ``PRESETS["full"]``."""
 
     backbone: str = "mobilenet_v2"  # a torchvision classification model's name, or timm/NAME
-    image_size: int = TRAIN_IMAGE_SIZE  # the input side of training views, validation and classify
+    image_size: int = TRAIN_IMAGE_SIZE  # the input side of training views, the probe and classify
     split: int | None = None  # the first trainable block (before it: the frozen trunk); None: the backbone's own
     pooling: str = "avg"  # or 'gem': generalised mean, p learnt
     dropout: float = 0.0  # before the head

@@ -59,6 +59,7 @@ def test_bench_run_end_to_end_writes_only_the_report(tmp_path, watched, capsys):
     assert {"load network", "trunk cache", "probe", "fine-tune"} <= set(pipeline["stages"])
     assert [h["epoch"] for h in pipeline["history"]] == [1] and pipeline["cache_mib"] > 0
     assert pipeline["val_images"] == 6 and results["config"]["v1"]["image_size"] == 64  # 2 of each class's 8
+    assert pipeline["cache_mib"] * 2**20 == 18 * 2 * 96 * 4 * 4 * 2  # the other 18 trained: centre + 1 view, fp16
     assert classify["images"] == 12 and classify["accuracy"] == pytest.approx(pipeline["test_accuracy"])
     assert results["classes"] == [s.replace("_", " ") for s in SPECIES]
     wrong = sum(p != y for p, y in zip(pipeline["test_predictions"], pipeline["test_labels"], strict=True))
@@ -74,6 +75,13 @@ def test_bench_run_without_a_test_split_skips_classify(tmp_path, watched, capsys
     assert results["classify"] is None and results["probe"]["test_accuracy"] is None
     assert _is_accuracy(results["pipelines"]["fast"]["val_accuracy"]) and "most_confused" not in results
     assert "n/a" in capsys.readouterr().out
+
+
+def test_bench_pipeline_with_no_image_to_hold_out_reports_no_val_accuracy(tmp_path):
+    write_grader_layout(tmp_path, "train", make_synthetic(num_classes=3, per_class=1, size=48, seed=0))
+    cfg = bench.recipe("fast", ["image_size=64"])
+    out = bench.pipeline_step(tmp_path, cfg, "none", None)
+    assert out["val_images"] == 0 and out["val_accuracy"] is None and out["test_accuracy"] is None
 
 
 def test_bench_refuses_a_bad_setting_before_any_work(tmp_path, capsys):

@@ -456,8 +456,13 @@ def _legacy(clf: Classifier, version: int, with_recipe: bool) -> dict:
     net = {"backbone": "mobilenet_v2", "num_classes": clf.num_classes, "split": clf.net_cfg.split,
            "dropout": clf.net_cfg.dropout, **({"pooling": "avg", "members": 1} if version == 2 else {})}
     ckpt = {"format": f"birds-lpft/{version}", "net": net, "data": data, "tta_flip": clf.recipe.tta_flip,
-            "state_dict": clf.net.state_dict(), "recipe": clf.recipe.to_dict() if with_recipe else None}
+            "state_dict": clf.net.state_dict(), "recipe": _with_retired(clf.recipe.to_dict()) if with_recipe else None}
     return {**ckpt, "class_names": None} if version == 2 else ckpt
+
+
+def _with_retired(fields: dict) -> dict:
+    """A recipe as an older build stored it: every field since retired, at its off value."""
+    return {**fields, **{name: plain(off) for name, (off, *_) in RETIRED.items()}}
 
 
 @pytest.mark.parametrize("version, with_recipe", [(2, True), (2, False), (1, False)])
@@ -486,7 +491,7 @@ def test_retired_fields_load_at_their_off_values_and_are_refused_on(tmp_path, na
     clf.save(tmp_path / "m.pt")
     ckpt = torch.load(tmp_path / "m.pt", weights_only=True)
     off, commit, _ = RETIRED[name]
-    ckpt["recipe"].update({k: plain(v[0]) for k, v in RETIRED.items()})  # what a checkpoint saved before holds
+    ckpt["recipe"] = _with_retired(ckpt["recipe"])
     torch.save(ckpt, tmp_path / "old.pt")
     assert Classifier.load(tmp_path / "old.pt").recipe == clf.recipe
     ckpt["recipe"][name] = plain(on)

@@ -27,14 +27,14 @@ from pathlib import Path
 from birds_lpft.data.sets import DataError, read_class_names, stratified_split
 from birds_lpft.data.synthetic import load_data
 from birds_lpft.models.weights import WeightsError
-from birds_lpft.recipe import PRESETS, FinetuneConfig, add_recipe_args, alias_overrides, recipe
+from birds_lpft.recipe import PRESETS, FinetuneConfig, ProbeFit, add_recipe_args, alias_overrides, recipe
 from birds_lpft.tools import bench_report, bench_speed
 from birds_lpft.utils.cli import check_output_dir, fail, run_interruptible
 from birds_lpft.utils.settings import ConfigError, plain
 from birds_lpft.utils.timing import peak_rss_mb
 
 CHECKPOINT = "birds_model.pt"
-VAL_FRACTION = 0.2  # each class's share the pipelines hold out, as the probe does to choose C (ProbeFit)
+VAL_FRACTION = ProbeFit().val_fraction  # each class's share the pipelines hold out: the probe's, to choose C
 PROG = "python -m tools.bench"
 COMMANDS = {"speed": bench_speed.speed_main, "backbones": bench_speed.backbones_main}  # and "run", the default
 
@@ -76,7 +76,8 @@ def pipeline_step(data_dir: Path, cfg: FinetuneConfig, weights: str, checkpoint:
     fit_idx, val_idx = stratified_split(images.labels, VAL_FRACTION, cfg.seed)
     result = fine_tune(images.subset(fit_idx), cfg, weights, progress=False, accelerator="cpu", devices=1)
     stages = dict(result.stopwatch.seconds)
-    val_accuracy = result.classifier.evaluate(images.subset(val_idx), precision=cfg.precision)["accuracy"]
+    held_out = images.subset(val_idx)
+    val_accuracy = result.classifier.evaluate(held_out, precision=cfg.precision)["accuracy"] if len(val_idx) else None
     out = {"val_accuracy": val_accuracy, "val_images": len(val_idx), "probe_C": result.fitted.C, "stages": stages,
            "seconds": sum(stages.values()), "history": result.history, "cache_mib": result.cache_bytes / 2**20,
            "train_images_per_s": result.trained_samples / stages["fine-tune"], "test_accuracy": None}

@@ -24,11 +24,12 @@ from birds_lpft.utils.outputs import markdown_table, write_text
 
 HEADER = ("step", "val acc", "test acc", "seconds", "wall s", "images/s", "peak RSS MiB")
 NOTES = """\
-- seconds: the step's own work (probe and pipelines: making the model, test scoring excluded; classify: the
+- seconds: the step's own work (probe and pipelines: making the model, val and test scoring excluded; classify: the
   `solution.classify` call, model load included); wall s: the step's whole process, start and imports included.
 - images/s: probe: training images end to end; pipelines: cached views trained per second; classify: test images.
-- val acc: the same seeded 20% per class, held out of training, for the probe and the pipelines (theirs as
-  `classify` scores); test acc: each pipeline's own prediction views."""
+- val acc: a seeded 20% per class (`ProbeFit.val_fraction`); probe: the score of its chosen C on that split (it
+  then refits on every image); pipelines: held out of training, scored as `classify` scores. test acc: each
+  pipeline's own prediction views."""
 
 
 def test_outputs(evaluation: dict, test) -> dict:

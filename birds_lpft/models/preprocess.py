@@ -1,6 +1,6 @@
 """Preprocessing derived from a backbone's pretrained weights: one source of truth for every stage.
 
-:class:`EvalTransform` (probe features, the cache's centre view, validation, ``classify``) and :class:`TrainTransform`
+:class:`EvalTransform` (probe features, the cache's centre view, ``classify``) and :class:`TrainTransform`
 (the augmented views) turn a decoded RGB image into a network input. Each preset carries ``min_side``, the shorter
 side decoding must keep (see ``birds_lpft.data.images``).
 """
