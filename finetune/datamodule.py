@@ -20,7 +20,7 @@ from birds_lpft.recipe import FinetuneConfig
 from birds_lpft.utils.timing import Stopwatch
 
 from finetune.cache import CachedViews, bytes_per_view, cache_views, check_budget, extract_views
-from finetune.distributed import gather_rows, shards_by_rank
+from finetune.distributed import shards_by_rank
 
 
 class TrunkCacheData(L.LightningDataModule):
@@ -100,8 +100,12 @@ class TrunkCacheData(L.LightningDataModule):
             stacks = extract_views(self.net, self.images.subset(shard), views, self.cfg, progress=self.progress,
                                    device=device, out_device=cache_device, echo=True,
                                    first_batch=lambda n, s: self._cost(planned, n, s))
-        self._datasets(trainer, stacks, shard)
+        self.fit_centre = stacks[0]
+        self.fit_index = shard
+        self.train_set = CachedViews(stacks, self.labels[shard])
         self.shards = shards_by_rank(trainer, shard)
+        # DDP needs the same number of steps on every rank: each draws as many samples as the smallest shard.
+        self.samples_per_epoch = None if world == 1 else min(map(len, self.shards))
         self.pin_memory = device.type == "cuda" and cache_device.type == "cpu"
         self.setup_seconds = time.perf_counter() - start
 
@@ -125,15 +129,6 @@ class TrunkCacheData(L.LightningDataModule):
         check_budget(nbytes, self.cache_budget, images=n_images, views=self.cfg.views + 1,
                      image_size=self.cfg.image_size, ranks_here=ranks_here)
         return torch.device("cpu")
-
-    def _datasets(self, trainer: L.Trainer, stacks: list[torch.Tensor], shard: np.ndarray) -> None:
-        assert self.labels is not None  # called from setup, which has the images
-        self.fit_centre = stacks[0]
-        self.fit_index = shard
-        self.train_set = CachedViews(stacks, self.labels[shard])
-        sizes = gather_rows(trainer, torch.tensor([len(self.train_set)])).tolist()
-        # DDP needs the same number of steps on every rank: each draws as many samples as the smallest shard.
-        self.samples_per_epoch = None if trainer.world_size == 1 else min(sizes)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled batches of cached views, seeded per rank and ensemble member; under DDP an epoch draws
